@@ -1,0 +1,51 @@
+/*
+ * buf: a growable byte buffer with start/end indices and a hard cap.
+ *
+ * Readers consume from the front (buf_consume), writers append at the end.
+ * Growth beyond `cap` fails instead of allocating, so a peer can never make
+ * us allocate more than the cap. Depends on nothing but libc.
+ */
+#ifndef LUAMILTER_BUF_H
+#define LUAMILTER_BUF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct buf {
+    uint8_t *data; /* owned; NULL until the first append */
+    size_t start;  /* first unconsumed byte */
+    size_t end;    /* one past the last byte */
+    size_t size;   /* allocated bytes */
+    size_t cap;    /* growth limit; 0 = unlimited */
+};
+
+/* Initializes an empty buffer that will never hold more than cap bytes. */
+void buf_init(struct buf *b, size_t cap);
+/* Frees the storage; the buffer is empty and reusable afterwards. */
+void buf_free(struct buf *b);
+
+static inline size_t buf_len(const struct buf *b) { return b->end - b->start; }
+static inline uint8_t *buf_head(const struct buf *b)
+{
+    return b->data + b->start;
+}
+
+/*
+ * Makes room for at least n more bytes at the end and returns a pointer to
+ * them (borrowed, valid until the next call that may grow), or NULL when the
+ * cap would be exceeded or memory is short. Commit with buf_commit().
+ */
+uint8_t *buf_reserve(struct buf *b, size_t n);
+static inline void buf_commit(struct buf *b, size_t n) { b->end += n; }
+/* Appends n bytes; returns -1 (buffer unchanged) when over the cap. */
+int buf_append(struct buf *b, const void *p, size_t n);
+int buf_append_byte(struct buf *b, uint8_t c);
+int buf_append_u32(struct buf *b, uint32_t v); /* big-endian */
+/* Drops n bytes from the front (n <= buf_len). */
+void buf_consume(struct buf *b, size_t n);
+/* Empties the buffer, keeping its storage. */
+static inline void buf_reset(struct buf *b) { b->start = b->end = 0; }
+/* Frees storage beyond `keep` bytes when the buffer is empty (idle conns). */
+void buf_shrink(struct buf *b, size_t keep);
+
+#endif

@@ -1,0 +1,220 @@
+/* conn: see conn.h. */
+#define _GNU_SOURCE
+#include "conn.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "log.h"
+
+#define READ_CHUNK (64 * 1024)
+
+static int call_lua(void *ud, struct sess *s, int ev,
+                    const struct wire_cmd *cmd, struct verdict *v)
+{
+    struct conn *c = ud;
+    if (ev == SE_EOM)
+        c->msgs++;
+    return lb_call(&c->lua, s, ev, cmd, v);
+}
+
+static const struct sess_ops lua_ops = {call_lua};
+
+static void conn_free(struct conn *c)
+{
+    struct server *srv = c->srv;
+    ev_io_stop(srv->loop, &c->io);
+    ev_timer_stop(srv->loop, &c->timer);
+    close(c->fd);
+    log_msg(LL_INFO, c->id, sess_qid(&c->sess),
+            "closed after %.3fs, %u message(s)",
+            ev_now(srv->loop) - c->started, c->msgs);
+    sess_free(&c->sess);
+    lb_conn_free(&c->lua);
+    buf_free(&c->rbuf);
+    buf_free(&c->wbuf);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        srv->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    srv->nconns--;
+    free(c);
+    if (srv->stopping && !srv->conns)
+        ev_break(srv->loop, EVBREAK_ALL);
+}
+
+void conn_drop(struct conn *c, const char *why)
+{
+    if (why)
+        log_msg(LL_INFO, c->id, sess_qid(&c->sess), "%s", why);
+    sess_finish(&c->sess);
+    c->closing = 1;
+    buf_reset(&c->wbuf);
+    if (!c->in_callback)
+        conn_free(c);
+}
+
+/* Writes what is queued; returns -1 when the peer is gone. */
+static int flush(struct conn *c)
+{
+    while (buf_len(&c->wbuf)) {
+        ssize_t n = send(c->fd, buf_head(&c->wbuf), buf_len(&c->wbuf),
+                         MSG_NOSIGNAL);
+        if (n > 0) {
+            buf_consume(&c->wbuf, (size_t)n);
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        return -1;
+    }
+    /* Strict request/reply: read the next command only once the replies
+     * are out, so a peer that stops reading cannot make us buffer more. */
+    int want = buf_len(&c->wbuf) ? EV_WRITE : c->closing ? 0 : EV_READ;
+    if (want != (c->io.events & (EV_READ | EV_WRITE))) {
+        ev_io_stop(c->srv->loop, &c->io);
+        ev_io_set(&c->io, c->fd, want);
+        if (want)
+            ev_io_start(c->srv->loop, &c->io);
+    }
+    if (!buf_len(&c->wbuf))
+        buf_shrink(&c->wbuf, 64 * 1024);
+    return 0;
+}
+
+/* Decodes and handles every complete frame in rbuf. */
+static void process(struct conn *c)
+{
+    struct server *srv = c->srv;
+    while (!c->closing) {
+        struct wire_frame f;
+        struct wire_cmd cmd;
+        size_t used;
+        const char *err = NULL;
+        int rc = wire_next_frame(buf_head(&c->rbuf), buf_len(&c->rbuf),
+                                 srv->max_frame, &f, &used, &err);
+        if (rc == WIRE_NEED_MORE)
+            return;
+        if (rc == WIRE_ERROR || wire_decode(&f, &cmd, &err) < 0) {
+            const uint8_t *p = buf_head(&c->rbuf);
+            log_msg(LL_WARN, c->id, sess_qid(&c->sess),
+                    "malformed frame (%s: command 0x%02x, length %u): "
+                    "closing the connection",
+                    err, buf_len(&c->rbuf) > 4 ? p[4] : 0,
+                    (unsigned)((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+                               (uint32_t)p[2] << 8 | p[3]));
+            conn_drop(c, NULL);
+            return;
+        }
+        rc = sess_handle(&c->sess, &cmd, &c->wbuf);
+        buf_consume(&c->rbuf, used);
+        if (rc == SESS_CLOSE)
+            c->closing = 1;
+    }
+}
+
+static void on_read(struct conn *c)
+{
+    size_t want = READ_CHUNK;
+    if (buf_len(&c->rbuf) >= 4) { /* a partial frame: room for all of it */
+        const uint8_t *p = buf_head(&c->rbuf);
+        size_t flen = 4 + ((size_t)p[0] << 24 | (size_t)p[1] << 16 |
+                           (size_t)p[2] << 8 | p[3]);
+        if (flen > buf_len(&c->rbuf) && flen - buf_len(&c->rbuf) > want &&
+            flen <= c->srv->max_frame + 5)
+            want = flen - buf_len(&c->rbuf);
+    }
+    uint8_t *dst = buf_reserve(&c->rbuf, want);
+    if (!dst) {
+        conn_drop(c, "out of memory for the read buffer");
+        return;
+    }
+    ssize_t n = read(c->fd, dst, want);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    if (n <= 0) {
+        if (buf_len(&c->rbuf))
+            log_msg(LL_WARN, c->id, sess_qid(&c->sess),
+                    "peer closed with %zu byte(s) of an incomplete frame",
+                    buf_len(&c->rbuf));
+        conn_drop(c, n < 0 ? strerror(errno) : NULL);
+        return;
+    }
+    buf_commit(&c->rbuf, (size_t)n);
+    ev_timer_again(c->srv->loop, &c->timer);
+    process(c);
+}
+
+static void on_io(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop;
+    struct conn *c = (struct conn *)w;
+    c->in_callback = 1;
+    if (revents & EV_READ)
+        on_read(c);
+    if (flush(c) < 0)
+        conn_drop(c, "write failed: the peer is gone");
+    c->in_callback = 0;
+    if (c->closing && !buf_len(&c->wbuf))
+        conn_free(c);
+}
+
+static void on_timeout(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct conn *c = (struct conn *)((char *)w - offsetof(struct conn, timer));
+    conn_drop(c, "idle timeout: closing the connection");
+}
+
+void conn_new(struct server *srv, int fd, int is_tcp)
+{
+    if (srv->nconns >= srv->max_conns) {
+        log_msg(LL_WARN, 0, NULL,
+                "connection limit (%u) reached: refusing a new connection",
+                srv->max_conns);
+        close(fd);
+        return;
+    }
+    struct conn *c = calloc(1, sizeof *c);
+    if (!c) {
+        log_msg(LL_ERR, 0, NULL, "out of memory: refusing a connection");
+        close(fd);
+        return;
+    }
+    if (is_tcp) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    c->fd = fd;
+    c->srv = srv;
+    c->id = ++srv->next_id;
+    c->gen = srv->gen;
+    c->cfg = srv->cfg;
+    c->started = ev_now(srv->loop);
+    buf_init(&c->rbuf, srv->max_frame + 5 + READ_CHUNK);
+    buf_init(&c->wbuf, 0);
+    sess_init(&c->sess, &c->cfg, &lua_ops, c, c->id);
+    lb_conn_init(&c->lua, srv->script);
+    c->next = srv->conns;
+    if (c->next)
+        c->next->prev = c;
+    srv->conns = c;
+    srv->nconns++;
+    ev_io_init(&c->io, on_io, fd, EV_READ);
+    ev_io_start(srv->loop, &c->io);
+    ev_init(&c->timer, on_timeout);
+    c->timer.repeat = srv->idle_timeout;
+    ev_timer_again(srv->loop, &c->timer);
+    log_msg(LL_DEBUG, c->id, NULL, "connected (script generation %u)",
+            c->gen);
+}

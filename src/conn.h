@@ -1,0 +1,60 @@
+/*
+ * conn: one MTA connection on the event loop: socket I/O, the idle timer,
+ * the read and write buffers, and the glue that feeds decoded frames to the
+ * session and runs handlers through the Lua bridge.
+ *
+ * Ownership: the server owns every conn (a list); only conn_free() frees
+ * one, and it runs only after the callback that closed it has unwound.
+ */
+#ifndef LUAMILTER_CONN_H
+#define LUAMILTER_CONN_H
+
+#include <ev.h>
+#include <stdint.h>
+
+#include "buf.h"
+#include "lb.h"
+#include "sess.h"
+
+struct server;
+
+struct conn {
+    ev_io io;           /* first member: the callbacks cast back */
+    ev_timer timer;     /* idle timeout, restarted with ev_timer_again */
+    int fd;
+    struct server *srv; /* borrowed */
+    struct buf rbuf;    /* bytes read, not yet decoded */
+    struct buf wbuf;    /* replies not yet written */
+    struct sess sess;
+    struct sess_cfg cfg; /* this connection's copy: reloads don't touch it */
+    struct lb_conn lua;
+    uint64_t id;
+    unsigned gen;       /* script generation serving this connection */
+    ev_tstamp started;
+    uint32_t msgs;      /* messages seen, for the close line */
+    struct conn *prev, *next;
+    unsigned closing : 1;     /* close when wbuf is flushed */
+    unsigned in_callback : 1; /* free after the callback unwinds */
+};
+
+/* Server-wide settings and state every connection reads. */
+struct server {
+    struct ev_loop *loop;
+    struct lb_state *script;   /* current generation, owned */
+    unsigned gen;
+    struct sess_cfg cfg;       /* template for new connections */
+    double idle_timeout;
+    size_t max_frame;          /* largest inbound payload accepted */
+    unsigned max_conns;
+    unsigned nconns;
+    uint64_t next_id;
+    struct conn *conns;        /* list of open connections */
+    int stopping;              /* no new connections; exit when idle */
+};
+
+/* Takes ownership of fd (nonblocking) and starts serving it. */
+void conn_new(struct server *srv, int fd, int is_tcp);
+/* Ends a connection now: runs abort/close handlers, frees it. */
+void conn_drop(struct conn *c, const char *why);
+
+#endif

@@ -1,0 +1,342 @@
+/* lb: see lb.h. */
+#include "lb_int.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "milter_lua.h" /* luaJIT_BC_milter: lua/milter.lua, compiled */
+
+int lb_parse_action(const char *name)
+{
+    static const struct {
+        const char *name;
+        int action;
+    } t[] = {{"tempfail", VA_TEMPFAIL}, {"accept", VA_ACCEPT},
+             {"continue", VA_CONTINUE}, {"reject", VA_REJECT}};
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++)
+        if (strcmp(name, t[i].name) == 0)
+            return t[i].action;
+    return -1;
+}
+
+static int panic(lua_State *L)
+{
+    log_msg(LL_ERR, 0, NULL, "Lua panic: %s", lua_tostring(L, -1));
+    abort();
+}
+
+/* Message handler for pcall: the error plus a traceback. */
+static int traceback(lua_State *L)
+{
+    const char *msg = lua_tostring(L, 1);
+    luaL_traceback(L, L, msg ? msg : "(error object is not a string)", 1);
+    return 1;
+}
+
+static int l_milter_log(lua_State *L) { return lctx_log(L, 0, NULL, 1); }
+
+/* package.preload.milter: the embedded module plus milter.log. */
+static int open_milter(lua_State *L)
+{
+    if (luaL_loadbuffer(L, (const char *)luaJIT_BC_milter,
+                        luaJIT_BC_milter_SIZE, "=milter"))
+        return lua_error(L);
+    lua_call(L, 0, 1);
+    lua_pushcfunction(L, l_milter_log);
+    lua_setfield(L, -2, "log");
+    return 1;
+}
+
+/* Warns once per name when a handler writes a global (shared state). */
+static const char global_guard[] =
+    "local log, tb = ...\n"
+    "local seen = {}\n"
+    "setmetatable(_G, {__newindex = function(t, k, v)\n"
+    "  if not seen[k] then seen[k] = true\n"
+    "    log('warn', tb('script writes global \\'' .. tostring(k) ..\n"
+    "      '\\': globals are shared by every connection', 2))\n"
+    "  end\n"
+    "  rawset(t, k, v)\n"
+    "end})\n";
+
+/* Sets err to "file:line: message" from the error on top of L. */
+static void load_error(lua_State *L, char *err, size_t errlen)
+{
+    const char *msg = lua_tostring(L, -1);
+    snprintf(err, errlen, "%s", msg ? msg : "unknown error");
+    char *nl = strchr(err, '\n'); /* keep the first line: file:line: what */
+    if (nl)
+        *nl = '\0';
+}
+
+/* Where a function was defined, for messages: "file.lua:12". */
+static void func_where(lua_State *L, int idx, char *out, size_t n)
+{
+    lua_Debug ar;
+    lua_pushvalue(L, idx);
+    if (lua_getinfo(L, ">S", &ar))
+        snprintf(out, n, "%s:%d", ar.short_src, ar.linedefined);
+    else
+        snprintf(out, n, "?");
+}
+
+/* Checks the table a script returned and takes refs of its handlers. */
+static int take_handlers(struct lb_state *st, const char *path, char *err,
+                         size_t errlen)
+{
+    lua_State *L = st->L;
+    if (!lua_istable(L, -1)) {
+        snprintf(err, errlen,
+                 "%s: the script must return a table of handlers, not %s",
+                 path, luaL_typename(L, -1));
+        return -1;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+        int ev = -1;
+        if (lua_type(L, -2) == LUA_TSTRING)
+            for (int i = 0; i < SE__COUNT; i++)
+                if (strcmp(lua_tostring(L, -2), sess_event_names[i]) == 0)
+                    ev = i;
+        char where[256] = "";
+        if (lua_isfunction(L, -1))
+            func_where(L, -1, where, sizeof where);
+        if (ev < 0) {
+            snprintf(err, errlen,
+                     "%s: unknown handler key '%s' (known: connect, helo, "
+                     "envfrom, envrcpt, data, header, eoh, body, eom, abort, "
+                     "close, unknown)",
+                     *where ? where : path,
+                     lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2)
+                                                    : luaL_typename(L, -2));
+            return -1;
+        }
+        if (!lua_isfunction(L, -1)) {
+            snprintf(err, errlen, "%s: handler '%s' must be a function, not %s",
+                     path, sess_event_names[ev], luaL_typename(L, -1));
+            return -1;
+        }
+        st->handler[ev] = luaL_ref(L, LUA_REGISTRYINDEX);
+        st->handlers |= SE_BIT(ev);
+    }
+    return 0;
+}
+
+struct lb_state *lb_load(const char *path, char *err, size_t errlen)
+{
+    struct lb_state *st = calloc(1, sizeof *st);
+    lua_State *L = st ? luaL_newstate() : NULL;
+    if (!L) {
+        snprintf(err, errlen, "%s: out of memory", path);
+        free(st);
+        return NULL;
+    }
+    st->L = L;
+    st->refs = 1;
+    for (int i = 0; i < SE__COUNT; i++)
+        st->handler[i] = LUA_NOREF;
+    lua_atpanic(L, panic);
+    luaL_openlibs(L);
+    lctx_register(L);
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, open_milter);
+    lua_setfield(L, -2, "milter");
+    lua_pop(L, 2);
+
+    lua_pushcfunction(L, traceback);
+    *err = '\0';
+    if (luaL_loadfile(L, path) || lua_pcall(L, 0, 1, -2))
+        load_error(L, err, errlen);
+    else
+        take_handlers(st, path, err, errlen);
+    if (*err) {
+        lua_close(L);
+        free(st);
+        return NULL;
+    }
+    lua_settop(L, 0);
+    if (luaL_loadstring(L, global_guard) == 0) {
+        lua_pushcfunction(L, l_milter_log);
+        lua_getglobal(L, "debug");
+        lua_getfield(L, -1, "traceback");
+        lua_remove(L, -2);
+        lua_call(L, 2, 0);
+    }
+    return st;
+}
+
+void lb_state_hold(struct lb_state *st) { st->refs++; }
+
+void lb_state_release(struct lb_state *st)
+{
+    if (--st->refs > 0)
+        return;
+    lua_close(st->L);
+    free(st->mods);
+    free(st);
+}
+
+unsigned lb_handlers(const struct lb_state *st) { return st->handlers; }
+
+void lb_conn_init(struct lb_conn *lc, struct lb_state *st)
+{
+    memset(lc, 0, sizeof *lc);
+    lc->st = st;
+    lc->co_ref = lc->ctx_ref = LUA_NOREF;
+    lb_state_hold(st);
+}
+
+static void drop_ctx(struct lb_conn *lc)
+{
+    if (lc->ctx)
+        lc->ctx->s = NULL;
+    lc->ctx = NULL;
+    luaL_unref(lc->st->L, LUA_REGISTRYINDEX, lc->ctx_ref);
+    lc->ctx_ref = LUA_NOREF;
+}
+
+static void drop_thread(struct lb_conn *lc)
+{
+    luaL_unref(lc->st->L, LUA_REGISTRYINDEX, lc->co_ref);
+    lc->co_ref = LUA_NOREF;
+    lc->co = NULL;
+}
+
+void lb_conn_free(struct lb_conn *lc)
+{
+    if (!lc->st)
+        return;
+    drop_ctx(lc);
+    drop_thread(lc);
+    lb_state_release(lc->st);
+    lc->st = NULL;
+}
+
+static const char *family_name(char f)
+{
+    switch (f) {
+    case '4': return "inet";
+    case '6': return "inet6";
+    case 'L': return "unix";
+    default: return "unknown";
+    }
+}
+
+/* Pushes a NUL-separated list as a Lua array. */
+static void push_list(lua_State *co, const char *list, size_t len,
+                      unsigned count)
+{
+    size_t pos = 0;
+    lua_createtable(co, (int)count, 0);
+    for (int i = 1;; i++) {
+        struct wire_str a = wire_list_next(list, len, &pos);
+        if (!a.p)
+            break;
+        lua_pushlstring(co, a.p, a.n);
+        lua_rawseti(co, -2, i);
+    }
+}
+
+/* Pushes the handler's arguments after ctx; returns how many. */
+static int push_args(lua_State *co, int ev, const struct wire_cmd *c)
+{
+    switch (ev) {
+    case SE_CONNECT:
+        lua_pushlstring(co, c->s1.p, c->s1.n);
+        lua_createtable(co, 0, 3);
+        lua_pushstring(co, family_name(c->family));
+        lua_setfield(co, -2, "family");
+        if (c->family != 'U') {
+            lua_pushlstring(co, c->s2.p, c->s2.n);
+            lua_setfield(co, -2, "address");
+            lua_pushinteger(co, c->port);
+            lua_setfield(co, -2, "port");
+        }
+        return 2;
+    case SE_HELO:
+    case SE_UNKNOWN:
+        lua_pushlstring(co, c->s1.p, c->s1.n);
+        return 1;
+    case SE_ENVFROM:
+    case SE_ENVRCPT:
+        lua_pushlstring(co, c->s1.p, c->s1.n);
+        push_list(co, c->list, c->list_len, c->list_count);
+        return 2;
+    case SE_HEADER:
+        lua_pushlstring(co, c->s1.p, c->s1.n);
+        lua_pushlstring(co, c->s2.p, c->s2.n);
+        return 2;
+    case SE_BODY:
+        lua_pushlstring(co, (const char *)c->body, c->body_len);
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* Makes sure the connection has a coroutine and a live ctx. */
+static int prepare(struct lb_conn *lc, struct sess *s)
+{
+    lua_State *L = lc->st->L;
+    if (!lc->co) {
+        lc->co = lua_newthread(L);
+        lc->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    if (lc->ctx && lc->ctx->conn_seq != s->conn_seq)
+        drop_ctx(lc); /* QUIT_NC started a new session: fresh ctx.conn */
+    if (!lc->ctx) {
+        lc->ctx = lctx_push(L, s);
+        lc->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    return 0;
+}
+
+int lb_call(struct lb_conn *lc, struct sess *s, int ev,
+            const struct wire_cmd *cmd, struct verdict *v)
+{
+    struct lb_state *st = lc->st;
+    lua_State *L = st->L;
+    prepare(lc, s);
+    lua_State *co = lc->co;
+    lua_settop(co, 0);
+    lua_rawgeti(co, LUA_REGISTRYINDEX, st->handler[ev]);
+    lua_rawgeti(co, LUA_REGISTRYINDEX, lc->ctx_ref);
+    int nargs = 1 + (cmd ? push_args(co, ev, cmd) : 0);
+    int status = lua_resume(co, nargs);
+    int rc = 0;
+    if (status == 0) {
+        const char *why = NULL;
+        char whybuf[512];
+        if (ev == SE_ABORT || ev == SE_CLOSE)
+            ; /* nothing is sent back: the return value does not matter */
+        else if (lverdict_read(st, co, lua_gettop(co) ? 1 : 0, ev, s, v, &why,
+                               whybuf, sizeof whybuf) < 0) {
+            char where[256];
+            lua_rawgeti(L, LUA_REGISTRYINDEX, st->handler[ev]);
+            func_where(L, -1, where, sizeof where);
+            lua_pop(L, 1);
+            log_msg(LL_ERR, s->id, sess_qid(s),
+                    "bad verdict from %s (%s): %s", sess_event_names[ev],
+                    where, why);
+            rc = -1;
+        }
+    } else {
+        const char *msg = status == LUA_YIELD
+                              ? "handler yielded outside a coroutine of its own"
+                              : lua_tostring(co, -1);
+        if (!msg)
+            msg = "(error object is not a string)";
+        luaL_traceback(L, co, msg, 0);
+        log_msg(LL_ERR, s->id, sess_qid(s), "handler %s failed: %s",
+                sess_event_names[ev], lua_tostring(L, -1));
+        lua_pop(L, 1);
+        drop_thread(lc); /* a dead coroutine cannot run again */
+        rc = -1;
+    }
+    if (ev == SE_CLOSE)
+        drop_ctx(lc);
+    return rc;
+}

@@ -1,0 +1,59 @@
+/*
+ * lb: the Lua bridge. Loads a script into its own LuaJIT state, keeps the
+ * handler references, runs a handler for a session event in the
+ * connection's coroutine and turns what it returns into a struct verdict.
+ *
+ * C calls Lua only through lb_call(). A handler error or a bad verdict is
+ * logged here, once, with file:line and a traceback; the caller only learns
+ * that the verdict is unusable. Knows nothing of libev or sockets.
+ */
+#ifndef LUAMILTER_LB_H
+#define LUAMILTER_LB_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "sess.h"
+
+struct lua_State;
+struct lb_state; /* one loaded script; refcounted */
+
+/* Per-connection Lua data, embedded in the connection. */
+struct lb_conn {
+    struct lb_state *st;   /* holds a reference */
+    struct lua_State *co;  /* the connection's coroutine, or NULL */
+    int co_ref;            /* registry anchor of co */
+    int ctx_ref;           /* registry anchor of the ctx userdata */
+    struct lctx *ctx;      /* its C block; detached when the session ends */
+};
+
+/*
+ * Loads and checks a script: syntax, top-level errors, the returned table
+ * and its handler keys. Returns an owned state (refcount 1), or NULL with a
+ * one-line "file:line: message" in err.
+ */
+struct lb_state *lb_load(const char *path, char *err, size_t errlen);
+void lb_state_hold(struct lb_state *st);
+/* Drops a reference; the Lua state is closed with the last one. */
+void lb_state_release(struct lb_state *st);
+/* SE_BIT()s of the handlers the script defines. */
+unsigned lb_handlers(const struct lb_state *st);
+
+/* Binds a connection to st (takes a reference). */
+void lb_conn_init(struct lb_conn *lc, struct lb_state *st);
+/* Detaches the ctx and releases the coroutine and the state reference. */
+void lb_conn_free(struct lb_conn *lc);
+
+/*
+ * Runs the handler of ev with the arguments from cmd, reading session data
+ * from s; fills *v (borrowing strings from the Lua state until the next
+ * call). Returns 0, or -1 after logging a handler error or a bad verdict.
+ * After SE_CLOSE the ctx is detached: using it raises an error.
+ */
+int lb_call(struct lb_conn *lc, struct sess *s, int ev,
+            const struct wire_cmd *cmd, struct verdict *v);
+
+/* Parses "tempfail", "accept", "continue", "reject" into VA_*; -1 if bad. */
+int lb_parse_action(const char *name);
+
+#endif

@@ -1,0 +1,43 @@
+/*
+ * lb_int: what the bridge's files (lb.c, lctx.c, lverdict.c) share.
+ * Only these files include Lua headers.
+ */
+#ifndef LUAMILTER_LB_INT_H
+#define LUAMILTER_LB_INT_H
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
+#include "lb.h"
+
+struct lb_state {
+    lua_State *L;
+    int refs;
+    int handler[SE__COUNT]; /* registry refs, LUA_NOREF when undefined */
+    unsigned handlers;      /* SE_BIT()s */
+    struct mod *mods;       /* verdict scratch, reused by every call */
+    size_t mods_cap;
+};
+
+/* The C block of a ctx userdata; s is NULL once the session is over. */
+struct lctx {
+    struct sess *s;
+    uint32_t conn_seq;  /* milter session (QUIT_NC starts a new one) */
+    uint32_t msg_seq;   /* message the cached tables belong to */
+    uint32_t nrcpts, nhdrs; /* entries already in the cached tables */
+};
+
+/* lctx.c */
+void lctx_register(lua_State *L);
+/* Pushes a new ctx for s and returns its block (owned by the Lua GC). */
+struct lctx *lctx_push(lua_State *L, struct sess *s);
+/* Implements ctx:log and milter.log; raises on a bad level. */
+int lctx_log(lua_State *L, uint64_t cid, const char *qid, int first);
+
+/* lverdict.c: reads the value at index idx of co; 0 or -1 with why set. */
+int lverdict_read(struct lb_state *st, lua_State *co, int idx, int ev,
+                  const struct sess *s, struct verdict *v, const char **why,
+                  char *whybuf, size_t whylen);
+
+#endif

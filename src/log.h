@@ -1,0 +1,38 @@
+/*
+ * log: leveled log lines tagged with a connection id and queue id.
+ *
+ * Text format: "2026-01-01T00:00:00Z LEVEL [c=12 q=4BDF8A72008] message".
+ * JSON format: one object a line. Once daemonized, lines go to syslog.
+ * Depends on nothing else in luamilter (no Lua, no libev).
+ */
+#ifndef LUAMILTER_LOG_H
+#define LUAMILTER_LOG_H
+
+#include <stdarg.h>
+#include <stdint.h>
+
+enum log_level { LL_ERR = 0, LL_WARN, LL_INFO, LL_DEBUG };
+
+extern int log_level; /* lines above this level are dropped */
+
+/* Returns 0 and sets *out for "error", "warn", "info", "debug"; else -1. */
+int log_parse_level(const char *name, int *out);
+/* Selects "text" or "json"; returns -1 for anything else. */
+int log_set_format(const char *name);
+/* From now on, write to syslog (ident borrowed, must outlive the process). */
+void log_use_syslog(const char *ident);
+/* Name of a level: "error", "warn", "info", "debug". */
+const char *log_level_name(int level);
+
+/*
+ * Writes one line. cid 0 means "not about a connection"; qid may be NULL.
+ * The message is formatted only when the level is enabled.
+ */
+void log_msg(int level, uint64_t cid, const char *qid, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+void log_vmsg(int level, uint64_t cid, const char *qid, const char *fmt,
+              va_list ap);
+
+#define log_enabled(lvl) ((lvl) <= log_level)
+
+#endif

@@ -1,0 +1,413 @@
+/*
+ * lverdict: reads and validates a handler's verdict table (part of the Lua
+ * bridge). Every rule of the API's "Verdicts" and "Modifications" sections
+ * is checked here, before anything is sent; strings are borrowed from the
+ * Lua state (values rewritten here are anchored in a table left on the
+ * coroutine's stack). Reading runs under lua_pcall with raw accesses only,
+ * so a hostile table (metatables, huge lists) cannot raise into C.
+ */
+#include "lb_int.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct vr {
+    struct lb_state *st;
+    lua_State *co;
+    int t;           /* index of the verdict table (1 in the reader frame) */
+    int nanchor;     /* strings made here, kept in the table at index 2 */
+    int rc;
+    int ev;
+    const struct sess *s;
+    struct verdict *v;
+    const char **why;
+    char *wb;
+    size_t wl;
+    size_t nmods;
+};
+
+static int fail(struct vr *r, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->wb, r->wl, fmt, ap);
+    va_end(ap);
+    *r->why = r->wb;
+    return -1;
+}
+
+static const char *const action_names[] = {"continue", "accept",  "reject",
+                                           "tempfail", "discard", "skip"};
+
+/* Modification keys in sending order, with the action each one needs. */
+static const struct {
+    const char *key;
+    uint32_t flag;
+} mod_keys[] = {
+    {"add_header", SMFIF_ADDHDRS},   {"insert_header", SMFIF_ADDHDRS},
+    {"change_header", SMFIF_CHGHDRS}, {"delete_header", SMFIF_CHGHDRS},
+    {"add_rcpt", SMFIF_ADDRCPT},     {"del_rcpt", SMFIF_DELRCPT},
+    {"change_from", SMFIF_CHGFROM},  {"replace_body", SMFIF_CHGBODY},
+    {"quarantine", SMFIF_QUARANTINE},
+};
+#define NMOD_KEYS (int)(sizeof mod_keys / sizeof mod_keys[0])
+
+/* Pushes t[key] without metamethods. */
+static void rawfield(lua_State *co, int t, const char *key)
+{
+    lua_pushstring(co, key);
+    lua_rawget(co, t < 0 ? t - 1 : t);
+}
+
+/* A string at stack index i without NUL bytes; -1 if not a string. */
+static int get_str(lua_State *co, int i, struct wire_str *out)
+{
+    if (lua_type(co, i) != LUA_TSTRING)
+        return -1;
+    out->p = lua_tolstring(co, i, &out->n);
+    return memchr(out->p, '\0', out->n) ? -1 : 0;
+}
+
+static int get_int(lua_State *co, int i, lua_Integer lo, lua_Integer hi,
+                   lua_Integer *out)
+{
+    if (lua_type(co, i) != LUA_TNUMBER)
+        return -1;
+    lua_Number n = lua_tonumber(co, i);
+    if (n != (lua_Number)(lua_Integer)n || n < lo || n > hi)
+        return -1;
+    *out = (lua_Integer)n;
+    return 0;
+}
+
+static int valid_header_name(struct wire_str n)
+{
+    if (n.n == 0 || n.n > 998)
+        return 0;
+    for (size_t i = 0; i < n.n; i++)
+        if ((unsigned char)n.p[i] <= 32 || (unsigned char)n.p[i] >= 127 ||
+            n.p[i] == ':')
+            return 0;
+    return 1;
+}
+
+/* Splits one reason string into lines at LF (dropping a CR before it). */
+static int add_lines(struct vr *r, struct wire_str s)
+{
+    const char *p = s.p, *end = s.p + s.n;
+    do {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        const char *e = nl ? nl : end;
+        size_t n = (size_t)(e - p);
+        if (n && p[n - 1] == '\r')
+            n--;
+        if (memchr(p, '\r', n))
+            return fail(r, "reason: a line contains a bare CR");
+        if (n > WIRE_MAX_REPLY_LINE)
+            return fail(r, "reason: a line is longer than %d bytes",
+                        WIRE_MAX_REPLY_LINE);
+        if (r->v->nlines == WIRE_MAX_REPLY_LINES)
+            return fail(r, "reason: more than %d lines", WIRE_MAX_REPLY_LINES);
+        r->v->lines[r->v->nlines++] = (struct wire_str){p, n};
+        p = nl ? nl + 1 : end;
+    } while (p < end);
+    return 0;
+}
+
+static int read_reply(struct vr *r)
+{
+    lua_State *co = r->co;
+    struct verdict *v = r->v;
+    int cls = v->action == VA_REJECT ? 5 : 4;
+    lua_Integer code = 0;
+    rawfield(co, r->t, "code");
+    if (!lua_isnil(co, -1) &&
+        get_int(co, -1, cls * 100, cls * 100 + 99, &code) < 0)
+        return fail(r, "code must be a %dxx number for %s", cls,
+                    action_names[v->action]);
+    v->code = (int)code;
+    rawfield(co, r->t, "xcode");
+    if (!lua_isnil(co, -1)) {
+        struct wire_str x;
+        unsigned a, b, c;
+        char tail;
+        if (get_str(co, -1, &x) < 0 || x.n > 11 ||
+            sscanf(x.p, "%1u.%3u.%3u%c", &a, &b, &c, &tail) != 3 ||
+            (int)a != cls)
+            return fail(r, "xcode must look like \"%d.7.1\" (class %d for %s)",
+                        cls, cls, action_names[v->action]);
+        v->xcode = x;
+    }
+    rawfield(co, r->t, "reason");
+    struct wire_str line;
+    if (lua_istable(co, -1)) {
+        int n = (int)lua_objlen(co, -1);
+        if (n == 0)
+            return fail(r, "reason: an empty list");
+        for (int i = 1; i <= n; i++) {
+            lua_rawgeti(co, -1, i);
+            if (get_str(co, -1, &line) < 0)
+                return fail(r, "reason[%d] must be a string", i);
+            lua_pop(co, 1); /* still referenced by the reason table */
+            if (add_lines(r, line) < 0)
+                return -1;
+        }
+    } else if (!lua_isnil(co, -1)) {
+        if (get_str(co, -1, &line) < 0)
+            return fail(r, "reason must be a string or a list of strings");
+        if (add_lines(r, line) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static struct mod *new_mod(struct vr *r)
+{
+    struct lb_state *st = r->st;
+    if (r->nmods == st->mods_cap) {
+        size_t n = st->mods_cap ? st->mods_cap * 2 : 16;
+        struct mod *m = realloc(st->mods, n * sizeof *m);
+        if (!m)
+            return NULL;
+        st->mods = m;
+        st->mods_cap = n;
+    }
+    struct mod *m = &st->mods[r->nmods++];
+    memset(m, 0, sizeof *m);
+    return m;
+}
+
+/* A header value: no NUL; CRLF becomes LF, as MTAs store values. */
+static int header_value(struct vr *r, int i, struct wire_str *out)
+{
+    if (get_str(r->co, i, out) < 0)
+        return -1;
+    if (memchr(out->p, '\r', out->n)) {
+        luaL_gsub(r->co, out->p, "\r\n", "\n");
+        out->p = lua_tolstring(r->co, -1, &out->n);
+        lua_rawseti(r->co, 2, ++r->nanchor); /* keeps the new string alive */
+    }
+    return 0;
+}
+
+/* An address, or {address, "ESMTP args"}; args.p stays NULL without. */
+static int addr_args(struct vr *r, int i, struct wire_str *addr,
+                     struct wire_str *args)
+{
+    lua_State *co = r->co;
+    if (lua_type(co, i) == LUA_TSTRING)
+        return get_str(co, i, addr) < 0 || addr->n == 0 ? -1 : 0;
+    if (!lua_istable(co, i))
+        return -1;
+    lua_rawgeti(co, i, 1);
+    lua_rawgeti(co, i, 2);
+    if (get_str(co, -2, addr) < 0 || addr->n == 0)
+        return -1;
+    if (!lua_isnil(co, -1) && get_str(co, -1, args) < 0)
+        return -1;
+    return 0;
+}
+
+static int read_header_mod(struct vr *r, int k, int n)
+{
+    static const char *const shape[] = {
+        "{name, value}", "{index, name, value}", "{name, nth, value}",
+        "{name, nth}"};
+    lua_State *co = r->co;
+    int list = lua_gettop(co);
+    for (int i = 1; i <= n; i++) {
+        lua_settop(co, list); /* values stay referenced by their tables */
+        lua_rawgeti(co, list, i);
+        struct mod *m = new_mod(r);
+        if (!m)
+            return fail(r, "out of memory");
+        m->op = (uint8_t)k;
+        if (!lua_istable(co, -1))
+            return fail(r, "%s[%d] must be %s", mod_keys[k].key, i, shape[k]);
+        lua_rawgeti(co, -1, 1);
+        lua_rawgeti(co, -2, 2);
+        lua_rawgeti(co, -3, 3);
+        int ni = k == MOD_INSERT_HEADER ? -2 : -3; /* name */
+        int xi = k == MOD_INSERT_HEADER ? -3 : -2; /* index or nth */
+        int vi = k == MOD_ADD_HEADER ? -2 : -1;    /* value */
+        lua_Integer idx = 1;
+        if (k != MOD_ADD_HEADER &&
+            !(k == MOD_DELETE_HEADER && lua_isnil(co, xi)) &&
+            get_int(co, xi, k == MOD_INSERT_HEADER ? 0 : 1, UINT32_MAX,
+                    &idx) < 0)
+            return fail(r, "%s[%d]: %s must be an integer >= %d",
+                        mod_keys[k].key, i,
+                        k == MOD_INSERT_HEADER ? "index" : "nth",
+                        k == MOD_INSERT_HEADER ? 0 : 1);
+        m->index = (uint32_t)idx;
+        if (get_str(co, ni, &m->a) < 0 || !valid_header_name(m->a))
+            return fail(r, "%s[%d]: bad header name (printable ASCII, no "
+                           "colon or space)",
+                        mod_keys[k].key, i);
+        if (k != MOD_DELETE_HEADER && header_value(r, vi, &m->b) < 0)
+            return fail(r, "%s[%d]: the value must be a string without NUL",
+                        mod_keys[k].key, i);
+    }
+    lua_settop(co, list);
+    return 0;
+}
+
+static int read_rcpt_mod(struct vr *r, int k, int n)
+{
+    lua_State *co = r->co;
+    int list = lua_gettop(co);
+    for (int i = 1; i <= n; i++) {
+        lua_settop(co, list);
+        lua_rawgeti(co, list, i);
+        struct mod *m = new_mod(r);
+        if (!m)
+            return fail(r, "out of memory");
+        m->op = k == 4 ? MOD_ADD_RCPT : MOD_DEL_RCPT;
+        int bad = k == 4 ? addr_args(r, lua_gettop(co), &m->a, &m->b)
+                         : get_str(co, -1, &m->a) < 0 || m->a.n == 0;
+        if (bad)
+            return fail(r, "%s[%d] must be %s", mod_keys[k].key, i,
+                        k == 4 ? "an address or {address, \"ARGS\"}"
+                               : "an address");
+        if (m->b.p && !(r->s->actions & SMFIF_ADDRCPT_PAR))
+            return fail(r, "add_rcpt[%d]: the MTA does not allow recipient "
+                           "arguments (ADDRCPT_PAR not offered)",
+                        i);
+    }
+    lua_settop(co, list);
+    return 0;
+}
+
+static int read_mod(struct vr *r, int k)
+{
+    lua_State *co = r->co;
+    struct verdict *v = r->v;
+    if (!(r->s->actions & mod_keys[k].flag))
+        return fail(r, "the MTA does not allow %s (action 0x%x not offered)",
+                    mod_keys[k].key, mod_keys[k].flag);
+    switch (k) {
+    case 6: /* change_from */
+        if (addr_args(r, lua_gettop(co), &v->from, &v->from_args) < 0)
+            return fail(r, "change_from must be an address or "
+                           "{address, \"ARGS\"}");
+        return 0;
+    case 7: /* replace_body */
+        if (lua_type(co, -1) != LUA_TSTRING)
+            return fail(r, "replace_body must be a string");
+        v->body.p = lua_tolstring(co, -1, &v->body.n);
+        return 0;
+    case 8: /* quarantine */
+        if (get_str(co, -1, &v->quarantine) < 0 || v->quarantine.n == 0)
+            return fail(r, "quarantine must be a non-empty reason string");
+        return 0;
+    default:
+        if (!lua_istable(co, -1))
+            return fail(r, "%s must be a list", mod_keys[k].key);
+        int n = (int)lua_objlen(co, -1);
+        return k < 4 ? read_header_mod(r, k, n) : read_rcpt_mod(r, k, n);
+    }
+}
+
+/* Checks every key once: known, and allowed with this action and event. */
+static int check_keys(struct vr *r)
+{
+    lua_State *co = r->co;
+    int act = r->v->action;
+    lua_pushnil(co);
+    while (lua_next(co, r->t)) {
+        lua_pop(co, 1);
+        if (lua_type(co, -1) != LUA_TSTRING)
+            return fail(r, "verdict keys must be strings");
+        const char *key = lua_tostring(co, -1);
+        if (strcmp(key, "action") == 0)
+            continue;
+        if (!strcmp(key, "code") || !strcmp(key, "xcode") ||
+            !strcmp(key, "reason")) {
+            if (act != VA_REJECT && act != VA_TEMPFAIL)
+                return fail(r, "'%s' goes with reject or tempfail only", key);
+            continue;
+        }
+        int k = 0;
+        while (k < NMOD_KEYS && strcmp(key, mod_keys[k].key) != 0)
+            k++;
+        if (k == NMOD_KEYS)
+            return fail(r, "unknown key '%s'", key);
+        if (r->ev != SE_EOM)
+            return fail(r, "%s: modifications are only allowed in eom", key);
+        if (act != VA_ACCEPT && act != VA_CONTINUE)
+            return fail(r, "%s: modifications go with accept or continue "
+                           "only",
+                        key);
+    }
+    return 0;
+}
+
+/* The reader, run under lua_pcall: [1] verdict table, [2] anchor table. */
+static int read_all(lua_State *co)
+{
+    struct vr *r = lua_touserdata(co, lua_upvalueindex(1));
+    struct verdict *v = r->v;
+    int ev = r->ev;
+    r->rc = -1;
+    rawfield(co, r->t, "action");
+    const char *a = lua_type(co, -1) == LUA_TSTRING ? lua_tostring(co, -1)
+                                                    : NULL;
+    int act = 0;
+    while (a && act < 6 && strcmp(a, action_names[act]) != 0)
+        act++;
+    if (!a || act == 6)
+        return fail(r, "no valid action (build verdicts with milter.accept{}, "
+                       "milter.reject{}...)"), 0;
+    v->action = act;
+    if (act == VA_SKIP && ev != SE_BODY)
+        return fail(r, "skip is only allowed in body"), 0;
+    if (act == VA_DISCARD &&
+        (ev == SE_CONNECT || ev == SE_HELO || ev == SE_UNKNOWN))
+        return fail(r, "discard is not allowed before envfrom"), 0;
+    if (check_keys(r) < 0)
+        return 0;
+    if ((act == VA_REJECT || act == VA_TEMPFAIL) && read_reply(r) < 0)
+        return 0;
+    for (int k = 0; ev == SE_EOM && k < NMOD_KEYS; k++) {
+        lua_settop(co, 2);
+        rawfield(co, r->t, mod_keys[k].key);
+        if (!lua_isnil(co, -1) && read_mod(r, k) < 0)
+            return 0;
+    }
+    r->rc = 0;
+    return 0;
+}
+
+int lverdict_read(struct lb_state *st, lua_State *co, int idx, int ev,
+                  const struct sess *s, struct verdict *v, const char **why,
+                  char *whybuf, size_t whylen)
+{
+    struct vr r = {st, co, 1, 0, -1, ev, s, v, why, whybuf, whylen, 0};
+    memset(v, 0, sizeof *v);
+    if (idx == 0 || lua_isnil(co, idx))
+        return 0;
+    if (!lua_istable(co, idx))
+        return fail(&r, "expected nothing or a verdict table such as "
+                        "milter.accept{}, got a %s",
+                    luaL_typename(co, idx));
+    if (!lua_checkstack(co, 8))
+        return fail(&r, "out of Lua stack");
+    lua_pushlightuserdata(co, &r);
+    lua_pushcclosure(co, read_all, 1);
+    lua_pushvalue(co, idx);
+    lua_newtable(co);
+    lua_pushvalue(co, -1);
+    lua_insert(co, -4); /* the anchor table outlives the call */
+    if (lua_pcall(co, 2, 0, 0) != 0) {
+        fail(&r, "%s", lua_tostring(co, -1) ? lua_tostring(co, -1) : "error");
+        lua_pop(co, 1);
+        return -1;
+    }
+    if (r.rc < 0)
+        return -1;
+    v->mods = st->mods;
+    v->nmods = r.nmods;
+    return 0;
+}

@@ -1,0 +1,543 @@
+/* sess: see sess.h. */
+#include "sess.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "log.h"
+#include "mods.h"
+
+const char *const sess_event_names[SE__COUNT] = {
+    "connect", "helo", "envfrom", "envrcpt", "data", "header",
+    "eoh", "body", "eom", "abort", "close", "unknown",
+};
+
+/* Events the MTA sends, with the protocol bits that suppress them. */
+struct cmd_row {
+    uint8_t cmd;
+    uint8_t ev;          /* enum sess_event */
+    uint8_t phases;      /* message phases it may follow (1 << PH_*) */
+    uint32_t no_bit;     /* SMFIP_NO* */
+    uint32_t nr_bit;     /* SMFIP_NR_*, 0 = always answered */
+};
+
+#define PH(p) (1u << (p))
+#define PH_ANY (PH(PH_ENV) | PH(PH_HDR) | PH(PH_EOH) | PH(PH_BODY))
+
+static const struct cmd_row rows[] = {
+    {WIRE_CONNECT, SE_CONNECT, 0, SMFIP_NOCONNECT, SMFIP_NR_CONN},
+    {WIRE_HELO, SE_HELO, 0, SMFIP_NOHELO, SMFIP_NR_HELO},
+    {WIRE_MAIL, SE_ENVFROM, 0, SMFIP_NOMAIL, SMFIP_NR_MAIL},
+    {WIRE_RCPT, SE_ENVRCPT, PH(PH_ENV), SMFIP_NORCPT, SMFIP_NR_RCPT},
+    {WIRE_DATA, SE_DATA, PH(PH_ENV), SMFIP_NODATA, SMFIP_NR_DATA},
+    {WIRE_HEADER, SE_HEADER, PH(PH_ENV) | PH(PH_HDR), SMFIP_NOHDRS,
+     SMFIP_NR_HDR},
+    {WIRE_EOH, SE_EOH, PH(PH_ENV) | PH(PH_HDR), SMFIP_NOEOH, SMFIP_NR_EOH},
+    {WIRE_BODY, SE_BODY, PH_ANY, SMFIP_NOBODY, SMFIP_NR_BODY},
+    {WIRE_BODYEOB, SE_EOM, PH_ANY, 0, 0},
+    {WIRE_UNKNOWN, SE_UNKNOWN, 0, SMFIP_NOUNKNOWN, SMFIP_NR_UNKN},
+};
+
+static const struct cmd_row *find_row(uint8_t cmd)
+{
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
+        if (rows[i].cmd == cmd)
+            return &rows[i];
+    return NULL;
+}
+
+void sess_init(struct sess *s, const struct sess_cfg *cfg,
+               const struct sess_ops *ops, void *ud, uint64_t id)
+{
+    memset(s, 0, sizeof *s);
+    s->cfg = cfg;
+    s->ops = ops;
+    s->ud = ud;
+    s->id = id;
+    buf_init(&s->carena, 1u << 20);
+    buf_init(&s->marena, 0);
+    buf_init(&s->ended, 0);
+    buf_init(&s->conn_end, 0);
+    buf_init(&s->scratch, 0);
+}
+
+void sess_free(struct sess *s)
+{
+    buf_free(&s->carena);
+    buf_free(&s->marena);
+    buf_free(&s->ended);
+    buf_free(&s->conn_end);
+    buf_free(&s->scratch);
+    free(s->rcpts);
+    free(s->hdrs);
+    s->rcpts = NULL;
+    s->hdrs = NULL;
+}
+
+/* Copies p[0..n) and a NUL into the arena; len = UINT32_MAX on failure. */
+static struct sess_str arena_put(struct buf *a, const char *p, size_t n)
+{
+    struct sess_str v = {(uint32_t)buf_len(a), (uint32_t)n};
+    if (!buf_reserve(a, n + 1)) {
+        v.len = UINT32_MAX;
+        return v;
+    }
+    buf_append(a, p, n);
+    buf_append_byte(a, 0);
+    return v;
+}
+
+/* Strips the braces of "{name}". */
+static void bare_name(const char **p, size_t *n)
+{
+    if (*n >= 2 && (*p)[0] == '{' && (*p)[*n - 1] == '}') {
+        (*p)++;
+        *n -= 2;
+    }
+}
+
+static int find_macro(const struct sess *s, const char *name, size_t n)
+{
+    for (unsigned i = 0; i < s->nmacros; i++) {
+        struct sess_str k = s->macro_names[i];
+        if (k.len == n && memcmp(sess_cstr(s, k, 0), name, n) == 0)
+            return (int)i;
+    }
+    return -1;
+}
+
+const char *sess_macro(const struct sess *s, const char *name, size_t len,
+                       size_t *vlen)
+{
+    bare_name(&name, &len);
+    int i = find_macro(s, name, len);
+    if (i < 0)
+        return NULL;
+    if (vlen)
+        *vlen = s->macro_values[i].len;
+    return sess_cstr(s, s->macro_values[i], 0);
+}
+
+const char *sess_qid(const struct sess *s)
+{
+    return sess_macro(s, "i", 1, NULL);
+}
+
+/* Rewrites the connection arena keeping only live strings. */
+static void compact_carena(struct sess *s)
+{
+    struct buf fresh;
+    buf_init(&fresh, s->carena.cap);
+    struct sess_str *all[2 * 64 + 3];
+    unsigned n = 0;
+    for (unsigned i = 0; i < s->nmacros; i++) {
+        all[n++] = &s->macro_names[i];
+        all[n++] = &s->macro_values[i];
+    }
+    all[n++] = &s->host;
+    all[n++] = &s->addr;
+    all[n++] = &s->helo;
+    for (unsigned i = 0; i < n; i++)
+        *all[i] = arena_put(&fresh, sess_cstr(s, *all[i], 0), all[i]->len);
+    buf_free(&s->carena);
+    s->carena = fresh;
+    s->macro_dead = 0;
+}
+
+/* Replaces a connection string, counting the old bytes as dead. */
+static int set_cstr(struct sess *s, struct sess_str *dst, const char *p,
+                    size_t n)
+{
+    if (dst->len && dst->len != UINT32_MAX)
+        s->macro_dead += dst->len + 1;
+    if (s->macro_dead > 4096 && s->macro_dead > buf_len(&s->carena) / 2)
+        compact_carena(s);
+    *dst = arena_put(&s->carena, p, n);
+    return dst->len == UINT32_MAX ? -1 : 0;
+}
+
+static int store_macros(struct sess *s, const struct wire_cmd *c)
+{
+    size_t pos = 0;
+    for (;;) {
+        struct wire_str k = wire_list_next(c->list, c->list_len, &pos);
+        struct wire_str v = wire_list_next(c->list, c->list_len, &pos);
+        if (!k.p || !v.p)
+            return 0;
+        bare_name(&k.p, &k.n);
+        int i = find_macro(s, k.p, k.n);
+        if (i >= 0) {
+            struct sess_str *old = &s->macro_values[i];
+            if (old->len == v.n && memcmp(sess_cstr(s, *old, 0), v.p, v.n) == 0)
+                continue; /* Postfix repeats i before every header */
+            if (set_cstr(s, old, v.p, v.n) < 0)
+                return -1;
+            continue;
+        }
+        if (s->nmacros == sizeof s->macro_names / sizeof s->macro_names[0]) {
+            log_msg(LL_DEBUG, s->id, NULL, "macro %.*s ignored: too many",
+                    (int)k.n, k.p);
+            continue;
+        }
+        struct sess_str name = {0, 0}, val = {0, 0};
+        if (set_cstr(s, &name, k.p, k.n) < 0 || set_cstr(s, &val, v.p, v.n) < 0)
+            return -1;
+        s->macro_names[s->nmacros] = name;
+        s->macro_values[s->nmacros++] = val;
+    }
+}
+
+static int proto_error(struct sess *s, const char *what, uint8_t cmd)
+{
+    log_msg(LL_WARN, s->id, sess_qid(s),
+            "protocol error: %s (command '%c' 0x%02x)", what,
+            cmd >= 0x20 && cmd < 0x7f ? cmd : '?', cmd);
+    return SESS_CLOSE;
+}
+
+/*
+ * Answers OPTNEG: the highest common version, the actions the MTA offered
+ * that an eom handler may use, no events the script cannot observe, and no
+ * replies for the events it does not handle, wherever the MTA allows it.
+ */
+static int negotiate(struct sess *s, const struct wire_cmd *c,
+                     struct buf *out)
+{
+    if (c->version < 2)
+        return proto_error(s, "MTA offers milter protocol version < 2", c->cmd);
+    unsigned h = s->cfg->handlers;
+    unsigned msg_events = SE_BIT(SE_ENVFROM) | SE_BIT(SE_ENVRCPT) |
+                          SE_BIT(SE_DATA) | SE_BIT(SE_HEADER) |
+                          SE_BIT(SE_EOH) | SE_BIT(SE_BODY) | SE_BIT(SE_EOM) |
+                          SE_BIT(SE_ABORT);
+    unsigned header_events = SE_BIT(SE_HEADER) | SE_BIT(SE_EOH) |
+                             SE_BIT(SE_BODY) | SE_BIT(SE_EOM);
+    uint32_t want_no = 0, want_nr = 0;
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        const struct cmd_row *r = &rows[i];
+        int needed;
+        switch (r->ev) {
+        case SE_CONNECT:
+        case SE_HELO: needed = 1; break; /* ctx.client, ctx.helo */
+        case SE_ENVFROM:
+        case SE_ENVRCPT: needed = (h & msg_events) != 0; break;
+        case SE_HEADER: needed = (h & header_events) != 0; break;
+        default: needed = (h & SE_BIT(r->ev)) != 0; break;
+        }
+        if (!needed)
+            want_no |= r->no_bit;
+        else if (!(h & SE_BIT(r->ev)))
+            want_nr |= r->nr_bit;
+    }
+    s->mta_actions = c->actions;
+    s->mta_protocol = c->protocol;
+    s->version = c->version < 6 ? c->version : 6;
+    s->actions = (h & SE_BIT(SE_EOM)) ? c->actions & 0xffu : 0;
+    s->protocol = (want_no | want_nr) & c->protocol;
+    if ((h & SE_BIT(SE_BODY)) && (c->protocol & SMFIP_SKIP))
+        s->protocol |= SMFIP_SKIP;
+    s->state = ST_NEG;
+    log_msg(LL_DEBUG, s->id, NULL,
+            "negotiated version %u actions 0x%x protocol 0x%x (offered %u "
+            "0x%x 0x%x)",
+            s->version, s->actions, s->protocol, c->version, c->actions,
+            c->protocol);
+    return wire_put_optneg(out, s->version, s->actions, s->protocol, NULL, 0)
+               ? SESS_CLOSE
+               : SESS_OK;
+}
+
+/* Message data stays readable until the next message opens. */
+static void open_msg(struct sess *s)
+{
+    s->msg = MSG_OPEN;
+    s->phase = PH_ENV;
+    s->msg_seq++;
+    s->has_sender = s->skip_body = s->truncated = 0;
+    s->nrcpts = s->nhdrs = 0;
+    s->body_bytes = 0;
+    buf_reset(&s->marena);
+    buf_reset(&s->ended);
+    buf_shrink(&s->marena, 64 * 1024);
+}
+
+/* Calls the handler when the script has one; continue otherwise. */
+static void run(struct sess *s, int ev, const struct wire_cmd *c,
+                struct verdict *v)
+{
+    memset(v, 0, sizeof *v);
+    if (!(s->cfg->handlers & SE_BIT(ev)))
+        return;
+    if (s->ops->call(s->ud, s, ev, c, v) == 0)
+        return;
+    memset(v, 0, sizeof *v);
+    v->action = s->cfg->on_error;
+    if (v->action == VA_REJECT) {
+        static const struct wire_str text = {"Rejected by mail filter", 23};
+        v->code = 550;
+        v->xcode = (struct wire_str){"5.7.1", 5};
+        v->lines[0] = text;
+        v->nlines = 1;
+    } else if (v->action == VA_TEMPFAIL) {
+        static const struct wire_str text = {
+            "Temporary mail filter failure, try again later", 46};
+        v->code = 451;
+        v->xcode = (struct wire_str){"4.3.0", 5};
+        v->lines[0] = text;
+        v->nlines = 1;
+    }
+}
+
+static void abort_msg(struct sess *s)
+{
+    if (s->msg == MSG_OPEN && (s->cfg->handlers & SE_BIT(SE_ABORT))) {
+        struct verdict v;
+        run(s, SE_ABORT, NULL, &v);
+    }
+    s->msg = MSG_NONE;
+}
+
+void sess_finish(struct sess *s)
+{
+    if (s->state != ST_CONN && s->state != ST_CLOSED)
+        return;
+    abort_msg(s);
+    struct verdict v;
+    run(s, SE_CLOSE, NULL, &v);
+    s->state = ST_NEG;
+    s->conn_seq++;
+}
+
+static int grow(void **arr, uint32_t *cap, uint32_t need, size_t elem)
+{
+    if (need <= *cap)
+        return 0;
+    uint32_t n = *cap ? *cap * 2 : 16;
+    void *p = realloc(*arr, n * elem);
+    if (!p)
+        return -1;
+    *arr = p;
+    *cap = n;
+    return 0;
+}
+
+/* Records what the event carries, before the handler sees it. */
+static int record(struct sess *s, const struct wire_cmd *c)
+{
+    struct sess_str v;
+    switch (c->cmd) {
+    case WIRE_CONNECT: {
+        size_t n = 0;
+        const char *mta = sess_macro(s, "v", 1, &n);
+        /* Postfix hides its Received: header; others show all headers. */
+        s->hides_received = !mta || (n >= 7 && memcmp(mta, "Postfix", 7) == 0);
+        s->family = c->family;
+        s->port = c->port;
+        if (set_cstr(s, &s->host, c->s1.p, c->s1.n) < 0 ||
+            set_cstr(s, &s->addr, c->s2.p ? c->s2.p : "", c->s2.n) < 0)
+            return -1;
+        return 0;
+    }
+    case WIRE_HELO:
+        s->has_helo = 1;
+        return set_cstr(s, &s->helo, c->s1.p, c->s1.n);
+    case WIRE_MAIL:
+        s->sender = arena_put(&s->marena, c->s1.p, c->s1.n);
+        s->has_sender = 1;
+        return s->sender.len == UINT32_MAX ? -1 : 0;
+    case WIRE_RCPT:
+        if (grow((void **)&s->rcpts, &s->rcpts_cap, s->nrcpts + 1,
+                 sizeof *s->rcpts) < 0)
+            return -1;
+        v = arena_put(&s->marena, c->s1.p, c->s1.n);
+        s->rcpts[s->nrcpts++] = v;
+        return v.len == UINT32_MAX ? -1 : 0;
+    case WIRE_HEADER: {
+        if (grow((void **)&s->hdrs, &s->hdrs_cap, s->nhdrs + 1,
+                 sizeof *s->hdrs) < 0)
+            return -1;
+        struct sess_hdr *h = &s->hdrs[s->nhdrs++];
+        h->name = arena_put(&s->marena, c->s1.p, c->s1.n);
+        h->value = arena_put(&s->marena, c->s2.p, c->s2.n);
+        return h->name.len == UINT32_MAX || h->value.len == UINT32_MAX ? -1
+                                                                        : 0;
+    }
+    default:
+        return 0;
+    }
+}
+
+static int put_verdict(struct sess *s, int ev, const struct verdict *v,
+                       struct buf *out)
+{
+    int rc = 0;
+    if (ev == SE_EOM && (v->nmods || v->from.p || v->body.p ||
+                         v->quarantine.p))
+        rc = mods_put(s, v, out);
+    switch (v->action) {
+    case VA_ACCEPT: return rc | buf_append(out, "\0\0\0\1a", 5);
+    case VA_DISCARD: return rc | buf_append(out, "\0\0\0\1d", 5);
+    case VA_SKIP:
+        if (s->protocol & SMFIP_SKIP)
+            return rc | buf_append(out, "\0\0\0\1s", 5);
+        return rc | buf_append(out, "\0\0\0\1c", 5);
+    case VA_REJECT:
+    case VA_TEMPFAIL: {
+        int rej = v->action == VA_REJECT;
+        if (!v->code && !v->nlines && !v->xcode.n)
+            return rc | buf_append(out, rej ? "\0\0\0\1r" : "\0\0\0\1t", 5);
+        static const struct wire_str def[2] = {
+            {"Service unavailable - try again later", 37},
+            {"Command rejected", 16}};
+        return rc | wire_put_replycode(out, v->code ? v->code
+                                                    : rej ? 550 : 451,
+                                       v->xcode, v->nlines ? v->lines
+                                                           : &def[rej],
+                                       v->nlines ? v->nlines : 1);
+    }
+    default: return rc | buf_append(out, "\0\0\0\1c", 5);
+    }
+}
+
+/* Handles BODY: cut at max_body, honour an earlier skip. */
+static void body_event(struct sess *s, const struct wire_cmd *c,
+                       struct verdict *v)
+{
+    memset(v, 0, sizeof *v);
+    if (s->skip_body || s->body_bytes >= s->cfg->max_body) {
+        if (!s->skip_body)
+            s->truncated = 1;
+        v->action = VA_SKIP;
+        return;
+    }
+    struct wire_cmd cut = *c;
+    size_t room = s->cfg->max_body - s->body_bytes;
+    int crossed = cut.body_len > room;
+    if (crossed)
+        cut.body_len = room;
+    s->body_bytes += cut.body_len;
+    run(s, SE_BODY, &cut, v);
+    if (crossed)
+        s->truncated = 1;
+    if (v->action == VA_SKIP)
+        s->skip_body = 1;
+    else if (v->action == VA_CONTINUE && s->truncated)
+        v->action = VA_SKIP; /* nothing more will reach the script */
+}
+
+int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
+{
+    if (s->state == ST_INIT)
+        return c->cmd == WIRE_OPTNEG ? negotiate(s, c, out)
+                                     : proto_error(s, "expected OPTNEG", c->cmd);
+    switch (c->cmd) {
+    case WIRE_OPTNEG: return proto_error(s, "second OPTNEG", c->cmd);
+    case WIRE_MACRO:
+        return store_macros(s, c) < 0
+                   ? proto_error(s, "out of memory for macros", c->cmd)
+                   : SESS_OK;
+    case WIRE_ABORT: abort_msg(s); return SESS_OK;
+    case WIRE_QUIT: sess_finish(s); return SESS_CLOSE;
+    case WIRE_QUIT_NC:
+        sess_finish(s);
+        s->nmacros = 0;
+        s->family = 0;
+        s->has_helo = 0;
+        s->host = s->addr = s->helo = (struct sess_str){0, 0};
+        buf_reset(&s->carena);
+        buf_reset(&s->conn_end);
+        s->macro_dead = 0;
+        return SESS_OK;
+    default: break;
+    }
+    const struct cmd_row *r = find_row(c->cmd);
+    if (!r)
+        return proto_error(s, "unknown command", c->cmd);
+    int reply = !(s->protocol & r->nr_bit);
+    if (c->cmd == WIRE_CONNECT) {
+        if (s->state != ST_NEG)
+            return proto_error(s, "CONNECT in an open session", c->cmd);
+        s->state = ST_CONN;
+    } else if (s->state == ST_NEG) {
+        return proto_error(s, "command before CONNECT", c->cmd);
+    }
+    if (s->state == ST_CLOSED) { /* the script ended the connection */
+        if (!reply)
+            return SESS_OK;
+        if (buf_len(&s->conn_end))
+            return buf_append(out, buf_head(&s->conn_end),
+                              buf_len(&s->conn_end));
+        return buf_append(out, "\0\0\0\1c", 5);
+    }
+    if (r->ev == SE_HELO || r->ev == SE_ENVFROM) {
+        if (s->msg != MSG_NONE)
+            abort_msg(s); /* new HELO or MAIL abandons an open message */
+        if (r->ev == SE_ENVFROM)
+            open_msg(s);
+    } else if (r->phases) {
+        if (s->msg == MSG_ENDED) {
+            if (r->ev == SE_EOM)
+                s->msg = MSG_NONE;
+            if (!reply)
+                return SESS_OK;
+            return buf_append(out, buf_head(&s->ended), buf_len(&s->ended));
+        }
+        if (s->msg == MSG_NONE)
+            open_msg(s); /* the MTA skipped MAIL: we opted out of it */
+        else if (!(r->phases & PH(s->phase)))
+            return proto_error(s, "command out of order", c->cmd);
+    }
+    if (record(s, c) < 0)
+        return proto_error(s, "out of memory", c->cmd);
+    switch (r->ev) {
+    case SE_DATA:
+    case SE_HEADER: s->phase = PH_HDR; break;
+    case SE_EOH: s->phase = PH_EOH; break;
+    case SE_BODY: s->phase = PH_BODY; break;
+    default: break;
+    }
+
+    struct verdict v;
+    if (r->ev == SE_BODY && (s->cfg->handlers & SE_BIT(SE_BODY)))
+        body_event(s, c, &v);
+    else
+        run(s, r->ev, c, &v);
+
+    size_t mark = buf_len(out);
+    if (reply && put_verdict(s, r->ev, &v, out) < 0)
+        return proto_error(s, "reply too large", c->cmd);
+    const uint8_t *rep = buf_head(out) + mark;
+    size_t replen = buf_len(out) - mark;
+
+    switch (r->ev) {
+    case SE_CONNECT:
+    case SE_HELO:
+        if (v.action != VA_CONTINUE) {
+            s->state = ST_CLOSED;
+            buf_reset(&s->conn_end);
+            buf_append(&s->conn_end, rep, replen);
+        }
+        break;
+    case SE_ENVRCPT:
+        if (v.action == VA_REJECT || v.action == VA_TEMPFAIL) {
+            s->nrcpts--;
+            break;
+        }
+        /* fall through */
+    case SE_ENVFROM:
+    case SE_DATA:
+    case SE_HEADER:
+    case SE_EOH:
+    case SE_BODY:
+        if (v.action != VA_CONTINUE && v.action != VA_SKIP) {
+            s->msg = MSG_ENDED;
+            buf_reset(&s->ended);
+            buf_append(&s->ended, rep, replen);
+        }
+        break;
+    case SE_EOM: s->msg = MSG_NONE; break;
+    default: break;
+    }
+    return SESS_OK;
+}

@@ -1,0 +1,154 @@
+/*
+ * sess: the milter protocol state machine of one MTA connection.
+ *
+ * Takes decoded commands (wire.h), keeps the connection and message state
+ * (negotiated flags, macros, client, envelope, headers), asks its owner to
+ * run the script's handler for each event through sess_ops, and encodes the
+ * replies. Knows nothing of sockets, libev or Lua, so tests can drive it
+ * with plain bytes and a fake handler.
+ */
+#ifndef LUAMILTER_SESS_H
+#define LUAMILTER_SESS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "buf.h"
+#include "wire.h"
+
+/* Script events, in API order. */
+enum sess_event {
+    SE_CONNECT, SE_HELO, SE_ENVFROM, SE_ENVRCPT, SE_DATA, SE_HEADER, SE_EOH,
+    SE_BODY, SE_EOM, SE_ABORT, SE_CLOSE, SE_UNKNOWN, SE__COUNT
+};
+#define SE_BIT(e) (1u << (e))
+extern const char *const sess_event_names[SE__COUNT];
+
+enum verdict_action {
+    VA_CONTINUE, VA_ACCEPT, VA_REJECT, VA_TEMPFAIL, VA_DISCARD, VA_SKIP
+};
+
+/* A header or recipient change from an eom verdict, in sending order. */
+enum mod_op {
+    MOD_ADD_HEADER, MOD_INSERT_HEADER, MOD_CHANGE_HEADER, MOD_DELETE_HEADER,
+    MOD_ADD_RCPT, MOD_DEL_RCPT
+};
+struct mod {
+    uint8_t op;        /* enum mod_op */
+    uint32_t index;    /* insert: script index; change/delete: nth (>= 1) */
+    struct wire_str a; /* header name, or recipient */
+    struct wire_str b; /* header value, or ESMTP args of add_rcpt (p NULL) */
+};
+
+/* A handler's verdict; strings borrow from the caller (the Lua state). */
+struct verdict {
+    int action;       /* enum verdict_action */
+    int code;         /* SMTP code for a custom reply, 0 = none */
+    struct wire_str xcode;
+    struct wire_str lines[WIRE_MAX_REPLY_LINES];
+    int nlines;
+    const struct mod *mods; /* eom only */
+    size_t nmods;
+    struct wire_str from, from_args;     /* change_from, when from.p */
+    struct wire_str body;                /* replace_body, when body.p */
+    struct wire_str quarantine;          /* when quarantine.p */
+};
+
+struct sess;
+struct sess_ops {
+    /*
+     * Runs the handler for ev (cmd: the command that caused it, NULL for
+     * SE_ABORT/SE_CLOSE raised internally) and fills *v. Returns 0 for a
+     * valid verdict, -1 when the handler failed or its verdict was bad
+     * (already logged): the session then applies cfg->on_error.
+     */
+    int (*call)(void *ud, struct sess *s, int ev, const struct wire_cmd *cmd,
+                struct verdict *v);
+};
+
+struct sess_cfg {
+    unsigned handlers;  /* SE_BIT()s of the events the script handles */
+    int on_error;       /* VA_TEMPFAIL, VA_ACCEPT, VA_CONTINUE, VA_REJECT */
+    size_t max_body;    /* body bytes handed to the script per message */
+};
+
+struct sess_str { uint32_t off, len; }; /* a string in one of the arenas */
+struct sess_hdr { struct sess_str name, value; };
+
+enum sess_state { ST_INIT, ST_NEG, ST_CONN, ST_CLOSED };
+enum sess_msg { MSG_NONE, MSG_OPEN, MSG_ENDED };
+enum sess_phase { PH_ENV, PH_HDR, PH_EOH, PH_BODY };
+
+struct sess {
+    const struct sess_cfg *cfg; /* borrowed */
+    const struct sess_ops *ops; /* borrowed */
+    void *ud;                   /* passed to ops */
+    uint64_t id;                /* connection id, for logs */
+
+    uint8_t state;    /* enum sess_state */
+    uint8_t msg;      /* enum sess_msg */
+    uint8_t phase;    /* enum sess_phase, while MSG_OPEN */
+    uint8_t hides_received; /* MTA hides its trace header (Postfix) */
+    uint32_t version, actions, protocol; /* negotiated */
+    uint32_t mta_actions, mta_protocol;  /* offered */
+
+    /* Connection data (conn arena). */
+    struct buf carena;
+    struct sess_str macro_names[64], macro_values[64];
+    unsigned nmacros;
+    uint32_t macro_dead; /* arena bytes no longer referenced */
+    char family;         /* '4' '6' 'L' 'U', 0 before CONNECT */
+    uint16_t port;
+    struct sess_str host, addr, helo;
+    uint8_t has_helo;
+    uint32_t conn_seq; /* bumped per milter session (QUIT_NC) */
+
+    /* Message data (message arena), valid while msg != MSG_NONE. */
+    struct buf marena;
+    struct sess_str sender;
+    uint8_t has_sender, skip_body, truncated;
+    struct sess_str *rcpts;
+    uint32_t nrcpts, rcpts_cap;
+    struct sess_hdr *hdrs;
+    uint32_t nhdrs, hdrs_cap;
+    size_t body_bytes;
+    uint32_t msg_seq; /* bumped per message */
+
+    struct buf ended;     /* reply repeated while the message is ended */
+    struct buf conn_end;  /* reply repeated after a connection verdict */
+    struct buf scratch;   /* eom modification planning */
+};
+
+enum { SESS_OK = 0, SESS_CLOSE = 1 };
+
+void sess_init(struct sess *s, const struct sess_cfg *cfg,
+               const struct sess_ops *ops, void *ud, uint64_t id);
+/* Frees everything sess_init and later commands allocated. */
+void sess_free(struct sess *s);
+
+/*
+ * Handles one decoded command and appends any reply to out. Returns SESS_OK,
+ * or SESS_CLOSE when the connection must be closed after flushing out (QUIT,
+ * or a protocol error, which is logged). Borrows cmd for the call only.
+ */
+int sess_handle(struct sess *s, const struct wire_cmd *cmd, struct buf *out);
+
+/*
+ * The connection is going away without QUIT (EOF, error, timeout, shutdown):
+ * runs abort for an open message and close once, if not yet done.
+ */
+void sess_finish(struct sess *s);
+
+/* Accessors for the bridge; strings are borrowed from the arenas. */
+static inline const char *sess_cstr(const struct sess *s, struct sess_str v,
+                                    int msg)
+{
+    return (const char *)(msg ? s->marena.data : s->carena.data) + v.off;
+}
+/* Looks a macro up; name may be "i", "{i}", "auth_authen"... NULL if unset. */
+const char *sess_macro(const struct sess *s, const char *name, size_t len,
+                       size_t *vlen);
+/* The queue id (macro i) or NULL. */
+const char *sess_qid(const struct sess *s);
+
+#endif

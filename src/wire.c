@@ -1,0 +1,295 @@
+/* wire: see wire.h. */
+#include "wire.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static uint32_t get_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 |
+           p[3];
+}
+
+int wire_next_frame(const uint8_t *p, size_t n, size_t max_len,
+                    struct wire_frame *f, size_t *used, const char **err)
+{
+    if (n < 4)
+        return WIRE_NEED_MORE;
+    uint32_t len = get_u32(p);
+    if (len == 0) {
+        *err = "zero frame length";
+        return WIRE_ERROR;
+    }
+    if (len - 1 > max_len) {
+        *err = "frame length over the limit";
+        return WIRE_ERROR;
+    }
+    if (n - 4 < len)
+        return WIRE_NEED_MORE;
+    f->cmd = p[4];
+    f->data = p + 5;
+    f->len = len - 1;
+    *used = 4 + (size_t)len;
+    return WIRE_FRAME;
+}
+
+/* Reads the NUL-terminated string at *pos; -1 if there is no NUL. */
+static int take_str(const struct wire_frame *f, size_t *pos,
+                    struct wire_str *s)
+{
+    if (*pos >= f->len)
+        return -1;
+    const char *start = (const char *)f->data + *pos;
+    const char *nul = memchr(start, '\0', f->len - *pos);
+    if (!nul)
+        return -1;
+    s->p = start;
+    s->n = (size_t)(nul - start);
+    *pos += s->n + 1;
+    return 0;
+}
+
+/* Counts the strings of a list that must fill the rest of the frame. */
+static int take_list(const struct wire_frame *f, size_t pos,
+                     struct wire_cmd *c)
+{
+    c->list = (const char *)f->data + pos;
+    c->list_len = f->len - pos;
+    c->list_count = 0;
+    while (pos < f->len) {
+        struct wire_str s;
+        if (take_str(f, &pos, &s) < 0)
+            return -1;
+        c->list_count++;
+    }
+    return 0;
+}
+
+struct wire_str wire_list_next(const char *list, size_t len, size_t *pos)
+{
+    struct wire_str s = {NULL, 0};
+    if (*pos >= len)
+        return s;
+    const char *start = list + *pos;
+    const char *nul = memchr(start, '\0', len - *pos);
+    s.p = start;
+    s.n = nul ? (size_t)(nul - start) : len - *pos;
+    *pos += s.n + 1;
+    return s;
+}
+
+int wire_decode(const struct wire_frame *f, struct wire_cmd *c,
+                const char **err)
+{
+    size_t pos = 0;
+    memset(c, 0, sizeof *c);
+    c->cmd = f->cmd;
+    switch (f->cmd) {
+    case WIRE_OPTNEG:
+        if (f->len < 12)
+            goto short_frame;
+        c->version = get_u32(f->data);
+        c->actions = get_u32(f->data + 4);
+        c->protocol = get_u32(f->data + 8);
+        return 0;
+    case WIRE_MACRO:
+        if (f->len < 1)
+            goto short_frame;
+        c->macro_for = f->data[0];
+        if (take_list(f, 1, c) < 0)
+            goto no_nul;
+        if (c->list_count % 2) {
+            *err = "macro name without a value";
+            return -1;
+        }
+        return 0;
+    case WIRE_CONNECT:
+        if (take_str(f, &pos, &c->s1) < 0)
+            goto no_nul;
+        if (pos >= f->len)
+            goto short_frame;
+        c->family = (char)f->data[pos++];
+        if (c->family == 'U')
+            return 0;
+        if (c->family != '4' && c->family != '6' && c->family != 'L') {
+            *err = "unknown address family";
+            return -1;
+        }
+        if (f->len - pos < 2)
+            goto short_frame;
+        c->port = (uint16_t)(f->data[pos] << 8 | f->data[pos + 1]);
+        pos += 2;
+        if (take_str(f, &pos, &c->s2) < 0)
+            goto no_nul;
+        return 0;
+    case WIRE_HELO:
+    case WIRE_UNKNOWN:
+        if (take_str(f, &pos, &c->s1) < 0)
+            goto no_nul;
+        return 0;
+    case WIRE_MAIL:
+    case WIRE_RCPT:
+        if (take_str(f, &pos, &c->s1) < 0)
+            goto no_nul;
+        if (take_list(f, pos, c) < 0)
+            goto no_nul;
+        return 0;
+    case WIRE_HEADER:
+        if (take_str(f, &pos, &c->s1) < 0 || take_str(f, &pos, &c->s2) < 0)
+            goto no_nul;
+        return 0;
+    case WIRE_BODY:
+    case WIRE_BODYEOB:
+        c->body = f->data;
+        c->body_len = f->len;
+        return 0;
+    case WIRE_DATA:
+    case WIRE_EOH:
+    case WIRE_ABORT:
+    case WIRE_QUIT:
+    case WIRE_QUIT_NC:
+        return 0;
+    default:
+        *err = "unknown command";
+        return -1;
+    }
+short_frame:
+    *err = "frame too short for its command";
+    return -1;
+no_nul:
+    *err = "string without NUL terminator";
+    return -1;
+}
+
+int wire_put(struct buf *out, uint8_t cmd, const void *payload, size_t len)
+{
+    uint8_t *p = buf_reserve(out, 5 + len);
+    if (!p)
+        return -1;
+    uint32_t n = (uint32_t)len + 1;
+    p[0] = (uint8_t)(n >> 24);
+    p[1] = (uint8_t)(n >> 16);
+    p[2] = (uint8_t)(n >> 8);
+    p[3] = (uint8_t)n;
+    p[4] = cmd;
+    if (len)
+        memcpy(p + 5, payload, len);
+    buf_commit(out, 5 + len);
+    return 0;
+}
+
+int wire_put_strs(struct buf *out, uint8_t cmd, const struct wire_str *s,
+                  int n)
+{
+    size_t len = 0;
+    for (int i = 0; i < n; i++)
+        len += s[i].n + 1;
+    if (!buf_reserve(out, 5 + len))
+        return -1;
+    buf_append_u32(out, (uint32_t)len + 1);
+    buf_append_byte(out, cmd);
+    for (int i = 0; i < n; i++) {
+        buf_append(out, s[i].p, s[i].n);
+        buf_append_byte(out, 0);
+    }
+    return 0;
+}
+
+int wire_put_idx_header(struct buf *out, uint8_t cmd, uint32_t index,
+                        struct wire_str name, struct wire_str value)
+{
+    size_t len = 4 + name.n + 1 + value.n + 1;
+    if (!buf_reserve(out, 5 + len))
+        return -1;
+    buf_append_u32(out, (uint32_t)len + 1);
+    buf_append_byte(out, cmd);
+    buf_append_u32(out, index);
+    buf_append(out, name.p, name.n);
+    buf_append_byte(out, 0);
+    buf_append(out, value.p, value.n);
+    buf_append_byte(out, 0);
+    return 0;
+}
+
+int wire_put_body(struct buf *out, const void *p, size_t len)
+{
+    const uint8_t *s = p;
+    if (!buf_reserve(out, len + 5 * (len / WIRE_MAX_CHUNK + 1)))
+        return -1;
+    do {
+        size_t n = len > WIRE_MAX_CHUNK ? WIRE_MAX_CHUNK : len;
+        wire_put(out, WIRE_R_REPLBODY, s, n);
+        s += n;
+        len -= n;
+    } while (len > 0);
+    return 0;
+}
+
+int wire_put_optneg(struct buf *out, uint32_t version, uint32_t actions,
+                    uint32_t protocol, const struct wire_symlist *lists,
+                    int nlists)
+{
+    size_t len = 12;
+    for (int i = 0; i < nlists; i++)
+        len += 4 + lists[i].names.n + 1;
+    if (!buf_reserve(out, 5 + len))
+        return -1;
+    buf_append_u32(out, (uint32_t)len + 1);
+    buf_append_byte(out, WIRE_OPTNEG);
+    buf_append_u32(out, version);
+    buf_append_u32(out, actions);
+    buf_append_u32(out, protocol);
+    for (int i = 0; i < nlists; i++) {
+        buf_append_u32(out, lists[i].stage);
+        buf_append(out, lists[i].names.p, lists[i].names.n);
+        buf_append_byte(out, 0);
+    }
+    return 0;
+}
+
+/* Appends s with every '%' doubled. */
+static void put_escaped(struct buf *out, struct wire_str s)
+{
+    const char *p = s.p, *end = s.p + s.n;
+    while (p < end) {
+        const char *pct = memchr(p, '%', (size_t)(end - p));
+        size_t n = pct ? (size_t)(pct - p) + 1 : (size_t)(end - p);
+        buf_append(out, p, n);
+        if (pct)
+            buf_append_byte(out, '%');
+        p += n;
+    }
+}
+
+int wire_put_replycode(struct buf *out, int code, struct wire_str xcode,
+                       const struct wire_str *lines, int nlines)
+{
+    size_t len = 1;
+    for (int i = 0; i < nlines; i++)
+        len += 4 + xcode.n + 1 + 2 * lines[i].n + 2; /* worst case */
+    if (!buf_reserve(out, 5 + len))
+        return -1;
+    size_t hdr = buf_len(out);
+    buf_append_u32(out, 0);
+    buf_append_byte(out, WIRE_R_REPLYCODE);
+    for (int i = 0; i < nlines; i++) {
+        char num[8];
+        snprintf(num, sizeof num, "%03d%c", code, i + 1 < nlines ? '-' : ' ');
+        buf_append(out, num, 4);
+        if (xcode.n) {
+            buf_append(out, xcode.p, xcode.n);
+            buf_append_byte(out, ' ');
+        }
+        put_escaped(out, lines[i]);
+        if (i + 1 < nlines)
+            buf_append(out, "\r\n", 2);
+    }
+    buf_append_byte(out, 0);
+    uint32_t flen = (uint32_t)(buf_len(out) - hdr - 4);
+    uint8_t *p = buf_head(out) + hdr;
+    p[0] = (uint8_t)(flen >> 24);
+    p[1] = (uint8_t)(flen >> 16);
+    p[2] = (uint8_t)(flen >> 8);
+    p[3] = (uint8_t)flen;
+    return 0;
+}
