@@ -460,7 +460,7 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
             return proto_error(s, "CONNECT in an open session", c->cmd);
         s->state = ST_CONN;
     } else if (s->state == ST_NEG) {
-        return proto_error(s, "command before CONNECT", c->cmd);
+        s->state = ST_CONN; /* the MTA skipped CONNECT: no ctx.client */
     }
     if (s->state == ST_CLOSED) { /* the script ended the connection */
         if (!reply)

@@ -1,0 +1,186 @@
+-- Shared helpers of the daemon specs (not a spec itself: no _spec suffix).
+--
+-- Scripts are inline Lua sources.  U.script(body) prepends a prelude that
+-- defines `milter`, `H` and `seen(ctx, tag, value)`: seen() writes one log
+-- line "SEEN <tag> <value serialised as a Lua literal>", which the specs read
+-- back with U.seen(d, tag) / U.wait_seen(d, tag, n).  Every wait is bounded.
+package.path = "./?.lua;" .. package.path
+
+local D = require "spec.support.daemon"
+local mc = require "spec.support.milter_client"
+local socket = require "socket"
+
+local U = { D = D, mc = mc }
+
+U.PRELUDE = [=[
+local milter = require "milter"
+local H = {}
+local function ser(v)
+  local t = type(v)
+  if t == "string" then
+    return '"' .. (v:gsub('[%c"\\\128-\255]', function(c)
+      return string.format("\\%03d", c:byte())
+    end)) .. '"'
+  elseif t == "number" or t == "boolean" or t == "nil" then
+    return tostring(v)
+  elseif t == "table" then
+    local keys = {}
+    for k in pairs(v) do keys[#keys + 1] = k end
+    table.sort(keys, function(a, b)
+      if type(a) ~= type(b) then return type(a) < type(b) end
+      return a < b
+    end)
+    local parts = {}
+    for _, k in ipairs(keys) do
+      parts[#parts + 1] = "[" .. ser(k) .. "]=" .. ser(v[k])
+    end
+    return "{" .. table.concat(parts, ",") .. "}"
+  end
+  return '"<' .. t .. '>"'
+end
+local function seen(ctx, tag, value)
+  ctx:log("info", "SEEN", tag, ser(value))
+end
+]=]
+
+-- prelude + body; the body should end with "return H" (or its own return)
+function U.script(body)
+  return U.PRELUDE .. body
+end
+
+-- 1-based line number of the first line of src containing marker (plain)
+function U.line_of(src, marker)
+  local n = 0
+  for line in (src .. "\n"):gmatch("([^\n]*)\n") do
+    n = n + 1
+    if line:find(marker, 1, true) then return n end
+  end
+  error("marker not found: " .. marker)
+end
+
+function U.start(src, opts)
+  local d, err = D.start(src, opts)
+  assert(d, "daemon did not start: " .. tostring(err))
+  return d
+end
+
+local function decode(s)
+  local f = assert(loadstring("return " .. s))
+  setfenv(f, {})
+  return f()
+end
+
+-- every value recorded by seen(ctx, tag, ...) so far, in log order
+function U.seen(d, tag)
+  local out = {}
+  for line in d:log():gmatch("[^\n]+") do
+    local t, v = line:match(" SEEN (%S+) (.*)$")
+    if t == tag then out[#out + 1] = decode(v) end
+  end
+  return out
+end
+
+-- waits until at least n values were recorded for tag (bounded)
+function U.wait_seen(d, tag, n, timeout)
+  local deadline = socket.gettime() + (timeout or 5)
+  repeat
+    local got = U.seen(d, tag)
+    if #got >= (n or 1) then return got end
+    socket.sleep(0.02)
+  until socket.gettime() >= deadline
+  return U.seen(d, tag)
+end
+
+-- waits until the log contains a plain string (bounded); returns the log
+function U.wait_log(d, plain, timeout)
+  local deadline = socket.gettime() + (timeout or 5)
+  repeat
+    local log = d:log()
+    if log:find(plain, 1, true) then return log end
+    socket.sleep(0.02)
+  until socket.gettime() >= deadline
+  return d:log()
+end
+
+-- number of non-overlapping occurrences of a plain string
+function U.count(s, plain)
+  local n, pos = 0, 1
+  while true do
+    local a, b = s:find(plain, pos, true)
+    if not a then return n end
+    n, pos = n + 1, b + 1
+  end
+end
+
+-- log lines containing a plain string
+function U.lines_with(s, plain)
+  local out = {}
+  for line in s:gmatch("[^\n]+") do
+    if line:find(plain, 1, true) then out[#out + 1] = line end
+  end
+  return out
+end
+
+function U.free_port(host)
+  local s
+  if host and host:find(":") then
+    s = assert(socket.tcp6())
+    assert(s:bind(host, 0))
+  else
+    s = assert(socket.bind(host or "127.0.0.1", 0))
+  end
+  local _, port = s:getsockname()
+  s:close()
+  return tonumber(port)
+end
+
+-- connects and negotiates; returns client and negotiated fields
+function U.client(d, offer)
+  local c = assert(d:client())
+  local neg, err = c:optneg(offer or mc.OFFER.postfix)
+  assert(neg, "optneg failed: " .. tostring(err))
+  return c, neg
+end
+
+-- reads until the server closes the connection; returns the error string
+-- ("closed", ...) or "timeout" / "got frame X" when it did not close
+function U.read_until_closed(c, timeout)
+  local deadline = socket.gettime() + (timeout or 5)
+  while true do
+    local rem = deadline - socket.gettime()
+    if rem <= 0 then return "timeout" end
+    local f, err = c:read_frame(rem)
+    if f then return "got frame " .. f.cmd end
+    return err
+  end
+end
+
+-- a full default Postfix-like session on a fresh connection, then QUIT;
+-- returns the session result and the client (already closed)
+function U.normal_session(d, opts)
+  local c = assert(d:client())
+  local res = c:session(opts or {})
+  c:quit()
+  c:close()
+  return res, c
+end
+
+-- bytes of a REPLYCODE as libmilter builds it
+function U.mlreply(code, xcode, lines)
+  local out = {}
+  for i, l in ipairs(lines) do
+    local sep = i < #lines and "-" or " "
+    out[i] = code .. sep .. (xcode and (xcode .. " ") or "") .. l
+  end
+  return table.concat(out, "\r\n")
+end
+
+function U.ops(mods)
+  local out = {}
+  for i, m in ipairs(mods) do out[i] = m.op end
+  return out
+end
+
+U.band, U.bor, U.bnot = require("bit").band, require("bit").bor, require("bit").bnot
+
+return U
