@@ -189,7 +189,7 @@ static int serve(void)
 int main(int argc, char **argv)
 {
     enum { O_ONERR = 256, O_MAXBODY, O_TIMEOUT, O_LEVEL, O_FORMAT, O_SHUT,
-           O_MODE, O_MAXCONN, O_VERSION };
+           O_MODE, O_MAXCONN, O_VERSION, O_LATER };
     static const struct option longopts[] = {
         {"listen", required_argument, 0, 'l'},
         {"on-error", required_argument, 0, O_ONERR},
@@ -201,6 +201,12 @@ int main(int argc, char **argv)
         {"socket-mode", required_argument, 0, O_MODE},
         {"max-connections", required_argument, 0, O_MAXCONN},
         {"version", no_argument, 0, O_VERSION},
+        {"workers", required_argument, 0, O_LATER},
+        {"pidfile", required_argument, 0, O_LATER},
+        {"user", required_argument, 0, O_LATER},
+        {"group", required_argument, 0, O_LATER},
+        {"script-timeout", required_argument, 0, O_LATER},
+        {"daemon", no_argument, 0, O_LATER},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     double v;
@@ -212,8 +218,8 @@ int main(int argc, char **argv)
     srv.idle_timeout = 300;
     srv.max_frame = 2u << 20;
     srv.max_conns = 10000;
-    int c;
-    while ((c = getopt_long(argc, argv, "+l:h", longopts, NULL)) != -1) {
+    int c, li = 0;
+    while ((c = getopt_long(argc, argv, "+l:h", longopts, &li)) != -1) {
         switch (c) {
         case 'l': opt.listen = optarg; break;
         case O_ONERR:
@@ -270,9 +276,15 @@ int main(int argc, char **argv)
         }
         case O_VERSION: printf("luamilter %s\n", VERSION); return 0;
         case 'h': usage(stdout); return 0;
+        case O_LATER:
+            return die_usage("--%s is not supported by this version yet",
+                             longopts[li].name);
         default: usage(stderr); return 2;
         }
     }
+    if (optind < argc && strcmp(argv[optind], "test") == 0)
+        return die_usage("%s", "'test' (offline test mode) is not supported "
+                               "by this version yet");
     if (optind < argc && strcmp(argv[optind], "check") == 0) {
         if (argc - optind != 2)
             return die_usage("%s", "check takes exactly one SCRIPT.lua");

@@ -1,0 +1,23 @@
+-- lua/milter.lua: the verdict constructors only fill in `action`.
+local milter = require "milter"
+
+describe("milter constructors", function()
+  for _, action in ipairs({ "continue", "accept", "reject", "tempfail", "discard", "skip" }) do
+    it(action .. " fills in action and keeps the other fields", function()
+      local t = { reason = "x" }
+      local v = milter[action](t)
+      assert.are.equal(t, v)
+      assert.are.same({ action = action, reason = "x" }, v)
+    end)
+
+    it(action .. " with no argument is a bare verdict", function()
+      assert.are.same({ action = action }, milter[action]())
+    end)
+  end
+
+  it("refuses a non-table argument, pointing at the caller", function()
+    local ok, err = pcall(milter.reject, "no")
+    assert.is_false(ok)
+    assert.matches("milter.reject expects a table", err)
+  end)
+end)
