@@ -10,8 +10,8 @@ LUAJIT_LIBS   := $(or $(shell pkg-config --libs luajit 2>/dev/null),-lluajit-5.1
 LIBS    := $(LUAJIT_LIBS) -lev -lm
 
 B       ?= build
-SRCS    := log buf wire sess mods lb lctx lverdict conn listen main
-CORE    := log buf wire sess mods
+SRCS    := log buf wire sess mods pfsim lb lctx lverdict offline conn listen main
+CORE    := log buf wire sess mods pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted
 
@@ -42,9 +42,13 @@ $(B)/test_wire: spec/c/test_wire.c spec/c/fixture.c spec/c/*.h $(CORE:%=$(B)/%.o
 $(B)/test_sess: spec/c/test_sess.c spec/c/fixture.c spec/c/*.h $(CORE:%=$(B)/%.o)
 	$(CC) $(WARN) $(DEFS) $(CFLAGS) -Isrc -o $@ spec/c/test_sess.c spec/c/fixture.c $(CORE:%=$(B)/%.o)
 
-check-c: $(B)/test_wire $(B)/test_sess
+$(B)/test_pfsim: spec/c/test_pfsim.c spec/c/fixture.c spec/c/*.h $(CORE:%=$(B)/%.o)
+	$(CC) $(WARN) $(DEFS) $(CFLAGS) -Isrc -o $@ spec/c/test_pfsim.c spec/c/fixture.c $(CORE:%=$(B)/%.o)
+
+check-c: $(B)/test_wire $(B)/test_sess $(B)/test_pfsim
 	$(B)/test_wire ../shared/fixtures
 	$(B)/test_sess ../shared/fixtures
+	$(B)/test_pfsim ../shared/fixtures
 
 lint:
 	scripts/check-layers.sh
