@@ -17,6 +17,7 @@
 #include "lb.h"
 #include "listen.h"
 #include "log.h"
+#include "offline.h"
 
 #define VERSION "0.1.0"
 
@@ -283,8 +284,7 @@ int main(int argc, char **argv)
         }
     }
     if (optind < argc && strcmp(argv[optind], "test") == 0)
-        return die_usage("%s", "'test' (offline test mode) is not supported "
-                               "by this version yet");
+        return offline_main(argc - optind, argv + optind, &srv.cfg);
     if (optind < argc && strcmp(argv[optind], "check") == 0) {
         if (argc - optind != 2)
             return die_usage("%s", "check takes exactly one SCRIPT.lua");
