@@ -488,8 +488,11 @@ static void play_message(struct run *r, const char *sender,
     exchange(r, WIRE_MAIL, sender, strlen(sender) + 1, &rp);
     stage(r, SE_ENVFROM, sender, &rp);
     pf_set_sender(&r->msg, sender);
-    if (settle(r, &rp, 0))
+    if (settle(r, &rp, 0)) {
+        for (int i = 0; r->ok && i < nrcpts; i++) /* accepted unfiltered */
+            pf_add_rcpt(&r->msg, rcpts[i]);
         return;
+    }
     int accepted = 0;
     for (int i = 0; i < nrcpts; i++) {
         const char *rm[] = {"{rcpt_addr}", rcpts[i], "i", qid};

@@ -62,3 +62,44 @@ describe("example.lua", function()
     assert.are.same({ "<audit@example.org>" }, H.eom(ctx).add_rcpt)
   end)
 end)
+
+-- The same policy through the real session code, as the README shows.
+describe("example.lua through milter.test", function()
+  local mt = require "milter.test"
+
+  it("tags external mail, copies finance mail to the auditor", function()
+    local r = mt.run{
+      script = "example.lua",
+      message = mt.message{
+        headers = { { "From", "Ann <ann@partner.example>" }, { "To", "cfo@finance.example.org" },
+                    { "Subject", "Q3 numbers" } },
+        body = "see attached\r\n",
+      },
+    }
+    assert.are.equal(0, r.status, r.stderr)
+    assert.are.equal("accept", r.final.action)
+    assert.truthy(r.message:find("\r\nSubject: [EXTERNAL] Q3 numbers\r\n", 1, true))
+    assert.truthy(r.message:find("\r\nX-Policy: luamilter example; client=127.0.0.1\r\n", 1, true))
+    assert.are.same({ "<cfo@finance.example.org>", "<audit@example.org>" }, r.envelope.rcpts)
+  end)
+
+  it("refuses a blocked sender at MAIL FROM with the multi-line reply", function()
+    local r = mt.run{
+      script = "example.lua", from = "spammer@example.net", rcpt = { "bob@example.org" },
+      message = mt.message{ headers = { { "Subject", "hi" } }, body = "x\r\n" },
+    }
+    assert.are.equal(1, r.status)
+    assert.are.equal("550-5.7.1 Sender <spammer@example.net> is blocked by local policy.\r\n" ..
+      "550 5.7.1 Contact postmaster@example.org if this is a mistake.", r.final.reply)
+  end)
+
+  it("refuses a listed client network at connect", function()
+    local r = mt.run{
+      script = "example.lua", client = "192.0.2.10", rcpt = { "bob@example.org" },
+      message = mt.message{ headers = { { "Subject", "hi" } } },
+    }
+    assert.are.equal(1, r.status)
+    assert.are.equal("connect", r.stages[#r.stages].event)
+    assert.matches("^554%-5%.7%.1 Your network", r.final.reply)
+  end)
+end)
