@@ -26,6 +26,7 @@ struct lctx {
     uint32_t conn_seq;  /* milter session (QUIT_NC starts a new one) */
     uint32_t msg_seq;   /* message the cached tables belong to */
     uint32_t nrcpts, nhdrs; /* entries already in the cached tables */
+    uint32_t rcpts_dropped; /* sess->rcpts_dropped when rcpts was built */
 };
 
 /* lctx.c */

@@ -66,11 +66,15 @@ static void push_mstr(lua_State *L, const struct sess *s, struct sess_str v)
 
 static void push_rcpts(lua_State *L, struct lctx *x, const struct sess *s)
 {
-    env_table(L, "rcpts");
-    for (; x->nrcpts > s->nrcpts; x->nrcpts--) { /* a rejected recipient */
+    if (x->rcpts_dropped != s->rcpts_dropped) { /* a recipient was refused */
+        lua_getfenv(L, 1);
         lua_pushnil(L);
-        lua_rawseti(L, -2, (int)x->nrcpts);
+        lua_setfield(L, -2, "rcpts");
+        lua_pop(L, 1);
+        x->nrcpts = 0;
+        x->rcpts_dropped = s->rcpts_dropped;
     }
+    env_table(L, "rcpts");
     for (; x->nrcpts < s->nrcpts; x->nrcpts++) {
         push_mstr(L, s, s->rcpts[x->nrcpts]);
         lua_rawseti(L, -2, (int)x->nrcpts + 1);

@@ -55,7 +55,7 @@ void sess_init(struct sess *s, const struct sess_cfg *cfg,
     s->ops = ops;
     s->ud = ud;
     s->id = id;
-    buf_init(&s->carena, 1u << 20);
+    buf_init(&s->carena, 8u << 20); /* a HELO may fill a 2 MiB frame */
     buf_init(&s->marena, 0);
     buf_init(&s->ended, 0);
     buf_init(&s->conn_end, 0);
@@ -522,6 +522,7 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
     case SE_ENVRCPT:
         if (v.action == VA_REJECT || v.action == VA_TEMPFAIL) {
             s->nrcpts--;
+            s->rcpts_dropped++;
             break;
         }
         /* fall through */

@@ -109,6 +109,7 @@ struct sess {
     uint8_t has_sender, skip_body, truncated;
     struct sess_str *rcpts;
     uint32_t nrcpts, rcpts_cap;
+    uint32_t rcpts_dropped; /* bumped when a rejected recipient is removed */
     struct sess_hdr *hdrs;
     uint32_t nhdrs, hdrs_cap;
     size_t body_bytes;
