@@ -1,3 +1,4 @@
+-- luacheck: std +busted
 -- Every handler is called with the arguments API.md names.
 package.path = "./?.lua;" .. package.path
 local U = require "spec.daemon.util"
@@ -249,5 +250,19 @@ return H
     assert.are.equal("123456", bodies[1][1])
     assert.are.equal("7890", bodies[2][1])
     assert.are.same({ true }, U.seen(d, "eom"))
+  end)
+
+  it("ctx.truncated starts false again with the next message", function()
+    d = U.start(U.script [[
+function H.body(ctx, chunk) end
+function H.eom(ctx) seen(ctx, "eom", { ctx.sender, ctx.truncated }) end
+return H
+]], { args = { "--max-body", "10" } })
+    local c = U.client(d)
+    U.open(c)
+    assert.are.equal("c", U.message(c, { mail = "<big@example.org>", body = string.rep("x", 100) }).eom.cmd)
+    assert.are.equal("c", U.message(c, { mail = "<small@example.org>", body = "tiny\r\n" }).eom.cmd)
+    c:close()
+    assert.are.same({ { "<big@example.org>", true }, { "<small@example.org>", false } }, U.seen(d, "eom"))
   end)
 end)

@@ -145,14 +145,9 @@ end
 -- reads until the server closes the connection; returns the error string
 -- ("closed", ...) or "timeout" / "got frame X" when it did not close
 function U.read_until_closed(c, timeout)
-  local deadline = socket.gettime() + (timeout or 5)
-  while true do
-    local rem = deadline - socket.gettime()
-    if rem <= 0 then return "timeout" end
-    local f, err = c:read_frame(rem)
-    if f then return "got frame " .. f.cmd end
-    return err
-  end
+  local f, err = c:read_frame(timeout or 5)
+  if f then return "got frame " .. f.cmd end
+  return err
 end
 
 -- a full default Postfix-like session on a fresh connection, then QUIT;
@@ -163,6 +158,82 @@ function U.normal_session(d, opts)
   c:quit()
   c:close()
   return res, c
+end
+
+U.POSTFIX_C_MACROS = { { "j", "mta.example.org" }, { "{daemon_name}", "mta.example.org" },
+  { "v", "Postfix 3.7.11" }, { "_", "client.example.org [192.0.2.1]" } }
+
+-- CONNECT (+ HELO unless opts.helo == false) like Postfix; asserts replies
+function U.open(c, opts)
+  opts = opts or {}
+  local r, err = c:connect_ev(opts.host or "client.example.org", opts.family or "4",
+    opts.port or 40000, opts.addr or "192.0.2.1", opts.cmacros or U.POSTFIX_C_MACROS)
+  assert(r, "connect: " .. tostring(err))
+  if opts.helo ~= false then
+    r, err = c:helo(opts.helo or "client.example.org", {})
+    assert(r, "helo: " .. tostring(err))
+  end
+end
+
+local STOP = { a = true, r = true, t = true, d = true, y = true, ["4"] = true, f = true }
+local RCPT_REJ = { r = true, t = true, y = true }
+
+-- one message (MAIL .. BODYEOB) on an open connection, then ABORT as Postfix
+-- does (unless opts.no_abort).  opts: mail, mail_args, rcpts, rcpt_args,
+-- headers, body, qid, mmacros.  Returns {mail=, rcpts={}, data=, headers={},
+-- eoh=, body={}, eom=, stopped=, error=} (entries are replies, "noreply",
+-- "skipped" or an error string)
+function U.message(c, opts)
+  opts = opts or {}
+  local res = { rcpts = {}, headers = {}, body = {} }
+  local qid = { { "i", opts.qid or "4F2A1B3C5D" } }
+  local function done(stage, err)
+    res.stopped, res.error = stage, err
+    if not err and not opts.no_abort then c:abort() end
+    return res
+  end
+  local function stops(r) return type(r) == "table" and STOP[r.cmd] end
+  local r, err = c:mail(opts.mail or "<sender@example.org>", opts.mail_args, opts.mmacros or {})
+  res.mail = r or err
+  if not r then return done("mail", err) end
+  if stops(r) then return done("mail") end
+  local accepted = 0
+  for _, rc in ipairs(opts.rcpts or { "<rcpt@example.org>" }) do
+    r, err = c:rcpt(rc, opts.rcpt_args, { { "{rcpt_addr}", rc } })
+    res.rcpts[#res.rcpts + 1] = r or err
+    if not r then return done("rcpt", err) end
+    if stops(r) and not RCPT_REJ[r.cmd] then return done("rcpt") end
+    if not (type(r) == "table" and RCPT_REJ[r.cmd]) then accepted = accepted + 1 end
+  end
+  if accepted == 0 then return done("rcpt") end
+  r, err = c:data(qid)
+  res.data = r or err
+  if not r then return done("data", err) end
+  if stops(r) then return done("data") end
+  for _, h in ipairs(opts.headers or { { "From", "<sender@example.org>" },
+      { "To", "<rcpt@example.org>" }, { "Subject", "test" } }) do
+    r, err = c:header(h[1], h[2], qid)
+    res.headers[#res.headers + 1] = r or err
+    if not r then return done("headers", err) end
+    if stops(r) then return done("headers") end
+  end
+  r, err = c:eoh(qid)
+  res.eoh = r or err
+  if not r then return done("eoh", err) end
+  if stops(r) then return done("eoh") end
+  local body, pos = opts.body or "Hello.\r\n", 1
+  while pos <= #body do
+    r, err = c:body(body:sub(pos, pos + 65534), qid)
+    res.body[#res.body + 1] = r or err
+    if not r then return done("body", err) end
+    if stops(r) then return done("body") end
+    if type(r) == "table" and r.cmd == "s" then break end
+    pos = pos + 65535
+  end
+  r, err = c:eom(qid)
+  res.eom = r or err
+  if not r then return done("eom", err) end
+  return done(nil)
 end
 
 -- bytes of a REPLYCODE as libmilter builds it

@@ -1,0 +1,513 @@
+-- luacheck: std +busted
+-- Connection and message lifetimes: macros, ctx.conn/ctx.msg, abort, close,
+-- QUIT_NC, ctx after close.
+package.path = "./?.lua;" .. package.path
+local U = require "spec.daemon.util"
+local socket = require "socket"
+
+-- "connect", "helo", ... in the order the handlers recorded them
+local function event_order(d)
+  local order = {}
+  for line in d:log():gmatch("[^\n]+") do
+    local t = line:match(" SEEN (%S+) ")
+    if t then order[#order + 1] = t end
+  end
+  return order
+end
+
+local RECORD = U.script [[
+function H.connect(ctx) seen(ctx, "connect", true) end
+function H.helo(ctx) seen(ctx, "helo", true) end
+function H.envfrom(ctx) seen(ctx, "envfrom", true) end
+function H.envrcpt(ctx) seen(ctx, "envrcpt", true) end
+function H.data(ctx) seen(ctx, "data", true) end
+function H.header(ctx) seen(ctx, "header", true) end
+function H.eoh(ctx) seen(ctx, "eoh", true) end
+function H.body(ctx) seen(ctx, "body", true) end
+function H.eom(ctx) seen(ctx, "eom", true) end
+function H.abort(ctx) seen(ctx, "abort", true) end
+function H.close(ctx) seen(ctx, "close", true) end
+return H
+]]
+
+describe("macros", function()
+  local d, c
+
+  after_each(function()
+    if c then c:close(); c = nil end
+    if d then d:stop(); d = nil end
+  end)
+
+  it("ctx:macro finds 'i', '{i}', 'auth_authen' (sent as {auth_authen}) and keeps values", function()
+    d = U.start(U.script [[
+local function all(ctx)
+  return { i = ctx:macro("i"), bi = ctx:macro("{i}"), aa = ctx:macro("auth_authen"),
+    baa = ctx:macro("{auth_authen}"), j = ctx:macro("j"), bj = ctx:macro("{j}"),
+    dn = ctx:macro("daemon_name"), bdn = ctx:macro("{daemon_name}"),
+    missing = ctx:macro("no_such_macro") }
+end
+function H.envfrom(ctx) seen(ctx, "envfrom", all(ctx)) end
+function H.eom(ctx) seen(ctx, "eom", all(ctx)) end
+return H
+]])
+    c = U.client(d)
+    U.open(c)
+    local r1 = U.message(c, { qid = "AAA111", mmacros = { { "{auth_type}", "PLAIN" },
+      { "{auth_authen}", "alice" }, { "{mail_addr}", "sender@example.org" } } })
+    assert.are.equal("c", r1.eom.cmd)
+    -- the second MAIL carries no {auth_authen}: the old value stays
+    local r2 = U.message(c, { qid = "BBB222", mmacros = {} })
+    assert.are.equal("c", r2.eom.cmd)
+    local base = { j = "mta.example.org", bj = "mta.example.org", dn = "mta.example.org",
+      bdn = "mta.example.org", aa = "alice", baa = "alice" }
+    local function with(t)
+      local o = {}
+      for k, v in pairs(base) do o[k] = v end
+      for k, v in pairs(t) do o[k] = v end
+      return o
+    end
+    assert.are.same({ with({}), with({ i = "AAA111", bi = "AAA111" }) }, U.seen(d, "envfrom"))
+    assert.are.same({ with({ i = "AAA111", bi = "AAA111" }), with({ i = "BBB222", bi = "BBB222" }) },
+      U.seen(d, "eom"))
+  end)
+
+  it("a macro keeps its last value (sent again with a new value before EOM)", function()
+    d = U.start(U.script [[
+function H.body(ctx) end
+function H.eom(ctx) seen(ctx, "eom", { ctx:macro("i"), ctx:macro("{x_custom}") }) end
+return H
+]])
+    c = U.client(d)
+    U.open(c)
+    assert(c:mail("<a@example.org>", {}, { { "{x_custom}", "one" } }))
+    assert(c:rcpt("<b@example.org>", {}, {}))
+    assert(c:data({ { "i", "FIRST" } }))
+    assert(c:header("Subject", "s", { { "i", "FIRST" } }))
+    assert(c:eoh({ { "i", "FIRST" } }))
+    assert(c:body("x\r\n", { { "i", "FIRST" }, { "{x_custom}", "two" } }))
+    local r = assert(c:eom({ { "i", "SECOND" } }))
+    assert.are.equal("c", r.cmd)
+    assert.are.same({ { "SECOND", "two" } }, U.seen(d, "eom"))
+  end)
+end)
+
+describe("macros under churn", function()
+  local d, c
+
+  after_each(function()
+    if c then c:close(); c = nil end
+    if d then d:stop(); d = nil end
+  end)
+
+  it("values stay right after many changes (old values are reclaimed)", function()
+    d = U.start(U.script [[
+function H.envfrom(ctx) end
+function H.eom(ctx)
+  seen(ctx, "eom", { ctx:macro("j"), ctx:macro("v"), ctx:macro("{x_a}"), ctx:macro("x_b"),
+    ctx.helo, ctx.client.host, ctx.client.address, #(ctx:macro("x_big") or "") })
+end
+return H
+]])
+    c = U.client(d)
+    U.open(c, { host = "host.example.org", addr = "192.0.2.9", helo = "helo.example.org" })
+    local last_a, last_b
+    for i = 1, 400 do
+      last_a = ("a%04d"):format(i) .. string.rep("A", 300)
+      last_b = ("b%04d"):format(i) .. string.rep("B", 50 + i % 7)
+      assert(c:macro("M", { { "{x_a}", last_a }, { "{x_b}", last_b },
+        { "{x_big}", string.rep("z", 1000 + i) } }))
+      if i % 50 == 0 then assert(c:helo("helo.example.org", {})) end
+    end
+    local r = U.message(c, {})
+    assert.are.equal("c", r.eom.cmd)
+    assert.are.same({ { "mta.example.org", "Postfix 3.7.11", last_a, last_b, "helo.example.org",
+      "host.example.org", "192.0.2.9", 1400 } }, U.seen(d, "eom"))
+  end)
+end)
+
+describe("message lifetime", function()
+  local d, c
+
+  after_each(function()
+    if c then c:close(); c = nil end
+    if d then d:stop(); d = nil end
+  end)
+
+  it("two messages on one connection: fresh ctx.msg/sender/rcpts/headers, same ctx.conn", function()
+    d = U.start(U.script [[
+function H.envfrom(ctx, sender)
+  ctx.conn.n = (ctx.conn.n or 0) + 1
+  seen(ctx, "envfrom", { mark = ctx.msg.mark, sender = ctx.sender, rcpts = ctx.rcpts,
+    nheaders = ctx.headers and #ctx.headers or 0, n = ctx.conn.n })
+  ctx.msg.mark = sender
+end
+function H.eom(ctx)
+  seen(ctx, "eom", { mark = ctx.msg.mark, sender = ctx.sender, rcpts = ctx.rcpts,
+    headers = ctx.headers, n = ctx.conn.n })
+end
+return H
+]])
+    c = U.client(d)
+    U.open(c)
+    local r1 = U.message(c, { mail = "<a@example.org>", rcpts = { "<x@example.org>" },
+      headers = { { "Subject", "one" } } })
+    assert.are.equal("c", r1.eom.cmd)
+    local r2 = U.message(c, { mail = "<b@example.org>",
+      rcpts = { "<y@example.org>", "<z@example.org>" },
+      headers = { { "Subject", "two" }, { "X-Two", "2" } } })
+    assert.are.equal("c", r2.eom.cmd)
+    assert.are.same({
+      { sender = "<a@example.org>", rcpts = {}, nheaders = 0, n = 1 },
+      { sender = "<b@example.org>", rcpts = {}, nheaders = 0, n = 2 },
+    }, U.seen(d, "envfrom"))
+    assert.are.same({
+      { mark = "<a@example.org>", sender = "<a@example.org>", rcpts = { "<x@example.org>" },
+        headers = { { "Subject", "one" } }, n = 1 },
+      { mark = "<b@example.org>", sender = "<b@example.org>",
+        rcpts = { "<y@example.org>", "<z@example.org>" },
+        headers = { { "Subject", "two" }, { "X-Two", "2" } }, n = 2 },
+    }, U.seen(d, "eom"))
+  end)
+
+  it("ABORT mid-message calls abort once; repeated ABORTs do not", function()
+    d = U.start(RECORD)
+    c = U.client(d)
+    U.open(c)
+    assert(c:mail("<a@example.org>"))
+    assert(c:rcpt("<b@example.org>"))
+    c:abort()
+    c:abort()
+    c:quit()
+    U.wait_seen(d, "close", 1)
+    assert.are.same({ "connect", "helo", "envfrom", "envrcpt", "abort", "close" }, event_order(d))
+  end)
+
+  it("ABORT in the body phase calls abort once and the next message is fresh", function()
+    d = U.start(U.script [[
+function H.envfrom(ctx, sender) ctx.msg.from = sender end
+function H.body(ctx) end
+function H.abort(ctx) seen(ctx, "abort", ctx.msg.from) end
+function H.eom(ctx) seen(ctx, "eom", { ctx.msg.from, ctx.sender, ctx.headers }) end
+function H.close(ctx) seen(ctx, "close", true) end
+return H
+]])
+    c = U.client(d)
+    U.open(c)
+    assert(c:mail("<first@example.org>"))
+    assert(c:rcpt("<b@example.org>"))
+    assert(c:data())
+    assert(c:header("Subject", "first"))
+    assert(c:eoh())
+    assert(c:body("part"))
+    c:abort()
+    c:abort()
+    local r = U.message(c, { mail = "<second@example.org>", headers = { { "Subject", "second" } } })
+    assert.are.equal("c", r.eom.cmd)
+    c:abort()
+    c:quit()
+    U.wait_seen(d, "close", 1)
+    assert.are.same({ "<first@example.org>" }, U.seen(d, "abort"))
+    assert.are.same({ { "<second@example.org>", "<second@example.org>", { { "Subject", "second" } } } },
+      U.seen(d, "eom"))
+  end)
+
+  it("ABORT after a finished message and twice before QUIT does not call abort", function()
+    d = U.start(RECORD)
+    c = U.client(d)
+    U.open(c)
+    local r = U.message(c, { headers = { { "Subject", "s" } } }) -- ends with one ABORT
+    assert.are.equal("c", r.eom.cmd)
+    c:abort()
+    c:abort()
+    c:quit()
+    U.wait_seen(d, "close", 1)
+    assert.are.same({ "connect", "helo", "envfrom", "envrcpt", "data", "header", "eoh",
+      "body", "eom", "close" }, event_order(d))
+  end)
+
+  it("a HELO in the middle of a transaction acts as abort", function()
+    d = U.start(RECORD)
+    c = U.client(d)
+    U.open(c)
+    assert(c:mail("<a@example.org>"))
+    assert(c:rcpt("<b@example.org>"))
+    local r = assert(c:helo("again.example.org"))
+    assert.are.equal("c", r.cmd)
+    c:abort()
+    c:abort()
+    local m = U.message(c, { headers = { { "Subject", "s" } } })
+    assert.are.equal("c", m.eom.cmd)
+    c:abort()
+    c:quit()
+    U.wait_seen(d, "close", 1)
+    assert.are.same({ "connect", "helo", "envfrom", "envrcpt", "abort", "helo", "envfrom",
+      "envrcpt", "data", "header", "eoh", "body", "eom", "close" }, event_order(d))
+  end)
+
+  it("a new MAIL while a message is open abandons it (abort runs)", function()
+    d = U.start(RECORD)
+    c = U.client(d)
+    U.open(c)
+    assert(c:mail("<a@example.org>"))
+    assert(c:rcpt("<b@example.org>"))
+    local m = U.message(c, { headers = { { "Subject", "s" } } })
+    assert.are.equal("c", m.eom.cmd)
+    c:quit()
+    U.wait_seen(d, "close", 1)
+    assert.are.same({ "connect", "helo", "envfrom", "envrcpt", "abort", "envfrom",
+      "envrcpt", "data", "header", "eoh", "body", "eom", "close" }, event_order(d))
+  end)
+
+  it("the MTA hanging up mid-message runs abort then close", function()
+    d = U.start(RECORD)
+    c = U.client(d)
+    U.open(c)
+    assert(c:mail("<a@example.org>"))
+    assert(c:rcpt("<b@example.org>"))
+    c:close(); c = nil
+    U.wait_seen(d, "close", 1)
+    assert.are.same({ "connect", "helo", "envfrom", "envrcpt", "abort", "close" }, event_order(d))
+  end)
+  it("eom-only script: ctx.msg is fresh and ctx.conn kept across messages", function()
+    d = U.start(U.script [[
+function H.eom(ctx)
+  ctx.conn.n = (ctx.conn.n or 0) + 1
+  ctx.msg.n = (ctx.msg.n or 0) + 1
+  seen(ctx, "eom", { ctx.conn.n, ctx.msg.n, ctx.sender, #ctx.rcpts, #ctx.headers })
+end
+return H
+]])
+    c = U.client(d)
+    U.open(c)
+    for i = 1, 3 do
+      local r = U.message(c, { mail = "<m" .. i .. "@example.org>",
+        headers = { { "Subject", "s" .. i } } })
+      assert.are.equal("c", r.eom.cmd)
+    end
+    assert.are.same({ { 1, 1, "<m1@example.org>", 1, 1 }, { 2, 1, "<m2@example.org>", 1, 1 },
+      { 3, 1, "<m3@example.org>", 1, 1 } }, U.seen(d, "eom"))
+  end)
+
+  it("UNKNOWN in the middle of a transaction keeps the message", function()
+    d = U.start(U.script [[
+function H.unknown(ctx, cmd) seen(ctx, "unknown", { cmd, ctx.sender }) end
+function H.abort(ctx) seen(ctx, "abort", true) end
+function H.eom(ctx) seen(ctx, "eom", { ctx.sender, ctx.rcpts }) end
+return H
+]])
+    c = U.client(d)
+    U.open(c)
+    assert(c:mail("<a@example.org>"))
+    assert(c:rcpt("<b@example.org>"))
+    local r = assert(c:unknown("XFOO"))
+    assert.are.equal("c", r.cmd)
+    assert(c:rcpt("<c@example.org>"))
+    assert(c:data())
+    assert(c:header("Subject", "s"))
+    assert(c:eoh())
+    assert(c:body("x\r\n"))
+    assert.are.equal("c", assert(c:eom()).cmd)
+    assert.are.same({ { "XFOO", "<a@example.org>" } }, U.seen(d, "unknown"))
+    assert.are.same({ { "<a@example.org>", { "<b@example.org>", "<c@example.org>" } } }, U.seen(d, "eom"))
+    assert.are.same({}, U.seen(d, "abort"))
+  end)
+
+  it("ctx:log lines carry the connection id and the queue id", function()
+    d = U.start(U.script [[
+function H.eom(ctx) ctx:log("info", "log-marker", "id=" .. ctx.id) end
+return H
+]])
+    c = U.client(d)
+    U.open(c)
+    assert.are.equal("c", U.message(c, { qid = "QUEUE42XYZ" }).eom.cmd)
+    local lines = U.lines_with(d:log(), "log-marker")
+    assert.are.equal(1, #lines)
+    local id = lines[1]:match("id=(%d+)")
+    assert.is_truthy(id, lines[1])
+    local tag = lines[1]:sub(1, lines[1]:find("log-marker", 1, true) - 1)
+    assert.is_truthy(tag:find(id, 1, true), "connection id not in the tag: " .. lines[1])
+    assert.is_truthy(tag:find("QUEUE42XYZ", 1, true), "queue id not in the tag: " .. lines[1])
+  end)
+end)
+
+describe("concurrent connections", function()
+  local d, c1, c2
+
+  after_each(function()
+    if c1 then c1:close(); c1 = nil end
+    if c2 then c2:close(); c2 = nil end
+    if d then d:stop(); d = nil end
+  end)
+
+  it("interleaved connections have their own ctx.conn, ctx.msg and envelope", function()
+    d = U.start(U.script [[
+function H.connect(ctx, host) ctx.conn.host = host end
+function H.envfrom(ctx, sender) ctx.msg.sender = sender end
+function H.eom(ctx)
+  seen(ctx, "eom", { ctx.conn.host, ctx.msg.sender, ctx.sender, ctx.rcpts, ctx.client.host, ctx.id })
+end
+return H
+]])
+    c1 = U.client(d)
+    c2 = U.client(d)
+    U.open(c1, { host = "one.example.org" })
+    U.open(c2, { host = "two.example.org" })
+    assert(c1:mail("<one@example.org>"))
+    assert(c2:mail("<two@example.org>"))
+    assert(c2:rcpt("<r2@example.org>"))
+    assert(c1:rcpt("<r1@example.org>"))
+    assert(c1:data()); assert(c2:data())
+    assert(c2:header("Subject", "2")); assert(c1:header("Subject", "1"))
+    assert(c1:eoh()); assert(c2:eoh())
+    assert.are.equal("c", assert(c2:eom()).cmd)
+    assert.are.equal("c", assert(c1:eom()).cmd)
+    local got = U.seen(d, "eom")
+    assert.are.equal(2, #got)
+    assert.are.same({ "two.example.org", "<two@example.org>", "<two@example.org>",
+      { "<r2@example.org>" }, "two.example.org" }, { unpack(got[1], 1, 5) })
+    assert.are.same({ "one.example.org", "<one@example.org>", "<one@example.org>",
+      { "<r1@example.org>" }, "one.example.org" }, { unpack(got[2], 1, 5) })
+    assert.are_not.equal(got[1][6], got[2][6], "ctx.id must differ")
+  end)
+end)
+
+describe("connection lifetime", function()
+  local d, c
+
+  after_each(function()
+    if c then c:close(); c = nil end
+    if d then d:stop(); d = nil end
+  end)
+
+  it("QUIT_NC then CONNECT on the same socket: close ran, fresh ctx.conn", function()
+    d = U.start(U.script [[
+function H.connect(ctx, host)
+  seen(ctx, "connect", { host = host, mark = ctx.conn.mark, client = ctx.client.host })
+  ctx.conn.mark = host
+end
+function H.eom(ctx) seen(ctx, "eom", { mark = ctx.conn.mark, host = ctx.client.host }) end
+function H.close(ctx) seen(ctx, "close", { mark = ctx.conn.mark, host = ctx.client.host }) end
+return H
+]])
+    c = U.client(d)
+    U.open(c, { host = "one.example.org" })
+    assert.are.equal("c", U.message(c).eom.cmd)
+    c:quit_nc()
+    U.open(c, { host = "two.example.org", addr = "192.0.2.2" })
+    assert.are.equal("c", U.message(c).eom.cmd)
+    c:quit()
+    U.wait_seen(d, "close", 2)
+    assert.are.same({ "connect", "eom", "close", "connect", "eom", "close" }, event_order(d))
+    assert.are.same({ { host = "one.example.org", client = "one.example.org" },
+      { host = "two.example.org", client = "two.example.org" } }, U.seen(d, "connect"))
+    assert.are.same({ { mark = "one.example.org", host = "one.example.org" },
+      { mark = "two.example.org", host = "two.example.org" } }, U.seen(d, "eom"))
+    assert.are.same({ { mark = "one.example.org", host = "one.example.org" },
+      { mark = "two.example.org", host = "two.example.org" } }, U.seen(d, "close"))
+  end)
+
+  it("QUIT_NC gives a fresh ctx.conn also when the script has no close handler", function()
+    d = U.start(U.script [[
+function H.connect(ctx, host)
+  seen(ctx, "connect", { host, ctx.conn.mark })
+  ctx.conn.mark = host
+end
+return H
+]])
+    c = U.client(d)
+    U.open(c, { host = "one.example.org" })
+    c:quit_nc()
+    U.open(c, { host = "two.example.org" })
+    c:quit_nc()
+    U.open(c, { host = "three.example.org" })
+    assert.are.same({ { "one.example.org" }, { "two.example.org" }, { "three.example.org" } },
+      U.seen(d, "connect"))
+  end)
+
+  it("--timeout drops an idle connection, running abort and close", function()
+    d = U.start(U.script [[
+function H.envfrom(ctx) end
+function H.abort(ctx) seen(ctx, "abort", true) end
+function H.close(ctx) seen(ctx, "close", true) end
+return H
+]], { args = { "--timeout", "0.3" } })
+    c = U.client(d)
+    U.open(c)
+    assert(c:mail("<a@example.org>"))
+    local t0 = socket.gettime()
+    local err = U.read_until_closed(c, 5)
+    assert.is_truthy(err == "closed" or tostring(err):find("reset", 1, true), tostring(err))
+    assert.is_true(socket.gettime() - t0 < 3, "dropped too late")
+    assert.are.equal(1, #U.wait_seen(d, "close", 1))
+    assert.are.same({ true }, U.seen(d, "abort"))
+  end)
+
+  it("close runs once per connection, with ctx readable", function()
+    d = U.start(U.script [[
+function H.close(ctx) seen(ctx, "close", { ctx.client.host, ctx.helo, type(ctx.id) }) end
+return H
+]])
+    for i = 1, 3 do
+      c = U.client(d)
+      U.open(c, { host = "h" .. i .. ".example.org", helo = "helo" .. i })
+      c:quit()
+      c:close(); c = nil
+    end
+    U.wait_seen(d, "close", 3)
+    socket.sleep(0.1)
+    assert.are.same({ { "h1.example.org", "helo1", "string" }, { "h2.example.org", "helo2", "string" },
+      { "h3.example.org", "helo3", "string" } }, U.seen(d, "close"))
+  end)
+
+  it("a ctx kept in a global raises when used after its connection closed", function()
+    d = U.start(U.script [[
+function H.connect(ctx, host)
+  if SAVED then
+    local ok, err = pcall(function() return SAVED:macro("j") end)
+    seen(ctx, "macro", { ok, tostring(err) })
+    ok, err = pcall(function() return SAVED.conn end)
+    seen(ctx, "conn", { ok, tostring(err) })
+    ok, err = pcall(function() return SAVED.sender end)
+    seen(ctx, "sender", { ok, tostring(err) })
+    ok, err = pcall(function() return SAVED:log("info", "ghost") end)
+    seen(ctx, "log", { ok, tostring(err) })
+  end
+  SAVED = ctx
+end
+return H
+]])
+    U.normal_session(d)
+    U.normal_session(d)
+    for _, tag in ipairs({ "macro", "conn", "sender", "log" }) do
+      local got = U.seen(d, tag)
+      assert.are.equal(1, #got, tag)
+      assert.is_false(got[1][1], tag .. " must raise")
+      assert.is_truthy(got[1][2]:find("closed", 1, true), tag .. ": " .. got[1][2])
+    end
+    assert.is_true(d:alive())
+  end)
+
+  it("an unprotected use of a dead ctx is a logged handler error, never a crash", function()
+    d = U.start(U.script [[
+function H.connect(ctx)
+  local old = SAVED
+  SAVED = ctx
+  if old then return milter.reject{ reason = old.client.host } end
+end
+function H.eom(ctx) end
+return H
+]])
+    local r1 = U.normal_session(d)
+    assert.are.equal("c", r1.connect.cmd)
+    local r2 = U.normal_session(d)
+    assert.is_truthy(r2.connect.cmd == "t" or (r2.connect.cmd == "y" and r2.connect.text:match("^4")),
+      "tempfail expected, got " .. tostring(r2.connect.cmd))
+    local log = U.wait_log(d, "closed")
+    assert.are.equal(1, #U.lines_with(log, "ERROR"), log)
+    assert.is_truthy(U.lines_with(log, "ERROR")[1]:find("connection closed", 1, true))
+    assert.is_true(d:alive())
+    local r3 = U.normal_session(d)
+    assert.is_table(r3.connect)
+    assert.is_true(d:alive())
+  end)
+end)
