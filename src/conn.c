@@ -28,6 +28,7 @@ static const struct sess_ops lua_ops = {call_lua};
 static void conn_free(struct conn *c)
 {
     struct server *srv = c->srv;
+    log_gen = c->gen;
     ev_io_stop(srv->loop, &c->io);
     ev_timer_stop(srv->loop, &c->timer);
     close(c->fd);
@@ -52,6 +53,7 @@ static void conn_free(struct conn *c)
 
 void conn_drop(struct conn *c, const char *why)
 {
+    log_gen = c->gen;
     if (why)
         log_msg(LL_INFO, c->id, sess_qid(&c->sess), "%s", why);
     sess_finish(&c->sess);
@@ -158,6 +160,7 @@ static void on_io(struct ev_loop *loop, ev_io *w, int revents)
 {
     (void)loop;
     struct conn *c = (struct conn *)w;
+    log_gen = c->gen;
     c->in_callback = 1;
     if (revents & EV_READ)
         on_read(c);
@@ -166,6 +169,7 @@ static void on_io(struct ev_loop *loop, ev_io *w, int revents)
     c->in_callback = 0;
     if (c->closing && !buf_len(&c->wbuf))
         conn_free(c);
+    log_gen = 0;
 }
 
 static void on_timeout(struct ev_loop *loop, ev_timer *w, int revents)
@@ -173,7 +177,9 @@ static void on_timeout(struct ev_loop *loop, ev_timer *w, int revents)
     (void)loop;
     (void)revents;
     struct conn *c = (struct conn *)((char *)w - offsetof(struct conn, timer));
+    log_gen = c->gen;
     conn_drop(c, "idle timeout: closing the connection");
+    log_gen = 0;
 }
 
 void conn_new(struct server *srv, int fd, int is_tcp)
@@ -197,7 +203,7 @@ void conn_new(struct server *srv, int fd, int is_tcp)
     }
     c->fd = fd;
     c->srv = srv;
-    c->id = ++srv->next_id;
+    c->id = __atomic_add_fetch(srv->next_id, 1, __ATOMIC_RELAXED);
     c->gen = srv->gen;
     c->cfg = srv->cfg;
     c->started = ev_now(srv->loop);
@@ -215,6 +221,7 @@ void conn_new(struct server *srv, int fd, int is_tcp)
     ev_init(&c->timer, on_timeout);
     c->timer.repeat = srv->idle_timeout;
     ev_timer_again(srv->loop, &c->timer);
-    log_msg(LL_DEBUG, c->id, NULL, "connected (script generation %u)",
-            c->gen);
+    log_gen = c->gen;
+    log_msg(LL_DEBUG, c->id, NULL, "connected");
+    log_gen = 0;
 }

@@ -47,7 +47,7 @@ struct server {
     size_t max_frame;          /* largest inbound payload accepted */
     unsigned max_conns;
     unsigned nconns;
-    uint64_t next_id;
+    uint64_t *next_id;         /* shared by the workers (MAP_SHARED) */
     struct conn *conns;        /* list of open connections */
     int stopping;              /* no new connections; exit when idle */
 };

@@ -7,6 +7,7 @@
 #include <time.h>
 
 int log_level = LL_INFO;
+unsigned log_gen;
 static int json_format;
 static int to_syslog;
 
@@ -73,10 +74,11 @@ void log_vmsg(int level, uint64_t cid, const char *qid, const char *fmt,
         return;
     vsnprintf(msg, sizeof msg, fmt, ap);
     if (cid && qid && *qid)
-        snprintf(tag, sizeof tag, "[c=%llu q=%s] ", (unsigned long long)cid,
-                 qid);
+        snprintf(tag, sizeof tag, "[c=%llu g=%u q=%s] ",
+                 (unsigned long long)cid, log_gen, qid);
     else if (cid)
-        snprintf(tag, sizeof tag, "[c=%llu] ", (unsigned long long)cid);
+        snprintf(tag, sizeof tag, "[c=%llu g=%u] ", (unsigned long long)cid,
+                 log_gen);
     if (to_syslog) {
         syslog(prio[level], "%s %s%s", upper[level], tag, msg);
         return;
@@ -92,8 +94,9 @@ void log_vmsg(int level, uint64_t cid, const char *qid, const char *fmt,
                                     "{\"ts\":\"%s\",\"level\":\"%s\"", ts,
                                     names[level]);
         if (cid)
-            n += (size_t)snprintf(line + n, sizeof line - n, ",\"conn\":%llu",
-                                  (unsigned long long)cid);
+            n += (size_t)snprintf(line + n, sizeof line - n,
+                                  ",\"conn\":%llu,\"gen\":%u",
+                                  (unsigned long long)cid, log_gen);
         if (qid && *qid) {
             n += (size_t)snprintf(line + n, sizeof line - n, ",\"qid\":\"");
             n = json_escape(line, n, sizeof line - 8, qid);

@@ -14,6 +14,9 @@
 enum log_level { LL_ERR = 0, LL_WARN, LL_INFO, LL_DEBUG };
 
 extern int log_level; /* lines above this level are dropped */
+/* Script generation of the connection being served (0: none); the loop
+ * sets it around each connection's callbacks so every line is tagged. */
+extern unsigned log_gen;
 
 /* Returns 0 and sets *out for "error", "warn", "info", "debug"; else -1. */
 int log_parse_level(const char *name, int *out);

@@ -1,8 +1,9 @@
 /*
- * main: command line, signals, script reload and the event loop.
+ * main: the command line.
  *
- *   luamilter [options] SCRIPT.lua     serve
+ *   luamilter [options] SCRIPT.lua     serve (super.c)
  *   luamilter check SCRIPT.lua         load the script, report, exit 0/1
+ *   luamilter test SCRIPT.lua MSG.eml  one offline session (offline.c)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -15,23 +16,14 @@
 
 #include "conn.h"
 #include "lb.h"
-#include "listen.h"
 #include "log.h"
 #include "offline.h"
+#include "super.h"
 
 #define VERSION "0.1.0"
 
-struct opts {
-    const char *listen;
-    const char *script;
-    unsigned socket_mode;
-    double shutdown_timeout;
-};
-
 static struct server srv;
-static struct listener lst;
-static struct opts opt;
-static ev_timer shutdown_timer;
+static struct super_opts opt;
 
 static void usage(FILE *f)
 {
@@ -57,7 +49,11 @@ static void usage(FILE *f)
         "      --log-format FMT        text|json (text)\n"
         "      --shutdown-timeout SECONDS  wait for open conversations on "
         "SIGTERM (30)\n"
-        "      --socket-mode MODE      permissions of a unix socket (0660)\n",
+        "      --socket-mode MODE      permissions of a unix socket (0660)\n"
+        "  -w, --workers N             worker processes (number of CPUs)\n"
+        "      --pidfile PATH          write the supervisor's pid there\n"
+        "      --user USER, --group GROUP  run as them after binding\n"
+        "      --daemon                detach; log to syslog (mail facility)\n",
         f);
 }
 
@@ -80,60 +76,6 @@ static int parse_num(const char *s, double min, double max, double *out)
     return 0;
 }
 
-static void on_reload(struct ev_loop *loop, ev_signal *w, int revents)
-{
-    (void)loop;
-    (void)w;
-    (void)revents;
-    char err[1024];
-    struct lb_state *st = lb_load(opt.script, err, sizeof err);
-    if (!st) {
-        log_msg(LL_ERR, 0, NULL,
-                "reload failed, generation %u keeps serving: %s", srv.gen, err);
-        return;
-    }
-    lb_state_release(srv.script); /* open connections hold their own refs */
-    srv.script = st;
-    srv.cfg.handlers = lb_handlers(st);
-    srv.gen++;
-    log_msg(LL_INFO, 0, NULL, "reloaded %s: generation %u", opt.script,
-            srv.gen);
-}
-
-static void on_shutdown_timeout(struct ev_loop *loop, ev_timer *w, int rev)
-{
-    (void)w;
-    (void)rev;
-    log_msg(LL_WARN, 0, NULL,
-            "shutdown timeout: dropping %u open connection(s)", srv.nconns);
-    while (srv.conns)
-        conn_drop(srv.conns, "server shutting down");
-    ev_break(loop, EVBREAK_ALL);
-}
-
-static void on_stop(struct ev_loop *loop, ev_signal *w, int revents)
-{
-    (void)revents;
-    if (srv.stopping) {
-        log_msg(LL_WARN, 0, NULL, "second signal %d: exiting now",
-                w->signum);
-        listen_close(&lst);
-        exit(0);
-    }
-    srv.stopping = 1;
-    listen_close(&lst);
-    log_msg(LL_INFO, 0, NULL,
-            "signal %d: not accepting; waiting for %u connection(s)",
-            w->signum, srv.nconns);
-    if (!srv.conns) {
-        ev_break(loop, EVBREAK_ALL);
-        return;
-    }
-    ev_timer_init(&shutdown_timer, on_shutdown_timeout, opt.shutdown_timeout,
-                  0);
-    ev_timer_start(loop, &shutdown_timer);
-}
-
 static int check(const char *path)
 {
     char err[1024];
@@ -152,45 +94,11 @@ static int check(const char *path)
     return 0;
 }
 
-static int serve(void)
-{
-    char err[1024];
-    srv.script = lb_load(opt.script, err, sizeof err);
-    if (!srv.script) {
-        fprintf(stderr, "luamilter: %s\n", err);
-        return 1;
-    }
-    srv.cfg.handlers = lb_handlers(srv.script);
-    srv.gen = 1;
-    srv.loop = ev_default_loop(EVFLAG_AUTO);
-    signal(SIGPIPE, SIG_IGN);
-    if (listen_open(&lst, &srv, opt.listen, opt.socket_mode, err,
-                    sizeof err) < 0) {
-        fprintf(stderr, "luamilter: cannot listen on %s: %s\n", opt.listen,
-                err);
-        return 1;
-    }
-    listen_start(&lst);
-    ev_signal hup, term, intr;
-    ev_signal_init(&hup, on_reload, SIGHUP);
-    ev_signal_init(&term, on_stop, SIGTERM);
-    ev_signal_init(&intr, on_stop, SIGINT);
-    ev_signal_start(srv.loop, &hup);
-    ev_signal_start(srv.loop, &term);
-    ev_signal_start(srv.loop, &intr);
-    log_msg(LL_INFO, 0, NULL, "luamilter %s serving %s on %s (generation 1)",
-            VERSION, opt.script, opt.listen);
-    ev_run(srv.loop, 0);
-    listen_close(&lst);
-    lb_state_release(srv.script);
-    log_msg(LL_INFO, 0, NULL, "stopped");
-    return 0;
-}
-
 int main(int argc, char **argv)
 {
     enum { O_ONERR = 256, O_MAXBODY, O_TIMEOUT, O_LEVEL, O_FORMAT, O_SHUT,
-           O_MODE, O_MAXCONN, O_VERSION, O_LATER };
+           O_MODE, O_MAXCONN, O_VERSION, O_LATER, O_PIDFILE, O_USER,
+           O_GROUP, O_DAEMON };
     static const struct option longopts[] = {
         {"listen", required_argument, 0, 'l'},
         {"on-error", required_argument, 0, O_ONERR},
@@ -202,12 +110,12 @@ int main(int argc, char **argv)
         {"socket-mode", required_argument, 0, O_MODE},
         {"max-connections", required_argument, 0, O_MAXCONN},
         {"version", no_argument, 0, O_VERSION},
-        {"workers", required_argument, 0, O_LATER},
-        {"pidfile", required_argument, 0, O_LATER},
-        {"user", required_argument, 0, O_LATER},
-        {"group", required_argument, 0, O_LATER},
+        {"workers", required_argument, 0, 'w'},
+        {"pidfile", required_argument, 0, O_PIDFILE},
+        {"user", required_argument, 0, O_USER},
+        {"group", required_argument, 0, O_GROUP},
+        {"daemon", no_argument, 0, O_DAEMON},
         {"script-timeout", required_argument, 0, O_LATER},
-        {"daemon", no_argument, 0, O_LATER},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     double v;
@@ -218,11 +126,23 @@ int main(int argc, char **argv)
     srv.cfg.max_body = 64u << 20;
     srv.idle_timeout = 300;
     srv.max_frame = 2u << 20;
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    opt.workers = ncpu > 0 ? (int)(ncpu < 64 ? ncpu : 64) : 1;
     srv.max_conns = 10000;
     int c, li = 0;
-    while ((c = getopt_long(argc, argv, "+l:h", longopts, &li)) != -1) {
+    while ((c = getopt_long(argc, argv, "+l:w:h", longopts, &li)) != -1) {
         switch (c) {
         case 'l': opt.listen = optarg; break;
+        case 'w':
+            if (parse_num(optarg, 1, 256, &v) < 0 || v != (int)v)
+                return die_usage("--workers: expected 1 to 256, not '%s'",
+                                 optarg);
+            opt.workers = (int)v;
+            break;
+        case O_PIDFILE: opt.pidfile = optarg; break;
+        case O_USER: opt.user = optarg; break;
+        case O_GROUP: opt.group = optarg; break;
+        case O_DAEMON: opt.daemon = 1; break;
         case O_ONERR:
             srv.cfg.on_error = lb_parse_action(optarg);
             if (srv.cfg.on_error < 0)
@@ -293,5 +213,5 @@ int main(int argc, char **argv)
     if (argc - optind != 1)
         return die_usage("%s", "expected one SCRIPT.lua to serve");
     opt.script = argv[optind];
-    return serve();
+    return super_run(&opt, &srv);
 }

@@ -1,0 +1,482 @@
+/* super: see super.h. */
+#define _GNU_SOURCE
+#include "super.h"
+
+#include <errno.h>
+#include <stddef.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "lb.h"
+#include "listen.h"
+#include "log.h"
+
+#define MAX_WORKERS 256
+
+/* State shared by the supervisor and its workers (one MAP_SHARED page). */
+struct shared {
+    uint64_t next_id; /* connection ids, unique across workers */
+    unsigned gen;     /* generation of the script the supervisor checked */
+};
+
+struct slot {
+    pid_t pid;
+    ev_tstamp started;
+    ev_child child;
+    ev_timer restart;
+};
+
+static const struct super_opts *O;
+static struct server *S;
+static struct listener L;
+static struct shared *shm;
+static struct slot slots[MAX_WORKERS];
+static int stopping;
+static ev_timer stop_timer;
+static ev_signal sig_hup, sig_term, sig_int; /* the running process's */
+static int pidfile_written;
+
+/* ---- worker ---------------------------------------------------------- */
+
+static void worker_reload(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
+    char err[1024];
+    struct lb_state *st = lb_load(O->script, err, sizeof err);
+    if (!st) { /* the supervisor's check passed: the file changed since */
+        log_msg(LL_ERR, 0, NULL, "worker %d keeps generation %u: %s",
+                (int)getpid(), S->gen, err);
+        return;
+    }
+    lb_state_release(S->script); /* open connections hold their own refs */
+    S->script = st;
+    S->cfg.handlers = lb_handlers(st);
+    S->gen = shm->gen;
+    log_msg(LL_DEBUG, 0, NULL, "worker %d now serves generation %u",
+            (int)getpid(), S->gen);
+}
+
+static void worker_drain_timeout(struct ev_loop *loop, ev_timer *w, int rev)
+{
+    (void)w;
+    (void)rev;
+    log_msg(LL_WARN, 0, NULL,
+            "shutdown timeout: dropping %u open connection(s)", S->nconns);
+    while (S->conns)
+        conn_drop(S->conns, "server shutting down");
+    ev_break(loop, EVBREAK_ALL);
+}
+
+static void worker_stop(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)w;
+    (void)revents;
+    if (S->stopping)
+        _exit(0); /* a second signal: at once */
+    S->stopping = 1;
+    listen_close(&L);
+    if (!S->conns) {
+        ev_break(loop, EVBREAK_ALL);
+        return;
+    }
+    log_msg(LL_INFO, 0, NULL, "worker %d finishing %u connection(s)",
+            (int)getpid(), S->nconns);
+    ev_timer_init(&stop_timer, worker_drain_timeout, O->shutdown_timeout, 0);
+    ev_timer_start(loop, &stop_timer);
+}
+
+/*
+ * Turns a freshly forked child into a worker: the supervisor's watchers are
+ * stopped (a signal that already arrived stays pending for the worker's
+ * own watcher of that signal), then the listener and signals are started.
+ */
+static void worker_run(void)
+{
+    struct ev_loop *loop = S->loop;
+    ev_loop_fork(loop);
+    for (int i = 0; i < O->workers; i++) {
+        ev_child_stop(loop, &slots[i].child);
+        ev_timer_stop(loop, &slots[i].restart);
+    }
+    ev_signal_stop(loop, &sig_hup);
+    ev_signal_stop(loop, &sig_term);
+    ev_signal_stop(loop, &sig_int);
+    L.path[0] = '\0'; /* the supervisor removes the socket file */
+    listen_start(&L);
+    ev_signal_init(&sig_hup, worker_reload, SIGHUP);
+    ev_signal_init(&sig_term, worker_stop, SIGTERM);
+    ev_signal_init(&sig_int, worker_stop, SIGINT);
+    ev_signal_start(loop, &sig_hup);
+    ev_signal_start(loop, &sig_term);
+    ev_signal_start(loop, &sig_int);
+    ev_run(loop, 0);
+    lb_state_release(S->script);
+    _exit(0);
+}
+
+/* ---- supervisor ------------------------------------------------------ */
+
+static void spawn(struct ev_loop *loop, int i);
+
+static void on_restart(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)revents;
+    struct slot *sl = (struct slot *)((char *)w - offsetof(struct slot, restart));
+    spawn(loop, (int)(sl - slots));
+}
+
+static int live_workers(void)
+{
+    int n = 0;
+    for (int i = 0; i < O->workers; i++)
+        n += slots[i].pid > 0;
+    return n;
+}
+
+static void on_child(struct ev_loop *loop, ev_child *w, int revents)
+{
+    (void)revents;
+    struct slot *sl = (struct slot *)((char *)w - offsetof(struct slot, child));
+    int st = w->rstatus;
+    ev_child_stop(loop, w);
+    sl->pid = 0;
+    if (stopping) {
+        if (!live_workers())
+            ev_break(loop, EVBREAK_ALL);
+        return;
+    }
+    if (WIFSIGNALED(st))
+        log_msg(LL_ERR, 0, NULL, "worker %d was killed by signal %d (%s)",
+                w->rpid, WTERMSIG(st), strsignal(WTERMSIG(st)));
+    else
+        log_msg(LL_ERR, 0, NULL, "worker %d exited with status %d", w->rpid,
+                WEXITSTATUS(st));
+    /* a worker that dies at once would make us fork in a tight loop */
+    double delay = ev_now(loop) - sl->started < 1.0 ? 1.0 : 0.0;
+    log_msg(LL_INFO, 0, NULL, "starting a new worker%s",
+            delay > 0 ? " in 1s" : "");
+    ev_timer_set(&sl->restart, delay, 0);
+    ev_timer_start(loop, &sl->restart);
+}
+
+static void spawn(struct ev_loop *loop, int i)
+{
+    struct slot *sl = &slots[i];
+    pid_t pid = fork();
+    if (pid < 0) {
+        log_msg(LL_ERR, 0, NULL, "fork: %s: retrying in 1s", strerror(errno));
+        ev_timer_set(&sl->restart, 1.0, 0);
+        ev_timer_start(loop, &sl->restart);
+        return;
+    }
+    if (pid == 0)
+        worker_run();
+    sl->pid = pid;
+    sl->started = ev_now(loop);
+    ev_child_set(&sl->child, pid, 0);
+    ev_child_start(loop, &sl->child);
+}
+
+static void signal_workers(int sig)
+{
+    for (int i = 0; i < O->workers; i++)
+        if (slots[i].pid > 0)
+            kill(slots[i].pid, sig);
+}
+
+static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
+    char err[1024];
+    struct lb_state *st = lb_load(O->script, err, sizeof err);
+    if (!st) {
+        log_msg(LL_ERR, 0, NULL,
+                "reload failed, generation %u keeps serving: %s", shm->gen,
+                err);
+        return;
+    }
+    lb_state_release(S->script);
+    S->script = st;
+    S->cfg.handlers = lb_handlers(st);
+    S->gen = ++shm->gen;
+    log_msg(LL_INFO, 0, NULL, "reloaded %s: generation %u", O->script,
+            shm->gen);
+    signal_workers(SIGHUP);
+}
+
+static void cleanup(void)
+{
+    if (pidfile_written && unlink(O->pidfile) < 0 && errno != ENOENT)
+        log_msg(LL_WARN, 0, NULL, "cannot remove %s: %s", O->pidfile,
+                strerror(errno));
+    listen_close(&L);
+}
+
+static void on_stop_timeout(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)w;
+    (void)revents;
+    log_msg(LL_WARN, 0, NULL, "workers still running: killing them");
+    signal_workers(SIGKILL);
+    ev_break(loop, EVBREAK_ALL);
+}
+
+static void on_stop(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)revents;
+    if (stopping) {
+        log_msg(LL_WARN, 0, NULL, "second signal %d: exiting now",
+                w->signum);
+        signal_workers(SIGTERM); /* their second signal: at once */
+        cleanup();
+        exit(0);
+    }
+    stopping = 1;
+    for (int i = 0; i < O->workers; i++)
+        ev_timer_stop(loop, &slots[i].restart);
+    log_msg(LL_INFO, 0, NULL, "signal %d: stopping", w->signum);
+    listen_close(&L); /* new MTA connections fail fast from now on */
+    signal_workers(SIGTERM);
+    if (!live_workers()) {
+        ev_break(loop, EVBREAK_ALL);
+        return;
+    }
+    ev_timer_init(&stop_timer, on_stop_timeout, O->shutdown_timeout + 5, 0);
+    ev_timer_start(loop, &stop_timer);
+}
+
+/* ---- daemon duties --------------------------------------------------- */
+
+/* Refuses a pidfile that names a live process. */
+static int pidfile_check(char *err, size_t n)
+{
+    FILE *f = fopen(O->pidfile, "r");
+    long pid = 0;
+    if (!f)
+        return 0;
+    if (fscanf(f, "%ld", &pid) != 1)
+        pid = 0;
+    fclose(f);
+    if (pid > 0 && (kill((pid_t)pid, 0) == 0 || errno == EPERM)) {
+        snprintf(err, n, "%s: another instance (pid %ld) is running",
+                 O->pidfile, pid);
+        return -1;
+    }
+    return 0;
+}
+
+/* Writes our pid to a temporary file and renames it into place. */
+static int pidfile_write(char *err, size_t n)
+{
+    char tmp[4096];
+    snprintf(tmp, sizeof tmp, "%s.%d.tmp", O->pidfile, (int)getpid());
+    FILE *f = fopen(tmp, "w");
+    if (!f || fprintf(f, "%d\n", (int)getpid()) < 0 || fclose(f) != 0 ||
+        rename(tmp, O->pidfile) < 0) {
+        snprintf(err, n, "%s: %s", O->pidfile, strerror(errno));
+        unlink(tmp);
+        return -1;
+    }
+    pidfile_written = 1;
+    return 0;
+}
+
+struct ids {
+    uid_t uid;
+    gid_t gid;
+    const char *name; /* for initgroups */
+    int set_uid, set_gid;
+};
+
+static int resolve_ids(struct ids *id, char *err, size_t n)
+{
+    memset(id, 0, sizeof *id);
+    if (O->user) {
+        struct passwd *pw = getpwnam(O->user);
+        if (!pw) {
+            snprintf(err, n, "--user %s: no such user", O->user);
+            return -1;
+        }
+        id->uid = pw->pw_uid;
+        id->gid = pw->pw_gid;
+        id->name = O->user;
+        id->set_uid = id->set_gid = 1;
+    }
+    if (O->group) {
+        struct group *gr = getgrnam(O->group);
+        if (!gr) {
+            snprintf(err, n, "--group %s: no such group", O->group);
+            return -1;
+        }
+        id->gid = gr->gr_gid;
+        id->set_gid = 1;
+    }
+    if ((id->set_uid || id->set_gid) && geteuid() != 0) {
+        snprintf(err, n, "--user/--group need root to switch identity");
+        return -1;
+    }
+    return 0;
+}
+
+/* Hands the socket to the run-time identity, then drops root for good. */
+static int drop_privileges(const struct ids *id, char *err, size_t n)
+{
+    if (L.path[0] && (id->set_uid || id->set_gid) &&
+        chown(L.path, id->set_uid ? id->uid : (uid_t)-1,
+              id->set_gid ? id->gid : (gid_t)-1) < 0) {
+        snprintf(err, n, "chown %s: %s", L.path, strerror(errno));
+        return -1;
+    }
+    if (id->set_gid && (setgroups(0, NULL) < 0 || setgid(id->gid) < 0)) {
+        snprintf(err, n, "setgid: %s", strerror(errno));
+        return -1;
+    }
+    if (id->set_uid && ((id->name && initgroups(id->name, id->gid) < 0) ||
+                        setuid(id->uid) < 0)) {
+        snprintf(err, n, "setuid: %s", strerror(errno));
+        return -1;
+    }
+    if (id->set_uid && setuid(0) == 0) {
+        snprintf(err, n, "could regain root after dropping it");
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * Detaches from the terminal. The original process waits on a pipe for the
+ * daemon to report that it started (or why not) and exits 0 or 1.
+ */
+static int daemonize(int *report)
+{
+    int p[2];
+    if (pipe(p) < 0)
+        return -1;
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid > 0) {
+        close(p[1]);
+        char msg[2048];
+        ssize_t n = read(p[0], msg, sizeof msg - 1);
+        if (n == 1 && msg[0] == '\0')
+            _exit(0);
+        if (n > 0)
+            fprintf(stderr, "luamilter: %.*s\n", (int)n, msg);
+        else
+            fprintf(stderr, "luamilter: the daemon failed to start\n");
+        _exit(1);
+    }
+    close(p[0]);
+    setsid();
+    pid = fork();
+    if (pid < 0)
+        _exit(1);
+    if (pid > 0)
+        _exit(0);
+    if (chdir("/") < 0)
+        _exit(1);
+    *report = p[1];
+    return 0;
+}
+
+static int fail(int report, const char *err)
+{
+    if (report >= 0) {
+        if (write(report, err, strlen(err)) < 0)
+            log_msg(LL_ERR, 0, NULL, "%s", err);
+    } else {
+        fprintf(stderr, "luamilter: %s\n", err);
+    }
+    return 1;
+}
+
+int super_run(const struct super_opts *o, struct server *srv)
+{
+    O = o;
+    S = srv;
+    char err[2048];
+    struct ids id;
+    int report = -1;
+    if (resolve_ids(&id, err, sizeof err) < 0 ||
+        (O->pidfile && pidfile_check(err, sizeof err) < 0))
+        return fail(-1, err);
+    if (listen_open(&L, S, O->listen, O->socket_mode, err, sizeof err) < 0) {
+        char full[2200];
+        snprintf(full, sizeof full, "cannot listen on %s: %s", O->listen, err);
+        return fail(-1, full);
+    }
+    if (O->daemon && daemonize(&report) < 0) {
+        cleanup();
+        return fail(-1, "cannot start the daemon");
+    }
+    if ((O->pidfile && pidfile_write(err, sizeof err) < 0) ||
+        drop_privileges(&id, err, sizeof err) < 0) {
+        cleanup();
+        return fail(report, err);
+    }
+    S->script = lb_load(O->script, err, sizeof err);
+    if (!S->script) {
+        cleanup();
+        return fail(report, err);
+    }
+    shm = mmap(NULL, sizeof *shm, PROT_READ | PROT_WRITE,
+               MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (shm == MAP_FAILED) {
+        cleanup();
+        return fail(report, "mmap: out of memory");
+    }
+    shm->gen = S->gen = 1;
+    S->next_id = &shm->next_id;
+    S->cfg.handlers = lb_handlers(S->script);
+    if (report >= 0) {
+        int fd = open("/dev/null", O_RDWR);
+        if (fd >= 0) {
+            dup2(fd, 0);
+            dup2(fd, 1);
+            dup2(fd, 2);
+            if (fd > 2)
+                close(fd);
+        }
+        log_use_syslog("luamilter");
+        if (write(report, "", 1) < 0)
+            log_msg(LL_WARN, 0, NULL, "cannot report the start");
+        close(report);
+    }
+    signal(SIGPIPE, SIG_IGN);
+    struct ev_loop *loop = ev_default_loop(EVFLAG_AUTO);
+    S->loop = loop;
+    log_msg(LL_INFO, 0, NULL,
+            "luamilter serving %s on %s (generation 1, %d worker%s)",
+            O->script, O->listen, O->workers, O->workers > 1 ? "s" : "");
+    ev_signal_init(&sig_hup, on_hup, SIGHUP);
+    ev_signal_init(&sig_term, on_stop, SIGTERM);
+    ev_signal_init(&sig_int, on_stop, SIGINT);
+    ev_signal_start(loop, &sig_hup);
+    ev_signal_start(loop, &sig_term);
+    ev_signal_start(loop, &sig_int);
+    for (int i = 0; i < O->workers; i++) {
+        ev_init(&slots[i].restart, on_restart);
+        ev_init(&slots[i].child, on_child);
+    }
+    for (int i = 0; i < O->workers; i++)
+        spawn(loop, i);
+    ev_run(loop, 0);
+    cleanup();
+    lb_state_release(S->script);
+    log_msg(LL_INFO, 0, NULL, "stopped");
+    return 0;
+}
