@@ -3,6 +3,8 @@
 #include "conn.h"
 
 #include <errno.h>
+#include <signal.h>
+#include <sys/time.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
@@ -14,13 +16,84 @@
 
 #define READ_CHUNK (64 * 1024)
 
+/*
+ * The watchdog: LuaJIT cannot interrupt compiled code or a long C call, so
+ * a handler that overruns --script-timeout by WATCHDOG_GRACE seconds ends
+ * the worker from SIGALRM: the stuck connection first gets its pending
+ * replies and the on-error reply, then the supervisor starts a new worker.
+ */
+#define WATCHDOG_GRACE 1.0
+static struct {
+    double timeout;
+    int fd;                 /* connection whose handler runs, or -1 */
+    const uint8_t *pending; /* its replies not yet written (borrowed) */
+    size_t npending;
+    int reply;              /* the MTA waits for an answer */
+    uint8_t onerr[128];
+    size_t nonerr;
+} wd = {.fd = -1};
+
+static void write_all(int fd, const void *p, size_t n)
+{
+    const char *s = p;
+    while (n > 0) {
+        ssize_t w = write(fd, s, n);
+        if (w <= 0)
+            return;
+        s += w;
+        n -= (size_t)w;
+    }
+}
+
+static void on_alarm(int sig)
+{
+    (void)sig;
+    double since = lb_busy_since;
+    if (since == 0 || lb_now() - since < wd.timeout + WATCHDOG_GRACE)
+        return;
+    static const char msg[] = "luamilter: a handler ran past --script-timeout "
+                              "and cannot be interrupted: worker exiting\n";
+    write_all(2, msg, sizeof msg - 1);
+    if (wd.fd >= 0) {
+        write_all(wd.fd, wd.pending, wd.npending);
+        if (wd.reply)
+            write_all(wd.fd, wd.onerr, wd.nonerr);
+    }
+    _exit(70);
+}
+
+void conn_watchdog_start(const struct sess_cfg *cfg, double script_timeout)
+{
+    struct buf b;
+    buf_init(&b, sizeof wd.onerr);
+    if (sess_put_on_error(cfg, &b) == 0) {
+        memcpy(wd.onerr, buf_head(&b), buf_len(&b));
+        wd.nonerr = buf_len(&b);
+    }
+    buf_free(&b);
+    wd.timeout = script_timeout;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_alarm;
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGALRM, &sa, NULL);
+    struct itimerval it = {{1, 0}, {1, 0}};
+    setitimer(ITIMER_REAL, &it, NULL);
+}
+
 static int call_lua(void *ud, struct sess *s, int ev,
                     const struct wire_cmd *cmd, struct verdict *v)
 {
     struct conn *c = ud;
     if (ev == SE_EOM)
         c->msgs++;
-    return lb_call(&c->lua, s, ev, cmd, v);
+    wd.pending = buf_head(&c->wbuf);
+    wd.npending = buf_len(&c->wbuf);
+    wd.reply = ev != SE_ABORT && ev != SE_CLOSE;
+    wd.fd = c->fd;
+    int rc = lb_call(&c->lua, s, ev, cmd, v);
+    wd.fd = -1;
+    return rc;
 }
 
 static const struct sess_ops lua_ops = {call_lua};

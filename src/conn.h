@@ -54,6 +54,8 @@ struct server {
 
 /* Takes ownership of fd (nonblocking) and starts serving it. */
 void conn_new(struct server *srv, int fd, int is_tcp);
+/* Arms the worker's watchdog for handlers that overrun their budget. */
+void conn_watchdog_start(const struct sess_cfg *cfg, double script_timeout);
 /* Ends a connection now: runs abort/close handlers, frees it. */
 void conn_drop(struct conn *c, const char *why);
 

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "log.h"
 #include "milter_lua.h" /* luaJIT_BC_milter: lua/milter.lua, compiled */
@@ -19,6 +20,56 @@ int lb_parse_action(const char *name)
         if (strcmp(name, t[i].name) == 0)
             return t[i].action;
     return -1;
+}
+
+static double script_timeout = 10;
+static size_t max_memory = (size_t)256 << 20;
+volatile double lb_busy_since;
+
+void lb_set_limits(double timeout, size_t mem)
+{
+    script_timeout = timeout;
+    max_memory = mem;
+}
+
+double lb_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* The state's allocator: counts bytes and refuses to pass the cap. */
+static void *alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    struct lb_state *st = ud;
+    if (nsize == 0) {
+        free(ptr);
+        st->mem -= osize;
+        return NULL;
+    }
+    /* The cap binds handlers only: the bridge's own work outside a call
+     * (errors, tracebacks, ctx) must not fail, or Lua would panic. */
+    if (nsize > osize && st->deadline > 0 &&
+        st->mem + (nsize - osize) > max_memory)
+        return NULL;
+    void *p = realloc(ptr, nsize);
+    if (p)
+        st->mem += nsize - osize;
+    return p;
+}
+
+/* Count hook: stops a handler past its deadline (interpreted code only). */
+static void hook(lua_State *L, lua_Debug *ar)
+{
+    (void)ar;
+    struct lb_state *st;
+    lua_getallocf(L, (void **)&st);
+    if (st->deadline > 0 && lb_now() > st->deadline) {
+        st->deadline = 0; /* one error per call */
+        luaL_error(L, "handler ran longer than --script-timeout (%gs)",
+                   script_timeout);
+    }
 }
 
 static int panic(lua_State *L)
@@ -127,7 +178,7 @@ static int take_handlers(struct lb_state *st, const char *path, char *err,
 struct lb_state *lb_load(const char *path, char *err, size_t errlen)
 {
     struct lb_state *st = calloc(1, sizeof *st);
-    lua_State *L = st ? luaL_newstate() : NULL;
+    lua_State *L = st ? lua_newstate(alloc, st) : NULL;
     if (!L) {
         snprintf(err, errlen, "%s: out of memory", path);
         free(st);
@@ -138,6 +189,7 @@ struct lb_state *lb_load(const char *path, char *err, size_t errlen)
     for (int i = 0; i < SE__COUNT; i++)
         st->handler[i] = LUA_NOREF;
     lua_atpanic(L, panic);
+    lua_sethook(L, hook, LUA_MASKCOUNT, 10000);
     luaL_openlibs(L);
     lctx_register(L);
     lua_getglobal(L, "package");
@@ -305,7 +357,12 @@ int lb_call(struct lb_conn *lc, struct sess *s, int ev,
     lua_rawgeti(co, LUA_REGISTRYINDEX, st->handler[ev]);
     lua_rawgeti(co, LUA_REGISTRYINDEX, lc->ctx_ref);
     int nargs = 1 + (cmd ? push_args(co, ev, cmd) : 0);
+    double now = lb_now();
+    lb_busy_since = now;
+    st->deadline = now + script_timeout;
     int status = lua_resume(co, nargs);
+    st->deadline = 0;
+    lb_busy_since = 0;
     int rc = 0;
     if (status == 0) {
         const char *why = NULL;
@@ -334,6 +391,12 @@ int lb_call(struct lb_conn *lc, struct sess *s, int ev,
                 sess_event_names[ev], lua_tostring(L, -1));
         lua_pop(L, 1);
         drop_thread(lc); /* a dead coroutine cannot run again */
+        if (status == LUA_ERRMEM) { /* give the memory back now */
+            log_msg(LL_ERR, s->id, sess_qid(s),
+                    "the Lua state reached --script-memory (%zu bytes)",
+                    max_memory);
+            lua_gc(L, LUA_GCCOLLECT, 0);
+        }
         rc = -1;
     }
     if (ev == SE_CLOSE)

@@ -53,6 +53,18 @@ void lb_conn_free(struct lb_conn *lc);
 int lb_call(struct lb_conn *lc, struct sess *s, int ev,
             const struct wire_cmd *cmd, struct verdict *v);
 
+/*
+ * Limits for every handler call from now on: wall-clock seconds (checked by
+ * a count hook, which LuaJIT runs only in interpreted code) and bytes per
+ * Lua state (allocation beyond fails with "not enough memory").
+ */
+void lb_set_limits(double script_timeout, size_t max_memory);
+/* Monotonic start of the handler call in progress, 0 when none (read by
+ * the watchdog in a signal handler). */
+extern volatile double lb_busy_since;
+/* A coarse monotonic clock in seconds (no system call). */
+double lb_now(void);
+
 /* Parses "tempfail", "accept", "continue", "reject" into VA_*; -1 if bad. */
 int lb_parse_action(const char *name);
 

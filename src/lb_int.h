@@ -13,6 +13,8 @@
 
 struct lb_state {
     lua_State *L;
+    size_t mem;             /* bytes allocated by this state */
+    double deadline;        /* of the running handler; 0 when idle */
     int refs;
     int handler[SE__COUNT]; /* registry refs, LUA_NOREF when undefined */
     unsigned handlers;      /* SE_BIT()s */

@@ -50,6 +50,10 @@ static void usage(FILE *f)
         "      --shutdown-timeout SECONDS  wait for open conversations on "
         "SIGTERM (30)\n"
         "      --socket-mode MODE      permissions of a unix socket (0660)\n"
+        "      --script-timeout SECONDS  wall-clock budget of one handler "
+        "call (10)\n"
+        "      --script-memory BYTES   memory of a worker's Lua state (256 "
+        "MiB)\n"
         "  -w, --workers N             worker processes (number of CPUs)\n"
         "      --pidfile PATH          write the supervisor's pid there\n"
         "      --user USER, --group GROUP  run as them after binding\n"
@@ -97,8 +101,8 @@ static int check(const char *path)
 int main(int argc, char **argv)
 {
     enum { O_ONERR = 256, O_MAXBODY, O_TIMEOUT, O_LEVEL, O_FORMAT, O_SHUT,
-           O_MODE, O_MAXCONN, O_VERSION, O_LATER, O_PIDFILE, O_USER,
-           O_GROUP, O_DAEMON };
+           O_MODE, O_MAXCONN, O_VERSION, O_PIDFILE, O_USER,
+           O_GROUP, O_DAEMON, O_STIMEOUT, O_SMEM };
     static const struct option longopts[] = {
         {"listen", required_argument, 0, 'l'},
         {"on-error", required_argument, 0, O_ONERR},
@@ -115,13 +119,16 @@ int main(int argc, char **argv)
         {"user", required_argument, 0, O_USER},
         {"group", required_argument, 0, O_GROUP},
         {"daemon", no_argument, 0, O_DAEMON},
-        {"script-timeout", required_argument, 0, O_LATER},
+        {"script-timeout", required_argument, 0, O_STIMEOUT},
+        {"script-memory", required_argument, 0, O_SMEM},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     double v;
     opt.listen = "inet:8890@127.0.0.1";
     opt.socket_mode = 0660;
     opt.shutdown_timeout = 30;
+    opt.script_timeout = 10;
+    opt.script_memory = (size_t)256 << 20;
     srv.cfg.on_error = VA_TEMPFAIL;
     srv.cfg.max_body = 64u << 20;
     srv.idle_timeout = 300;
@@ -129,8 +136,8 @@ int main(int argc, char **argv)
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     opt.workers = ncpu > 0 ? (int)(ncpu < 64 ? ncpu : 64) : 1;
     srv.max_conns = 10000;
-    int c, li = 0;
-    while ((c = getopt_long(argc, argv, "+l:w:h", longopts, &li)) != -1) {
+    int c;
+    while ((c = getopt_long(argc, argv, "+l:w:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'l': opt.listen = optarg; break;
         case 'w':
@@ -138,6 +145,18 @@ int main(int argc, char **argv)
                 return die_usage("--workers: expected 1 to 256, not '%s'",
                                  optarg);
             opt.workers = (int)v;
+            break;
+        case O_STIMEOUT:
+            if (parse_num(optarg, 0.001, 1e6, &v) < 0)
+                return die_usage("--script-timeout: bad seconds '%s'", optarg);
+            opt.script_timeout = v;
+            break;
+        case O_SMEM:
+            if (parse_num(optarg, 1 << 20, 1e15, &v) < 0)
+                return die_usage("--script-memory: bad byte count '%s' (at "
+                                 "least 1 MiB)",
+                                 optarg);
+            opt.script_memory = (size_t)v;
             break;
         case O_PIDFILE: opt.pidfile = optarg; break;
         case O_USER: opt.user = optarg; break;
@@ -197,12 +216,10 @@ int main(int argc, char **argv)
         }
         case O_VERSION: printf("luamilter %s\n", VERSION); return 0;
         case 'h': usage(stdout); return 0;
-        case O_LATER:
-            return die_usage("--%s is not supported by this version yet",
-                             longopts[li].name);
         default: usage(stderr); return 2;
         }
     }
+    lb_set_limits(opt.script_timeout, opt.script_memory);
     if (optind < argc && strcmp(argv[optind], "test") == 0)
         return offline_main(argc - optind, argv + optind, &srv.cfg);
     if (optind < argc && strcmp(argv[optind], "check") == 0) {

@@ -262,24 +262,18 @@ static void open_msg(struct sess *s)
     buf_shrink(&s->marena, 64 * 1024);
 }
 
-/* Calls the handler when the script has one; continue otherwise. */
-static void run(struct sess *s, int ev, const struct wire_cmd *c,
-                struct verdict *v)
+/* The verdict that stands in for a failed handler: generic texts only. */
+static void on_error_verdict(int action, struct verdict *v)
 {
     memset(v, 0, sizeof *v);
-    if (!(s->cfg->handlers & SE_BIT(ev)))
-        return;
-    if (s->ops->call(s->ud, s, ev, c, v) == 0)
-        return;
-    memset(v, 0, sizeof *v);
-    v->action = s->cfg->on_error;
-    if (v->action == VA_REJECT) {
+    v->action = action;
+    if (action == VA_REJECT) {
         static const struct wire_str text = {"Rejected by mail filter", 23};
         v->code = 550;
         v->xcode = (struct wire_str){"5.7.1", 5};
         v->lines[0] = text;
         v->nlines = 1;
-    } else if (v->action == VA_TEMPFAIL) {
+    } else if (action == VA_TEMPFAIL) {
         static const struct wire_str text = {
             "Temporary mail filter failure, try again later", 46};
         v->code = 451;
@@ -287,6 +281,17 @@ static void run(struct sess *s, int ev, const struct wire_cmd *c,
         v->lines[0] = text;
         v->nlines = 1;
     }
+}
+
+/* Calls the handler when the script has one; continue otherwise. */
+static void run(struct sess *s, int ev, const struct wire_cmd *c,
+                struct verdict *v)
+{
+    memset(v, 0, sizeof *v);
+    if (!(s->cfg->handlers & SE_BIT(ev)))
+        return;
+    if (s->ops->call(s->ud, s, ev, c, v) < 0)
+        on_error_verdict(s->cfg->on_error, v);
 }
 
 static void abort_msg(struct sess *s)
@@ -398,6 +403,15 @@ static int put_verdict(struct sess *s, int ev, const struct verdict *v,
     }
     default: return rc | buf_append(out, "\0\0\0\1c", 5);
     }
+}
+
+int sess_put_on_error(const struct sess_cfg *cfg, struct buf *out)
+{
+    struct sess dummy; /* put_verdict reads only the SKIP bit of it */
+    struct verdict v;
+    memset(&dummy, 0, sizeof dummy);
+    on_error_verdict(cfg->on_error, &v);
+    return put_verdict(&dummy, SE_ENVFROM, &v, out);
 }
 
 /* Handles BODY: cut at max_body, honour an earlier skip. */

@@ -140,6 +140,9 @@ int sess_handle(struct sess *s, const struct wire_cmd *cmd, struct buf *out);
  */
 void sess_finish(struct sess *s);
 
+/* Appends the reply the on-error verdict gives (the watchdog's last word). */
+int sess_put_on_error(const struct sess_cfg *cfg, struct buf *out);
+
 /* Accessors for the bridge; strings are borrowed from the arenas. */
 static inline const char *sess_cstr(const struct sess *s, struct sess_str v,
                                     int msg)

@@ -113,6 +113,7 @@ static void worker_run(void)
     ev_signal_stop(loop, &sig_term);
     ev_signal_stop(loop, &sig_int);
     L.path[0] = '\0'; /* the supervisor removes the socket file */
+    conn_watchdog_start(&S->cfg, O->script_timeout);
     listen_start(&L);
     ev_signal_init(&sig_hup, worker_reload, SIGHUP);
     ev_signal_init(&sig_term, worker_stop, SIGTERM);
@@ -408,6 +409,7 @@ int super_run(const struct super_opts *o, struct server *srv)
 {
     O = o;
     S = srv;
+    lb_set_limits(O->script_timeout, O->script_memory);
     char err[2048];
     struct ids id;
     int report = -1;

@@ -21,6 +21,8 @@ struct super_opts {
     const char *user;      /* or NULL */
     const char *group;     /* or NULL */
     int daemon;
+    double script_timeout; /* seconds per handler call */
+    size_t script_memory;  /* bytes per Lua state */
 };
 
 /*

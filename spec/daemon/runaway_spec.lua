@@ -1,0 +1,82 @@
+-- Runaway handlers: too slow (interruptible or not) and too hungry. The
+-- message gets the --on-error verdict and the server keeps serving.
+local U = require "spec.daemon.util"
+local mc = U.mc
+
+local SCRIPT = [[
+local milter = require "milter"
+return {
+  envfrom = function(_, sender)
+    if sender:find("spin") then while true do end end             -- compiled by the JIT
+    if sender:find("slow") then                                    -- stays interpreted
+      local x = 0
+      for i = 1, 1e12 do x = x + #tostring(i) end
+    end
+    if sender:find("hog") then
+      local t = {}
+      for i = 1, 1e9 do t[i] = ("x"):rep(200) .. i end
+    end
+  end,
+  eom = function() return milter.accept{ add_header = { { "X-Served", "yes" } } } end,
+}
+]]
+
+local function session(d, sender)
+  local c = assert(d:client({ timeout = 15 }))
+  local r = c:session{ mail = sender, rcpts = { "<a@example.org>" },
+                       headers = { { "Subject", "s" } }, body = "b\r\n" }
+  c:close()
+  return r
+end
+
+local function served(d)
+  local r = session(d, "<ok@example.org>")
+  assert.are.equal("a", r.eom and r.eom.cmd, r.error)
+  assert.are.equal("X-Served", r.eom.mods[1].name)
+end
+
+describe("runaway handlers", function()
+  local d
+  before_each(function()
+    d = assert(U.D.start(SCRIPT, { args = { "--workers", "1", "--script-timeout", "0.5",
+                                            "--script-memory", "40000000" } }))
+  end)
+  after_each(function() d:stop() end)
+
+  local function tempfailed(r)
+    assert.is_table(r.mail, r.error)
+    assert.are.equal("y", r.mail.cmd)
+    assert.are.equal("451 4.3.0 Temporary mail filter failure, try again later", r.mail.text)
+  end
+
+  it("an interpreted loop is stopped by the hook; the worker lives on", function()
+    local open = assert(d:client({ timeout = 15 }))   -- another conversation on the same worker
+    assert.is_table(open:optneg(mc.OFFER.postfix))
+    tempfailed(session(d, "<slow@example.org>"))
+    assert.matches("handler envfrom failed: handler ran longer than %-%-script%-timeout", d:log())
+    assert.is_nil(d:log():find("worker %d+ exited"))
+    local r = open:session{ mail = "<ok@example.org>", rcpts = { "<a@example.org>" }, body = "b\r\n" }
+    assert.are.equal("a", r.eom and r.eom.cmd, r.error)
+    served(d)
+  end)
+
+  it("a JIT-compiled loop: the watchdog answers on-error, the worker is replaced", function()
+    tempfailed(session(d, "<spin@example.org>"))
+    local deadline = os.time() + 10
+    while not d:log():find("exited with status 70") and os.time() < deadline do
+      os.execute("sleep 0.1")
+    end
+    assert.matches("cannot be interrupted: worker exiting", d:log())
+    assert.matches("worker %d+ exited with status 70", d:log())
+    served(d)
+  end)
+
+  it("a memory hog hits --script-memory: on-error, memory given back", function()
+    tempfailed(session(d, "<hog@example.org>"))
+    assert.matches("reached %-%-script%-memory", d:log())
+    assert.is_nil(d:log():find("panic"))
+    served(d)
+    tempfailed(session(d, "<hog@example.org>")) -- the limit holds again
+    served(d)
+  end)
+end)
