@@ -15,7 +15,7 @@ CORE    := log buf wire sess mods pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted
 
-.PHONY: all run test deps deps-test check-c lint spec asan clean
+.PHONY: all run test deps deps-test check-c lint spec asan fuzz fuzz-check clean
 
 all: deps $(B)/luamilter
 
@@ -60,14 +60,54 @@ spec: $(B)/luamilter
 deps-test:
 	@scripts/deps.sh test
 
+# The whole suite: unit and daemon tests, then the same under ASan/UBSan,
+# a bounded fuzzing run, and one valgrind run of daemon sessions.
 test: deps-test all
 	$(MAKE) check-c lint spec
+	$(MAKE) asan
+	$(MAKE) fuzz-check
+	scripts/valgrind-check.sh build/luamilter
 
-# Sanitizer build: the C tests and the daemon specs under ASan + UBSan.
+# Sanitizer build: the C tests and the daemon specs under ASan + UBSan (with
+# LeakSanitizer). Reports go to build-asan/reports/; any report fails.
+SAN_REPORTS = $(CURDIR)/build-asan/reports
+SAN_ENV = LUAMILTER_SANITIZED=1 ASAN_OPTIONS=log_path=$(SAN_REPORTS)/asan:detect_leaks=1:abort_on_error=1 \
+	UBSAN_OPTIONS=log_path=$(SAN_REPORTS)/ubsan:print_stacktrace=1:halt_on_error=1
 asan: deps-test
-	$(MAKE) B=build-asan CC=clang \
+	@rm -rf $(SAN_REPORTS); mkdir -p $(SAN_REPORTS)
+	$(SAN_ENV) $(MAKE) B=build-asan CC=clang \
 	  CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" \
 	  LDFLAGS="-fsanitize=address,undefined" build-asan/luamilter check-c spec
+	@if ls $(SAN_REPORTS)/* >/dev/null 2>&1; then \
+	  echo "sanitizer reports:"; cat $(SAN_REPORTS)/*; exit 1; fi
+	@echo "asan: no sanitizer reports"
+
+# Fuzzing (libFuzzer): `make fuzz` runs open-ended; `make fuzz-check` (part
+# of `make test`) replays the regression inputs, then fuzzes for FUZZ_SECONDS.
+FUZZ_SECONDS ?= 60
+FZ := build-fuzz
+FZ_FLAGS := -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+FZ_SRCS := $(CORE:%=src/%.c)
+
+$(FZ)/fuzz_sess: spec/c/fuzz_sess.c $(FZ_SRCS) src/*.h
+	@mkdir -p $(FZ)
+	clang $(WARN) $(DEFS) $(FZ_FLAGS) -Isrc -o $@ spec/c/fuzz_sess.c $(FZ_SRCS)
+
+$(FZ)/seeds/.done: scripts/fuzz-seeds.lua
+	@mkdir -p $(FZ)/seeds $(FZ)/corpus
+	luajit scripts/fuzz-seeds.lua ../shared/fixtures $(FZ)/seeds
+	@touch $@
+
+fuzz: deps-test $(FZ)/fuzz_sess $(FZ)/seeds/.done
+	$(FZ)/fuzz_sess -max_len=65536 -artifact_prefix=$(FZ)/ $(FZ)/corpus $(FZ)/seeds
+
+fuzz-check: $(FZ)/fuzz_sess $(FZ)/seeds/.done
+	$(FZ)/fuzz_sess spec/c/fuzz-regress/*
+	@$(FZ)/fuzz_sess -max_len=65536 -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	  -artifact_prefix=$(FZ)/ $(FZ)/corpus $(FZ)/seeds >$(FZ)/fuzz.log 2>&1; s=$$?; \
+	  tail -6 $(FZ)/fuzz.log; \
+	  if [ $$s -ne 0 ]; then echo "fuzzing found a crash: see $(FZ)/fuzz.log; add the input from $(FZ)/ to spec/c/fuzz-regress/"; fi; \
+	  exit $$s
 
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-fuzz

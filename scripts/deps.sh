@@ -5,7 +5,7 @@ set -eu
 level=${1:-build}
 pkgs="make gcc pkg-config libev-dev libluajit-5.1-dev luajit lua-cjson"
 case $level in
-  test|e2e) pkgs="$pkgs lua-busted lua-check lua-socket lua-posix clang libclang-rt-14-dev python3" ;;
+  test|e2e) pkgs="$pkgs lua-busted lua-check lua-socket lua-posix clang libclang-rt-14-dev valgrind python3" ;;
 esac
 case $level in
   e2e) pkgs="$pkgs postfix swaks" ;;

@@ -27,7 +27,8 @@ void buf_free(struct buf *b);
 static inline size_t buf_len(const struct buf *b) { return b->end - b->start; }
 static inline uint8_t *buf_head(const struct buf *b)
 {
-    return b->data + b->start;
+    static uint8_t none[1]; /* an empty buffer has no storage yet */
+    return b->data ? b->data + b->start : none;
 }
 
 /*

@@ -227,6 +227,20 @@ static void on_read(struct conn *c)
     buf_commit(&c->rbuf, (size_t)n);
     ev_timer_again(c->srv->loop, &c->timer);
     process(c);
+    /* A peer trickling one frame byte by byte keeps the idle timer happy;
+     * a frame must still be complete within --timeout of its first byte. */
+    if (!buf_len(&c->rbuf)) {
+        c->partial_since = 0;
+    } else if (!c->partial_since) {
+        c->partial_since = ev_now(c->srv->loop);
+    } else if (!c->closing &&
+               ev_now(c->srv->loop) - c->partial_since > c->srv->idle_timeout) {
+        log_msg(LL_WARN, c->id, sess_qid(&c->sess),
+                "a frame took longer than %gs (--timeout) to arrive: closing "
+                "the connection",
+                c->srv->idle_timeout);
+        conn_drop(c, NULL);
+    }
 }
 
 static void on_io(struct ev_loop *loop, ev_io *w, int revents)
@@ -251,7 +265,10 @@ static void on_timeout(struct ev_loop *loop, ev_timer *w, int revents)
     (void)revents;
     struct conn *c = (struct conn *)((char *)w - offsetof(struct conn, timer));
     log_gen = c->gen;
-    conn_drop(c, "idle timeout: closing the connection");
+    log_msg(LL_WARN, c->id, sess_qid(&c->sess),
+            "no command for %gs (--timeout): closing the connection",
+            c->srv->idle_timeout);
+    conn_drop(c, NULL);
     log_gen = 0;
 }
 

@@ -31,6 +31,7 @@ struct conn {
     uint64_t id;
     unsigned gen;       /* script generation serving this connection */
     ev_tstamp started;
+    ev_tstamp partial_since; /* when the pending partial frame began */
     uint32_t msgs;      /* messages seen, for the close line */
     struct conn *prev, *next;
     unsigned closing : 1;     /* close when wbuf is flushed */

@@ -1,6 +1,7 @@
 /* lb: see lb.h. */
 #include "lb_int.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -175,7 +176,52 @@ static int take_handlers(struct lb_state *st, const char *path, char *err,
     return 0;
 }
 
+char *lb_read_file(const char *path, size_t *len, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    char *data = NULL;
+    size_t n = 0, cap = 0;
+    if (!f) {
+        snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
+        return NULL;
+    }
+    for (;;) {
+        if (n + 4096 > cap) {
+            cap = cap ? cap * 2 : 65536;
+            char *p = realloc(data, cap);
+            if (!p)
+                break;
+            data = p;
+        }
+        size_t got = fread(data + n, 1, cap - n, f);
+        n += got;
+        if (got == 0)
+            break;
+    }
+    if (ferror(f) || !data) {
+        snprintf(err, errlen, "cannot read %s: %s", path, strerror(errno));
+        fclose(f);
+        free(data);
+        return NULL;
+    }
+    fclose(f);
+    *len = n;
+    return data;
+}
+
 struct lb_state *lb_load(const char *path, char *err, size_t errlen)
+{
+    size_t len;
+    char *src = lb_read_file(path, &len, err, errlen);
+    if (!src)
+        return NULL;
+    struct lb_state *st = lb_load_buffer(path, src, len, err, errlen);
+    free(src);
+    return st;
+}
+
+struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
+                                char *err, size_t errlen)
 {
     struct lb_state *st = calloc(1, sizeof *st);
     lua_State *L = st ? lua_newstate(alloc, st) : NULL;
@@ -200,7 +246,14 @@ struct lb_state *lb_load(const char *path, char *err, size_t errlen)
 
     lua_pushcfunction(L, traceback);
     *err = '\0';
-    if (luaL_loadfile(L, path) || lua_pcall(L, 0, 1, -2))
+    if (len && src[0] == '#') { /* a #! line, kept as an empty line 1 */
+        const char *nl = memchr(src, '\n', len);
+        len -= nl ? (size_t)(nl - src) : len;
+        src = nl ? nl : src;
+    }
+    char chunk[4096];
+    snprintf(chunk, sizeof chunk, "@%s", path);
+    if (luaL_loadbuffer(L, src, len, chunk) || lua_pcall(L, 0, 1, -2))
         load_error(L, err, errlen);
     else
         take_handlers(st, path, err, errlen);

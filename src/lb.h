@@ -33,6 +33,11 @@ struct lb_conn {
  * one-line "file:line: message" in err.
  */
 struct lb_state *lb_load(const char *path, char *err, size_t errlen);
+/* The same from bytes already read (path names the chunk in messages). */
+struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
+                                char *err, size_t errlen);
+/* Reads a whole file; returns owned bytes, or NULL with a reason in err. */
+char *lb_read_file(const char *path, size_t *len, char *err, size_t errlen);
 void lb_state_hold(struct lb_state *st);
 /* Drops a reference; the Lua state is closed with the last one. */
 void lb_state_release(struct lb_state *st);

@@ -30,6 +30,9 @@ static void usage(FILE *f)
     fputs(
         "usage: luamilter [options] SCRIPT.lua        serve the milter\n"
         "       luamilter check SCRIPT.lua            check a script, exit 0/1\n"
+        "       luamilter test SCRIPT.lua MESSAGE.eml [--client IP] [--helo NAME]\n"
+        "                [--from ADDR] [--rcpt ADDR]... [--macro NAME=VALUE]... "
+        "[--json]\n"
         "       luamilter --version | --help\n"
         "\n"
         "options:\n"
@@ -44,7 +47,11 @@ static void usage(FILE *f)
         "      --max-body BYTES        body bytes handed to Lua per message "
         "(64 MiB)\n"
         "      --timeout SECONDS       idle time between MTA commands (300)\n"
-        "      --max-connections N     concurrent MTA connections (10000)\n"
+        "      --max-connections N     concurrent MTA connections per worker "
+        "(10000)\n"
+        "      --max-frame BYTES       largest MTA packet accepted (2 MiB)\n"
+        "      --max-headers N         headers per message (10000)\n"
+        "      --max-macros N          macros per MACRO packet (1000)\n"
         "      --log-level LEVEL       error|warn|info|debug (info)\n"
         "      --log-format FMT        text|json (text)\n"
         "      --shutdown-timeout SECONDS  wait for open conversations on "
@@ -102,7 +109,8 @@ int main(int argc, char **argv)
 {
     enum { O_ONERR = 256, O_MAXBODY, O_TIMEOUT, O_LEVEL, O_FORMAT, O_SHUT,
            O_MODE, O_MAXCONN, O_VERSION, O_PIDFILE, O_USER,
-           O_GROUP, O_DAEMON, O_STIMEOUT, O_SMEM };
+           O_GROUP, O_DAEMON, O_STIMEOUT, O_SMEM, O_MAXFRAME, O_MAXHDRS,
+           O_MAXMACROS };
     static const struct option longopts[] = {
         {"listen", required_argument, 0, 'l'},
         {"on-error", required_argument, 0, O_ONERR},
@@ -121,6 +129,9 @@ int main(int argc, char **argv)
         {"daemon", no_argument, 0, O_DAEMON},
         {"script-timeout", required_argument, 0, O_STIMEOUT},
         {"script-memory", required_argument, 0, O_SMEM},
+        {"max-frame", required_argument, 0, O_MAXFRAME},
+        {"max-headers", required_argument, 0, O_MAXHDRS},
+        {"max-macros", required_argument, 0, O_MAXMACROS},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     double v;
@@ -131,6 +142,8 @@ int main(int argc, char **argv)
     opt.script_memory = (size_t)256 << 20;
     srv.cfg.on_error = VA_TEMPFAIL;
     srv.cfg.max_body = 64u << 20;
+    srv.cfg.max_headers = 10000;
+    srv.cfg.max_macros = 1000;
     srv.idle_timeout = 300;
     srv.max_frame = 2u << 20;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -157,6 +170,23 @@ int main(int argc, char **argv)
                                  "least 1 MiB)",
                                  optarg);
             opt.script_memory = (size_t)v;
+            break;
+        case O_MAXFRAME:
+            if (parse_num(optarg, 1 << 20, 1 << 30, &v) < 0)
+                return die_usage("--max-frame: bad byte count '%s' (1 MiB to "
+                                 "1 GiB)",
+                                 optarg);
+            srv.max_frame = (size_t)v;
+            break;
+        case O_MAXHDRS:
+            if (parse_num(optarg, 1, 1e7, &v) < 0)
+                return die_usage("--max-headers: bad count '%s'", optarg);
+            srv.cfg.max_headers = (unsigned)v;
+            break;
+        case O_MAXMACROS:
+            if (parse_num(optarg, 1, 1e7, &v) < 0)
+                return die_usage("--max-macros: bad count '%s'", optarg);
+            srv.cfg.max_macros = (unsigned)v;
             break;
         case O_PIDFILE: opt.pidfile = optarg; break;
         case O_USER: opt.user = optarg; break;

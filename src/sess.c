@@ -359,6 +359,8 @@ static int record(struct sess *s, const struct wire_cmd *c)
         s->rcpts[s->nrcpts++] = v;
         return v.len == UINT32_MAX ? -1 : 0;
     case WIRE_HEADER: {
+        if (s->cfg->max_headers && s->nhdrs >= s->cfg->max_headers)
+            return -2;
         if (grow((void **)&s->hdrs, &s->hdrs_cap, s->nhdrs + 1,
                  sizeof *s->hdrs) < 0)
             return -1;
@@ -448,6 +450,8 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
     switch (c->cmd) {
     case WIRE_OPTNEG: return proto_error(s, "second OPTNEG", c->cmd);
     case WIRE_MACRO:
+        if (s->cfg->max_macros && c->list_count / 2 > s->cfg->max_macros)
+            return proto_error(s, "too many macros in one packet", c->cmd);
         return store_macros(s, c) < 0
                    ? proto_error(s, "out of memory for macros", c->cmd)
                    : SESS_OK;
@@ -502,7 +506,10 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
         else if (!(r->phases & PH(s->phase)))
             return proto_error(s, "command out of order", c->cmd);
     }
-    if (record(s, c) < 0)
+    int rec = record(s, c);
+    if (rec == -2)
+        return proto_error(s, "too many headers in one message", c->cmd);
+    if (rec < 0)
         return proto_error(s, "out of memory", c->cmd);
     switch (r->ev) {
     case SE_DATA:

@@ -70,6 +70,8 @@ struct sess_cfg {
     unsigned handlers;  /* SE_BIT()s of the events the script handles */
     int on_error;       /* VA_TEMPFAIL, VA_ACCEPT, VA_CONTINUE, VA_REJECT */
     size_t max_body;    /* body bytes handed to the script per message */
+    unsigned max_headers; /* per message; beyond, the connection is closed */
+    unsigned max_macros;  /* name/value pairs per MACRO packet */
 };
 
 struct sess_str { uint32_t off, len; }; /* a string in one of the arenas */

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -30,6 +31,7 @@ struct shared {
 
 struct slot {
     pid_t pid;
+    int ctl;            /* the supervisor's end of the control socket */
     ev_tstamp started;
     ev_child child;
     ev_timer restart;
@@ -47,14 +49,48 @@ static int pidfile_written;
 
 /* ---- worker ---------------------------------------------------------- */
 
-static void worker_reload(struct ev_loop *loop, ev_signal *w, int revents)
+/*
+ * The supervisor's control message: a generation number and, as an fd
+ * (SCM_RIGHTS), the exact bytes it checked, so every worker loads the same
+ * script even if the file changed since. EOF: the supervisor is gone.
+ */
+static void worker_control(struct ev_loop *loop, ev_io *w, int revents)
 {
-    (void)loop;
-    (void)w;
     (void)revents;
+    uint32_t gen;
+    char cbuf[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {&gen, sizeof gen};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1,
+                        .msg_control = cbuf, .msg_controllen = sizeof cbuf};
+    ssize_t n = recvmsg(w->fd, &mh, 0);
+    if (n <= 0) {
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            return;
+        log_msg(LL_ERR, 0, NULL, "worker %d: the supervisor is gone: stopping",
+                (int)getpid());
+        ev_io_stop(loop, w);
+        kill(getpid(), SIGTERM);
+        return;
+    }
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+    if (n != sizeof gen || !cm || cm->cmsg_type != SCM_RIGHTS)
+        return;
+    int fd;
+    memcpy(&fd, CMSG_DATA(cm), sizeof fd);
+    struct stat sb;
     char err[1024];
-    struct lb_state *st = lb_load(O->script, err, sizeof err);
-    if (!st) { /* the supervisor's check passed: the file changed since */
+    char *src = NULL;
+    struct lb_state *st = NULL;
+    if (fstat(fd, &sb) == 0 && (src = malloc((size_t)sb.st_size + 1)) &&
+        pread(fd, src, (size_t)sb.st_size, 0) == sb.st_size)
+        st = lb_load_buffer(O->script, src, (size_t)sb.st_size, err,
+                            sizeof err);
+    else
+        snprintf(err, sizeof err, "cannot read the checked script: %s",
+                 strerror(errno));
+    free(src);
+    close(fd);
+    if (!st) {
         log_msg(LL_ERR, 0, NULL, "worker %d keeps generation %u: %s",
                 (int)getpid(), S->gen, err);
         return;
@@ -62,7 +98,7 @@ static void worker_reload(struct ev_loop *loop, ev_signal *w, int revents)
     lb_state_release(S->script); /* open connections hold their own refs */
     S->script = st;
     S->cfg.handlers = lb_handlers(st);
-    S->gen = shm->gen;
+    S->gen = gen;
     log_msg(LL_DEBUG, 0, NULL, "worker %d now serves generation %u",
             (int)getpid(), S->gen);
 }
@@ -101,24 +137,28 @@ static void worker_stop(struct ev_loop *loop, ev_signal *w, int revents)
  * stopped (a signal that already arrived stays pending for the worker's
  * own watcher of that signal), then the listener and signals are started.
  */
-static void worker_run(void)
+static void worker_run(int ctl)
 {
     struct ev_loop *loop = S->loop;
+    static ev_io control;
     ev_loop_fork(loop);
     for (int i = 0; i < O->workers; i++) {
         ev_child_stop(loop, &slots[i].child);
         ev_timer_stop(loop, &slots[i].restart);
+        if (slots[i].ctl >= 0)
+            close(slots[i].ctl); /* the other workers' channels */
     }
     ev_signal_stop(loop, &sig_hup);
     ev_signal_stop(loop, &sig_term);
     ev_signal_stop(loop, &sig_int);
-    L.path[0] = '\0'; /* the supervisor removes the socket file */
+    signal(SIGHUP, SIG_IGN); /* reloads come from the supervisor only */
+    L.path[0] = '\0';        /* the supervisor removes the socket file */
     conn_watchdog_start(&S->cfg, O->script_timeout);
     listen_start(&L);
-    ev_signal_init(&sig_hup, worker_reload, SIGHUP);
+    ev_io_init(&control, worker_control, ctl, EV_READ);
+    ev_io_start(loop, &control);
     ev_signal_init(&sig_term, worker_stop, SIGTERM);
     ev_signal_init(&sig_int, worker_stop, SIGINT);
-    ev_signal_start(loop, &sig_hup);
     ev_signal_start(loop, &sig_term);
     ev_signal_start(loop, &sig_int);
     ev_run(loop, 0);
@@ -174,19 +214,65 @@ static void on_child(struct ev_loop *loop, ev_child *w, int revents)
 static void spawn(struct ev_loop *loop, int i)
 {
     struct slot *sl = &slots[i];
-    pid_t pid = fork();
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+        sv[0] = sv[1] = -1;
+    pid_t pid = sv[0] < 0 ? -1 : fork();
     if (pid < 0) {
-        log_msg(LL_ERR, 0, NULL, "fork: %s: retrying in 1s", strerror(errno));
+        log_msg(LL_ERR, 0, NULL, "cannot start a worker: %s: retrying in 1s",
+                strerror(errno));
+        if (sv[0] >= 0) {
+            close(sv[0]);
+            close(sv[1]);
+        }
         ev_timer_set(&sl->restart, 1.0, 0);
         ev_timer_start(loop, &sl->restart);
         return;
     }
-    if (pid == 0)
-        worker_run();
+    if (pid == 0) {
+        close(sv[0]);
+        worker_run(sv[1]);
+    }
+    close(sv[1]);
+    if (sl->ctl >= 0)
+        close(sl->ctl);
+    sl->ctl = sv[0];
     sl->pid = pid;
     sl->started = ev_now(loop);
     ev_child_set(&sl->child, pid, 0);
     ev_child_start(loop, &sl->child);
+}
+
+/* Hands every worker the checked script (see worker_control). */
+static void send_script(const char *src, size_t len, uint32_t gen)
+{
+    int fd = memfd_create("luamilter-script", MFD_CLOEXEC);
+    if (fd < 0 || write(fd, src, len) != (ssize_t)len) {
+        log_msg(LL_ERR, 0, NULL, "cannot pass the script to the workers: %s",
+                strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return;
+    }
+    for (int i = 0; i < O->workers; i++) {
+        if (slots[i].pid <= 0 || slots[i].ctl < 0)
+            continue;
+        char cbuf[CMSG_SPACE(sizeof(int))];
+        memset(cbuf, 0, sizeof cbuf);
+        struct iovec iov = {&gen, sizeof gen};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1,
+                            .msg_control = cbuf,
+                            .msg_controllen = sizeof cbuf};
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cm), &fd, sizeof fd);
+        if (sendmsg(slots[i].ctl, &mh, MSG_NOSIGNAL) < 0)
+            log_msg(LL_WARN, 0, NULL, "worker %d missed the reload: %s",
+                    (int)slots[i].pid, strerror(errno));
+    }
+    close(fd);
 }
 
 static void signal_workers(int sig)
@@ -202,20 +288,25 @@ static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
     (void)w;
     (void)revents;
     char err[1024];
-    struct lb_state *st = lb_load(O->script, err, sizeof err);
+    size_t len;
+    char *src = lb_read_file(O->script, &len, err, sizeof err);
+    struct lb_state *st =
+        src ? lb_load_buffer(O->script, src, len, err, sizeof err) : NULL;
     if (!st) {
         log_msg(LL_ERR, 0, NULL,
                 "reload failed, generation %u keeps serving: %s", shm->gen,
                 err);
+        free(src);
         return;
     }
-    lb_state_release(S->script);
+    lb_state_release(S->script); /* a restarted worker inherits the new one */
     S->script = st;
     S->cfg.handlers = lb_handlers(st);
     S->gen = ++shm->gen;
     log_msg(LL_INFO, 0, NULL, "reloaded %s: generation %u", O->script,
             shm->gen);
-    signal_workers(SIGHUP);
+    send_script(src, len, shm->gen);
+    free(src);
 }
 
 static void cleanup(void)
@@ -405,8 +496,38 @@ static int fail(int report, const char *err)
     return 1;
 }
 
+/* Makes a relative path absolute (the daemon's cwd becomes /). */
+static const char *absolute(const char *path, char *buf, size_t n)
+{
+    char cwd[4096];
+    if (!path || path[0] == '/' || !getcwd(cwd, sizeof cwd))
+        return path;
+    int w = snprintf(buf, n, "%s/", cwd);
+    if (w < 0 || (size_t)w + strlen(path) >= n)
+        return path;
+    memcpy(buf + w, path, strlen(path) + 1);
+    return buf;
+}
+
 int super_run(const struct super_opts *o, struct server *srv)
 {
+    static struct super_opts own;
+    static char script[4096], pidfile[4096], listen[4200];
+    own = *o;
+    own.script = absolute(o->script, script, sizeof script);
+    own.pidfile = absolute(o->pidfile, pidfile, sizeof pidfile);
+    const char *colon = strchr(o->listen, ':');
+    const char *upath = o->listen[0] == '/'         ? NULL
+                        : !strncmp(o->listen, "unix:", 5)  ? o->listen + 5
+                        : !strncmp(o->listen, "local:", 6) ? o->listen + 6
+                                                           : NULL;
+    if (upath && upath[0] != '/') {
+        char abs[4096];
+        snprintf(listen, sizeof listen, "%.*s:%s", (int)(colon - o->listen),
+                 o->listen, absolute(upath, abs, sizeof abs));
+        own.listen = listen;
+    }
+    o = &own;
     O = o;
     S = srv;
     lb_set_limits(O->script_timeout, O->script_memory);
@@ -473,6 +594,7 @@ int super_run(const struct super_opts *o, struct server *srv)
     for (int i = 0; i < O->workers; i++) {
         ev_init(&slots[i].restart, on_restart);
         ev_init(&slots[i].child, on_child);
+        slots[i].ctl = -1;
     }
     for (int i = 0; i < O->workers; i++)
         spawn(loop, i);

@@ -99,7 +99,17 @@ function D.start(script_source, opts)
     d.listen = "unix:" .. dir .. "/m.sock"
   end
   local argv = { opts.bin or binary(), "-l", d.listen }
-  for _, a in ipairs(opts.args or {}) do argv[#argv + 1] = a end
+  -- One worker unless a spec asks for more: state kept in Lua globals
+  -- (a per-worker thing) then behaves the same from run to run.
+  local workers = false
+  for _, a in ipairs(opts.args or {}) do
+    argv[#argv + 1] = a
+    if a == "--workers" or a == "-w" or tostring(a):find("^%-%-workers=") then workers = true end
+  end
+  if not workers then
+    argv[#argv + 1] = "--workers"
+    argv[#argv + 1] = "1"
+  end
   argv[#argv + 1] = d.script_path
   local pid, err = spawn(argv, d.log_path, d.log_path)
   if not pid then rmtree(dir); return nil, "fork failed: " .. tostring(err) end

@@ -1,0 +1,46 @@
+-- The policy scripts/bench runs luamilter with: handlers envfrom, envrcpt,
+-- header and eom, each doing a little real work, and an X-Bench header
+-- added at eom. build/bench/benchref (the C reference responder) adds the
+-- same header with the same value, so both servers send the same bytes.
+--
+-- With LUAMILTER_BENCH_BODY=1 in the environment the script also handles
+-- body (counting the bytes), so that luamilter asks the MTA for the body:
+-- scripts/bench --body-sweep uses it to measure the cost of body bytes.
+local milter = require "milter"
+
+local H = {}
+
+local BLOCKED = "<blocked@bench.invalid>"
+
+function H.envfrom(ctx, sender)
+  ctx.msg.from = sender
+end
+
+function H.envrcpt(ctx, rcpt)
+  if rcpt == BLOCKED then
+    return milter.reject{ code = 550, xcode = "5.7.1", reason = "recipient blocked" }
+  end
+  ctx.msg.rcpts = (ctx.msg.rcpts or 0) + 1
+end
+
+function H.header(ctx, name, value)
+  ctx.msg.headers = (ctx.msg.headers or 0) + 1
+  if name:lower() == "subject" and value:find("BENCH-REJECT", 1, true) then
+    return milter.reject{}
+  end
+end
+
+if os.getenv("LUAMILTER_BENCH_BODY") == "1" then
+  function H.body(ctx, chunk)
+    ctx.msg.bytes = (ctx.msg.bytes or 0) + #chunk
+  end
+end
+
+function H.eom(ctx)
+  local m = ctx.msg
+  local value = string.format("rcpts=%d headers=%d", m.rcpts or 0, m.headers or 0)
+  if m.bytes then value = value .. string.format(" bytes=%d", m.bytes) end
+  return milter.accept{ add_header = { { "X-Bench", value } } }
+end
+
+return H

@@ -1,0 +1,232 @@
+#!/bin/sh
+# End-to-end suite: a private Postfix on loopback, luamilter as its milter
+# (once over a unix socket, once over TCP), swaks as the SMTP client and a
+# loopback sink that stores the exact bytes Postfix delivers.
+#
+#   scripts/e2e-postfix.sh [CASE-PREFIX ...]     (as root, or with sudo)
+#
+# Installs postfix and swaks from Debian's packages when they are missing
+# (the package's own instance is left alone: this suite never reads or
+# writes /etc/postfix and never uses port 25), builds build/luamilter
+# (or uses $LUAMILTER_BIN), writes a Postfix configuration under a fresh
+# temp dir, starts Postfix and the sink, and runs spec/e2e/run.py, which
+# prints one PASS/FAIL line per case and exits non-zero on any failure.
+# Everything started here is stopped by pid on exit; the temp dir is
+# removed unless E2E_KEEP=1.  E2E_TRANSPORTS=unix or =inet runs one phase.
+set -eu
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "e2e: needs root (Postfix must start as root)" >&2; exit 1; }
+  exec sudo -E "$0" "$@"
+fi
+
+log() { echo "e2e: $*"; }
+
+# --- packages -------------------------------------------------------------
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+missing=""
+for p in postfix swaks python3; do installed "$p" || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  log "installing:$missing"
+  export DEBIAN_FRONTEND=noninteractive
+  # "No configuration": the package must not set up (or start) a system
+  # instance of its own on port 25; ours lives in the temp dir.
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  apt-get update -qq || true
+  # shellcheck disable=SC2086
+  apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+for c in postfix postconf postqueue postsuper sendmail swaks; do
+  command -v "$c" >/dev/null || { echo "e2e: $c not found after install" >&2; exit 1; }
+done
+PY=/usr/bin/python3
+[ -x "$PY" ] || PY=python3
+
+# --- luamilter -------------------------------------------------------------
+if [ -z "${LUAMILTER_BIN:-}" ]; then
+  make -s all >/dev/null
+  LUAMILTER_BIN=$ROOT/build/luamilter
+fi
+case $LUAMILTER_BIN in /*) ;; *) LUAMILTER_BIN=$ROOT/$LUAMILTER_BIN ;; esac
+[ -x "$LUAMILTER_BIN" ] || { echo "e2e: no binary at $LUAMILTER_BIN" >&2; exit 1; }
+
+# --- temp dir and cleanup ----------------------------------------------------
+T=$(mktemp -d /tmp/luamilter-e2e.XXXXXX)
+chmod 755 "$T"   # Postfix's unprivileged daemons must reach the socket dir
+SINK_PID=""
+MASTER_PID=""
+
+alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
+
+# waits (bounded, tenths of a second) until pid $1 is gone
+wait_gone() {
+  n=0
+  while alive "$1" && [ $n -lt "$2" ]; do sleep 0.1; n=$((n + 1)); done
+  ! alive "$1"
+}
+
+stop_pid() { # pid name
+  alive "$1" || return 0
+  kill -TERM "$1" 2>/dev/null || true
+  wait_gone "$1" 50 || { log "$2 ($1) ignored SIGTERM, killing"; kill -KILL "$1" 2>/dev/null || true; wait_gone "$1" 50 || true; }
+}
+
+cleanup() {
+  rc=$?
+  trap - EXIT INT TERM
+  # luamilter processes the driver may have left behind (it stops its own;
+  # this covers a driver killed by the timeout): only pids that still run
+  # luamilter are signalled.
+  for f in "$T"/pids/*.pid; do
+    [ -f "$f" ] || continue
+    p=$(cat "$f")
+    if alive "$p" && grep -q luamilter "/proc/$p/cmdline" 2>/dev/null; then stop_pid "$p" luamilter; fi
+  done
+  if [ -f "$T/spool/pid/master.pid" ]; then
+    MASTER_PID=$(tr -d ' \n' < "$T/spool/pid/master.pid")
+  fi
+  if alive "$MASTER_PID"; then
+    children=$(ps -o pid= --ppid "$MASTER_PID" 2>/dev/null || true)
+    postfix -c "$T/etc" stop >/dev/null 2>&1 || true
+    wait_gone "$MASTER_PID" 100 || { log "postfix master ($MASTER_PID) still running, killing"; kill -KILL "$MASTER_PID" 2>/dev/null || true; wait_gone "$MASTER_PID" 50 || true; }
+    for c in $children; do stop_pid "$c" "postfix child"; done
+  fi
+  stop_pid "$SINK_PID" sink
+  if [ "${E2E_KEEP:-0}" = 1 ]; then log "kept $T"; else rm -rf "$T"; fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+mkdir -p "$T/etc" "$T/spool" "$T/data" "$T/log" "$T/sink" "$T/run" "$T/work" "$T/pids"
+chown postfix "$T/data"
+chmod 755 "$T/run" "$T/sink" "$T/log"
+
+# four free loopback ports: two smtpd listeners, the sink, luamilter's TCP
+set -- $("$PY" - <<'PYEOF'
+import socket
+socks = []
+for _ in range(4):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PYEOF
+) "$@"
+SMTP_UNIX=$1 SMTP_INET=$2 SINK_PORT=$3 MILTER_PORT=$4
+shift 4
+
+# --- Postfix configuration (the lines README's "Postfix notes" quote) -------
+cat > "$T/etc/main.cf" <<CF
+# private instance of the luamilter e2e suite; nothing here is system-wide
+compatibility_level = 3.6
+queue_directory = $T/spool
+data_directory = $T/data
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file = $T/log/maillog
+maillog_file_prefixes = $T/log
+myhostname = mta.e2e.test
+mydomain = e2e.test
+myorigin = e2e.test
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+mydestination =
+local_recipient_maps =
+relay_domains =
+alias_maps =
+alias_database =
+relayhost = [127.0.0.1]:$SINK_PORT
+smtp_dns_support_level = disabled
+smtp_host_lookup = native
+smtpd_banner = \$myhostname ESMTP
+biff = no
+smtputf8_enable = no
+message_size_limit = 20971520
+# deliver the header bytes as the client sent them (no address rewriting)
+local_header_rewrite_clients =
+disable_mime_output_conversion = yes
+
+# --- milter ---
+luamilter_unix = unix:$T/run/luamilter.sock
+luamilter_inet = inet:127.0.0.1:$MILTER_PORT
+smtpd_milters = \$luamilter_unix
+non_smtpd_milters = \$luamilter_unix
+milter_protocol = 6
+milter_default_action = tempfail
+milter_connect_timeout = 5s
+milter_command_timeout = 5s
+milter_content_timeout = 30s
+CF
+
+cat > "$T/etc/master.cf" <<CF
+# service          type  private unpriv chroot wakeup maxproc command
+127.0.0.1:$SMTP_UNIX inet  n       -      n      -      -       smtpd
+127.0.0.1:$SMTP_INET inet  n       -      n      -      -       smtpd
+  -o smtpd_milters=\$luamilter_inet -o cleanup_service_name=cleanup_inet
+# the TCP listener's own cleanup, so that its non_smtpd_milters is the TCP
+# luamilter too (Postfix asks non_smtpd_milters about a message a milter
+# discarded at MAIL FROM / first RCPT TO; see README "Postfix notes")
+cleanup_inet unix n      -       n       -       0       cleanup
+  -o non_smtpd_milters=\$luamilter_inet
+pickup     unix  n       -       n       60      1       pickup
+cleanup    unix  n       -       n       -       0       cleanup
+qmgr       unix  n       -       n       300     1       qmgr
+rewrite    unix  -       -       n       -       -       trivial-rewrite
+bounce     unix  -       -       n       -       0       bounce
+defer      unix  -       -       n       -       0       bounce
+trace      unix  -       -       n       -       0       bounce
+verify     unix  -       -       n       -       1       verify
+flush      unix  n       -       n       1000?   0       flush
+proxymap   unix  -       -       n       -       -       proxymap
+smtp       unix  -       -       n       -       -       smtp
+relay      unix  -       -       n       -       -       smtp
+showq      unix  n       -       n       -       -       showq
+error      unix  -       -       n       -       -       error
+retry      unix  -       -       n       -       -       error
+discard    unix  -       -       n       -       -       discard
+anvil      unix  -       -       n       -       1       anvil
+scache     unix  -       -       n       -       1       scache
+postlog    unix-dgram n  -       n       -       1       postlogd
+CF
+
+# --- start the sink and Postfix ---------------------------------------------
+"$PY" spec/e2e/sink.py "$T/sink" "$SINK_PORT" >"$T/log/sink.log" 2>&1 &
+SINK_PID=$!
+
+wait_port() { # port name: bounded wait (10 s) until 127.0.0.1:port accepts
+  "$PY" - "$1" <<'PYEOF' || { echo "e2e: $2 not listening on 127.0.0.1:$1" >&2; return 1; }
+import socket, sys, time
+deadline = time.time() + 10
+while time.time() < deadline:
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.5).close()
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.1)
+sys.exit(1)
+PYEOF
+}
+
+wait_port "$SINK_PORT" sink
+postfix -c "$T/etc" check
+postfix -c "$T/etc" start >/dev/null 2>&1 || { postfix -c "$T/etc" start; exit 1; }
+[ -f "$T/spool/pid/master.pid" ] && MASTER_PID=$(tr -d ' \n' < "$T/spool/pid/master.pid")
+wait_port "$SMTP_UNIX" "postfix smtpd (unix milter)"
+wait_port "$SMTP_INET" "postfix smtpd (inet milter)"
+log "postfix $(postconf -c "$T/etc" -h mail_version) in $T: smtpd 127.0.0.1:$SMTP_UNIX (milter unix:$T/run/luamilter.sock), 127.0.0.1:$SMTP_INET (milter inet:127.0.0.1:$MILTER_PORT), sink 127.0.0.1:$SINK_PORT"
+
+# --- the cases ----------------------------------------------------------------
+export E2E_DIR="$T" E2E_SMTP_UNIX="$SMTP_UNIX" E2E_SMTP_INET="$SMTP_INET" \
+  E2E_SINK_PORT="$SINK_PORT" E2E_MILTER_PORT="$MILTER_PORT" \
+  E2E_ROOT="$ROOT" LUAMILTER_BIN
+set +e
+timeout -s TERM 600 "$PY" spec/e2e/run.py "$@"
+rc=$?
+set -e
+[ $rc -eq 124 ] && echo "e2e: FAIL: the suite did not finish within 600 s" >&2
+exit $rc

@@ -1,0 +1,129 @@
+-- Hostile peers: each gets a warn line and loses only its own connection;
+-- a normal session on a new connection succeeds afterwards.
+local U = require "spec.daemon.util"
+local mc = U.mc
+local socket = require "socket"
+
+local SCRIPT = U.script [[
+function H.eom(ctx) return milter.accept{ add_header = { { "X-Ok", "1" } } } end
+return H
+]]
+
+local function normal(d)
+  local r = U.normal_session(d, { rcpts = { "<a@example.org>" }, body = "b\r\n" })
+  assert.are.equal("a", r.eom and r.eom.cmd, tostring(r.error))
+end
+
+local function warns(d)
+  return #U.lines_with(d:log(), " WARN ")
+end
+
+local function frame(cmd, payload)
+  return mc.frame(cmd, payload)
+end
+
+describe("hostile peers", function()
+  local d
+  before_each(function() d = U.start(SCRIPT, { args = { "--timeout", "1", "--max-macros", "50",
+                                                        "--max-headers", "100" } }) end)
+  after_each(function() d:stop() end)
+
+  local function closes_with_warning(bytes, what, after_optneg)
+    local before = warns(d)
+    local bystander = U.client(d) -- an open conversation that must not notice
+    local c = assert(d:client())
+    if after_optneg then assert(c:optneg(mc.OFFER.postfix)) end
+    assert(c:send_raw(bytes))
+    local e
+    for _ = 1, 20 do -- replies to the valid commands before the bad one
+      local f, err = c:read_frame(5)
+      if not f then e = err; break end
+    end
+    assert.truthy(e == "closed" or (e and e:find("reset")), what .. ": " .. tostring(e))
+    c:close()
+    local deadline = socket.gettime() + 5
+    while warns(d) <= before and socket.gettime() < deadline do socket.sleep(0.02) end
+    assert.is_true(warns(d) > before, what .. ": no warn line\n" .. d:log())
+    U.open(bystander)
+    local r = U.message(bystander, { rcpts = { "<a@example.org>" } })
+    assert.are.equal("a", r.eom and r.eom.cmd, what .. ": the bystander was disturbed")
+    normal(d)
+  end
+
+  it("an HTTP request", function()
+    closes_with_warning("GET / HTTP/1.1\r\nHost: milter\r\n\r\n", "http")
+  end)
+
+  it("a TLS ClientHello", function()
+    closes_with_warning("\22\3\1\2\0\1\0\1\252\3\3" .. ("\171"):rep(32) .. "\0\0\2\19\1\1\0", "tls")
+  end)
+
+  it("random bytes", function()
+    math.randomseed(42)
+    local t = {}
+    for i = 1, 4096 do t[i] = string.char(math.random(0, 255)) end
+    closes_with_warning(table.concat(t), "random")
+  end)
+
+  it("commands out of order: a header after the body", function()
+    closes_with_warning(frame("D", "C") .. frame("C", "h\0U") .. frame("M", "<a@x>\0") ..
+      frame("B", "body") .. frame("L", "Late\0value\0"), "order", true)
+  end)
+
+  it("a huge macro list", function()
+    local pairs_ = {}
+    for i = 1, 5000 do pairs_[#pairs_ + 1] = "m" .. i .. "\0v\0" end
+    closes_with_warning(frame("D", "C" .. table.concat(pairs_)), "macros", true)
+  end)
+
+  it("too many headers in one message", function()
+    local t = { frame("C", "h\0U"), frame("M", "<a@x>\0"), frame("R", "<b@x>\0") }
+    for i = 1, 150 do t[#t + 1] = frame("L", "X-H" .. i .. "\0v\0") end
+    closes_with_warning(table.concat(t), "headers", true)
+  end)
+
+  it("a frame trickled byte by byte beyond --timeout", function()
+    local before = warns(d)
+    local c = U.client(d)
+    local f = frame("H", ("x"):rep(100) .. "\0")
+    local closed
+    for i = 1, #f do
+      if not c:send_raw(f:sub(i, i)) then closed = true; break end
+      socket.sleep(0.05)
+      local _, err = c:read_frame(0.001)
+      if err and err ~= "timeout" then closed = true; break end
+    end
+    assert.is_true(closed, "the trickling peer was not cut off")
+    assert.is_true(warns(d) > before)
+    assert.matches("took longer than 1s", d:log())
+    normal(d)
+  end)
+
+  it("a peer that connects and never speaks", function()
+    local before = warns(d)
+    local c = assert(d:client())
+    assert.are.equal("closed", U.read_until_closed(c, 5))
+    assert.is_true(warns(d) > before)
+    assert.matches("no command for 1s", d:log())
+    normal(d)
+  end)
+
+  it("a peer that stops reading its replies", function()
+    local c = U.client(d)
+    U.open(c)
+    -- pipeline thousands of commands and never read: the server stops
+    -- reading too (it buffers at most one batch of replies) and drops the
+    -- connection at --timeout.
+    local batch = {}
+    for _ = 1, 2000 do batch[#batch + 1] = frame("U", "NOOP\0") end
+    local payload = table.concat(batch)
+    local deadline = socket.gettime() + 4
+    while socket.gettime() < deadline do
+      c.sock:settimeout(0.2)
+      local ok = c.sock:send(payload)
+      if not ok then break end
+    end
+    assert.matches("no command for 1s", U.wait_log(d, "no command for", 5))
+    normal(d)
+  end)
+end)
