@@ -15,7 +15,7 @@ CORE    := log buf wire sess mods pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted
 
-.PHONY: all run test deps deps-test check-c lint spec asan fuzz fuzz-check clean
+.PHONY: all run test deps deps-test check-c lint spec asan fuzz fuzz-check e2e clean
 
 all: deps $(B)/luamilter
 
@@ -67,6 +67,11 @@ test: deps-test all
 	$(MAKE) asan
 	$(MAKE) fuzz-check
 	scripts/valgrind-check.sh build/luamilter
+	$(MAKE) e2e
+
+# End to end with a real Postfix on loopback (installs postfix and swaks).
+e2e: all
+	scripts/e2e-postfix.sh
 
 # Sanitizer build: the C tests and the daemon specs under ASan + UBSan (with
 # LeakSanitizer). Reports go to build-asan/reports/; any report fails.

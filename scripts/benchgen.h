@@ -120,7 +120,8 @@ extern atomic_uint g_neg_protocol;
 
 /* benchgen.c */
 double gen_now(void); /* monotonic seconds */
-void gen_die(const char *fmt, ...) __attribute__((format(printf, 1, 2))); /* message, exit 2 */
+/* Prints the message and exits 2. */
+void gen_die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void *gen_xrealloc(void *p, size_t n); /* dies when out of memory */
 void gen_make_body(size_t n); /* the shared body */
 void gen_put_u32(unsigned char *p, uint32_t v);

@@ -279,8 +279,8 @@ static int run_idle(struct worker *w)
            O.label, O.idle, open, t_open, base, rss, hwm, nprocs,
            atomic_load(&g_neg_protocol));
     if (open != O.idle && atomic_load(&g_errors) == 0)
-        gen_err(&w->conns[0], E_DISCONNECT, "only %d of %d sessions open",
-                open, O.idle);
+        gen_err(&w->conns[0], E_DISCONNECT, "only %d of %d sessions open", open,
+                O.idle);
     print_errors(w, 1);
     printf("\n");
     for (int i = 0; i < w->nconns; i++)

@@ -1,14 +1,12 @@
 #!/bin/sh
 # Installs the Debian 12 packages luamilter needs, only those missing.
-# Usage: scripts/deps.sh [build|test|e2e]   (each level includes the ones before)
+# Usage: scripts/deps.sh [build|test]   (test includes build; Postfix and
+# swaks are installed by scripts/e2e-postfix.sh, which preseeds debconf)
 set -eu
 level=${1:-build}
 pkgs="make gcc pkg-config libev-dev libluajit-5.1-dev luajit lua-cjson"
 case $level in
-  test|e2e) pkgs="$pkgs lua-busted lua-check lua-socket lua-posix clang libclang-rt-14-dev valgrind python3" ;;
-esac
-case $level in
-  e2e) pkgs="$pkgs postfix swaks" ;;
+  test) pkgs="$pkgs lua-busted lua-check lua-socket lua-posix clang libclang-rt-14-dev valgrind python3" ;;
 esac
 missing=""
 for p in $pkgs; do

@@ -1,4 +1,5 @@
 #!/bin/sh
+# shellcheck disable=SC2317  # functions called from traps
 # End-to-end suite: a private Postfix on loopback, luamilter as its milter
 # (once over a unix socket, once over TCP), swaks as the SMTP client and a
 # loopback sink that stores the exact bytes Postfix delivers.
@@ -57,13 +58,14 @@ T=$(mktemp -d /tmp/luamilter-e2e.XXXXXX)
 chmod 755 "$T"   # Postfix's unprivileged daemons must reach the socket dir
 SINK_PID=""
 MASTER_PID=""
+DRIVER_PID=""
 
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
 
 # waits (bounded, tenths of a second) until pid $1 is gone
 wait_gone() {
   n=0
-  while alive "$1" && [ $n -lt "$2" ]; do sleep 0.1; n=$((n + 1)); done
+  while alive "$1" && [ "$n" -lt "$2" ]; do sleep 0.1; n=$((n + 1)); done
   ! alive "$1"
 }
 
@@ -79,10 +81,18 @@ cleanup() {
   # luamilter processes the driver may have left behind (it stops its own;
   # this covers a driver killed by the timeout): only pids that still run
   # luamilter are signalled.
+  stop_pid "$DRIVER_PID" driver
   for f in "$T"/pids/*.pid; do
     [ -f "$f" ] || continue
     p=$(cat "$f")
     if alive "$p" && grep -q luamilter "/proc/$p/cmdline" 2>/dev/null; then stop_pid "$p" luamilter; fi
+  done
+  # and any luamilter process serving a policy from this temp dir (workers
+  # the driver never saw)
+  for d in /proc/[0-9]*; do
+    if tr '\0' ' ' < "$d/cmdline" 2>/dev/null | grep -q "luamilter.* $T/work/policy-"; then
+      stop_pid "${d#/proc/}" luamilter
+    fi
   done
   if [ -f "$T/spool/pid/master.pid" ]; then
     MASTER_PID=$(tr -d ' \n' < "$T/spool/pid/master.pid")
@@ -95,7 +105,7 @@ cleanup() {
   fi
   stop_pid "$SINK_PID" sink
   if [ "${E2E_KEEP:-0}" = 1 ]; then log "kept $T"; else rm -rf "$T"; fi
-  exit $rc
+  exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -106,6 +116,7 @@ chown postfix "$T/data"
 chmod 755 "$T/run" "$T/sink" "$T/log"
 
 # four free loopback ports: two smtpd listeners, the sink, luamilter's TCP
+# shellcheck disable=SC2046  # four numbers, split on purpose
 set -- $("$PY" - <<'PYEOF'
 import socket
 socks = []
@@ -214,19 +225,31 @@ PYEOF
 
 wait_port "$SINK_PORT" sink
 postfix -c "$T/etc" check
-postfix -c "$T/etc" start >/dev/null 2>&1 || { postfix -c "$T/etc" start; exit 1; }
+if ! postfix -c "$T/etc" start >"$T/log/start.log" 2>&1; then
+  cat "$T/log/start.log" >&2
+  echo "e2e: postfix did not start" >&2
+  exit 1
+fi
 [ -f "$T/spool/pid/master.pid" ] && MASTER_PID=$(tr -d ' \n' < "$T/spool/pid/master.pid")
 wait_port "$SMTP_UNIX" "postfix smtpd (unix milter)"
 wait_port "$SMTP_INET" "postfix smtpd (inet milter)"
 log "postfix $(postconf -c "$T/etc" -h mail_version) in $T: smtpd 127.0.0.1:$SMTP_UNIX (milter unix:$T/run/luamilter.sock), 127.0.0.1:$SMTP_INET (milter inet:127.0.0.1:$MILTER_PORT), sink 127.0.0.1:$SINK_PORT"
+log "luamilter: $LUAMILTER_BIN"
 
 # --- the cases ----------------------------------------------------------------
 export E2E_DIR="$T" E2E_SMTP_UNIX="$SMTP_UNIX" E2E_SMTP_INET="$SMTP_INET" \
   E2E_SINK_PORT="$SINK_PORT" E2E_MILTER_PORT="$MILTER_PORT" \
   E2E_ROOT="$ROOT" LUAMILTER_BIN
+# in the background so that INT/TERM reach this shell at once; the traps
+# stop the driver (it stops its luamilter) and the EXIT trap the rest
+timeout -s TERM 600 "$PY" spec/e2e/run.py "$@" &
+DRIVER_PID=$!
+trap 'stop_pid "$DRIVER_PID" driver; exit 130' INT
+trap 'stop_pid "$DRIVER_PID" driver; exit 143' TERM
 set +e
-timeout -s TERM 600 "$PY" spec/e2e/run.py "$@"
+wait "$DRIVER_PID"
 rc=$?
 set -e
+DRIVER_PID=""
 [ $rc -eq 124 ] && echo "e2e: FAIL: the suite did not finish within 600 s" >&2
 exit $rc

@@ -29,6 +29,8 @@ static struct {
     const uint8_t *pending; /* its replies not yet written (borrowed) */
     size_t npending;
     int reply;              /* the MTA waits for an answer */
+    int ev;                 /* the event whose handler runs */
+    uint64_t cid;           /* its connection */
     uint8_t onerr[128];
     size_t nonerr;
 } wd = {.fd = -1};
@@ -51,9 +53,24 @@ static void on_alarm(int sig)
     double since = lb_busy_since;
     if (since == 0 || lb_now() - since < wd.timeout + WATCHDOG_GRACE)
         return;
-    static const char msg[] = "luamilter: a handler ran past --script-timeout "
-                              "and cannot be interrupted: worker exiting\n";
-    write_all(2, msg, sizeof msg - 1);
+    /* only async-signal-safe calls from here: write(2) and _exit(2) */
+    char num[24];
+    size_t n = sizeof num;
+    uint64_t v = wd.cid;
+    do {
+        num[--n] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v && n);
+    static const char a[] = "luamilter: handler ", b[] = " on connection c=",
+                      z[] = " ran past --script-timeout and cannot be "
+                            "interrupted (compiled loop or C call): worker "
+                            "exiting\n";
+    const char *name = sess_event_names[wd.ev];
+    write_all(2, a, sizeof a - 1);
+    write_all(2, name, strlen(name));
+    write_all(2, b, sizeof b - 1);
+    write_all(2, num + n, sizeof num - n);
+    write_all(2, z, sizeof z - 1);
     if (wd.fd >= 0) {
         write_all(wd.fd, wd.pending, wd.npending);
         if (wd.reply)
@@ -90,6 +107,8 @@ static int call_lua(void *ud, struct sess *s, int ev,
     wd.pending = buf_head(&c->wbuf);
     wd.npending = buf_len(&c->wbuf);
     wd.reply = ev != SE_ABORT && ev != SE_CLOSE;
+    wd.ev = ev;
+    wd.cid = c->id;
     wd.fd = c->fd;
     int rc = lb_call(&c->lua, s, ev, cmd, v);
     wd.fd = -1;

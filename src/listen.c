@@ -142,6 +142,8 @@ static void on_accept(struct ev_loop *loop, ev_io *w, int revents)
     (void)loop;
     (void)revents;
     struct listener *l = (struct listener *)w;
+    if (l->before_accept)
+        l->before_accept();
     for (int i = 0; i < 64; i++) { /* bounded: let connections run too */
         int fd = accept4(w->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {

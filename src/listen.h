@@ -16,6 +16,7 @@
 struct listener {
     ev_io io;
     struct server *srv;  /* borrowed */
+    void (*before_accept)(void); /* e.g. apply a pending reload first */
     int is_tcp;
     char path[108];      /* unix socket path, removed at exit; "" for TCP */
 };

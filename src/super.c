@@ -54,27 +54,29 @@ static int pidfile_written;
  * (SCM_RIGHTS), the exact bytes it checked, so every worker loads the same
  * script even if the file changed since. EOF: the supervisor is gone.
  */
-static void worker_control(struct ev_loop *loop, ev_io *w, int revents)
+static ev_io control;
+
+/* Applies one pending control message; returns 0 when there was none. */
+static int control_once(void)
 {
-    (void)revents;
     uint32_t gen;
     char cbuf[CMSG_SPACE(sizeof(int))];
     struct iovec iov = {&gen, sizeof gen};
     struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1,
                         .msg_control = cbuf, .msg_controllen = sizeof cbuf};
-    ssize_t n = recvmsg(w->fd, &mh, 0);
+    ssize_t n = recvmsg(control.fd, &mh, MSG_DONTWAIT);
     if (n <= 0) {
         if (n < 0 && (errno == EINTR || errno == EAGAIN))
-            return;
+            return 0;
         log_msg(LL_ERR, 0, NULL, "worker %d: the supervisor is gone: stopping",
                 (int)getpid());
-        ev_io_stop(loop, w);
+        ev_io_stop(S->loop, &control);
         kill(getpid(), SIGTERM);
-        return;
+        return 0;
     }
     struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
     if (n != sizeof gen || !cm || cm->cmsg_type != SCM_RIGHTS)
-        return;
+        return 1;
     int fd;
     memcpy(&fd, CMSG_DATA(cm), sizeof fd);
     struct stat sb;
@@ -93,7 +95,7 @@ static void worker_control(struct ev_loop *loop, ev_io *w, int revents)
     if (!st) {
         log_msg(LL_ERR, 0, NULL, "worker %d keeps generation %u: %s",
                 (int)getpid(), S->gen, err);
-        return;
+        return 1;
     }
     lb_state_release(S->script); /* open connections hold their own refs */
     S->script = st;
@@ -101,6 +103,23 @@ static void worker_control(struct ev_loop *loop, ev_io *w, int revents)
     S->gen = gen;
     log_msg(LL_DEBUG, 0, NULL, "worker %d now serves generation %u",
             (int)getpid(), S->gen);
+    return 1;
+}
+
+/* Every pending reload, before a connection is accepted: a connection made
+ * after the supervisor announced generation N gets at least N. */
+static void control_drain(void)
+{
+    for (int i = 0; i < 64 && ev_is_active(&control) && control_once(); i++)
+        ;
+}
+
+static void worker_control(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
+    control_drain();
 }
 
 static void worker_drain_timeout(struct ev_loop *loop, ev_timer *w, int rev)
@@ -140,7 +159,6 @@ static void worker_stop(struct ev_loop *loop, ev_signal *w, int revents)
 static void worker_run(int ctl)
 {
     struct ev_loop *loop = S->loop;
-    static ev_io control;
     ev_loop_fork(loop);
     for (int i = 0; i < O->workers; i++) {
         ev_child_stop(loop, &slots[i].child);
@@ -154,9 +172,10 @@ static void worker_run(int ctl)
     signal(SIGHUP, SIG_IGN); /* reloads come from the supervisor only */
     L.path[0] = '\0';        /* the supervisor removes the socket file */
     conn_watchdog_start(&S->cfg, O->script_timeout);
-    listen_start(&L);
     ev_io_init(&control, worker_control, ctl, EV_READ);
     ev_io_start(loop, &control);
+    L.before_accept = control_drain;
+    listen_start(&L);
     ev_signal_init(&sig_term, worker_stop, SIGTERM);
     ev_signal_init(&sig_int, worker_stop, SIGINT);
     ev_signal_start(loop, &sig_term);
@@ -303,9 +322,9 @@ static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
     S->script = st;
     S->cfg.handlers = lb_handlers(st);
     S->gen = ++shm->gen;
+    send_script(src, len, shm->gen); /* queued before we announce it */
     log_msg(LL_INFO, 0, NULL, "reloaded %s: generation %u", O->script,
             shm->gen);
-    send_script(src, len, shm->gen);
     free(src);
 }
 
