@@ -66,7 +66,8 @@ describe("runaway handlers", function()
     while not d:log():find("exited with status 70") and os.time() < deadline do
       os.execute("sleep 0.1")
     end
-    assert.matches("handler envfrom on connection c=%d+ ran past %-%-script%-timeout and cannot be interrupted", d:log())
+    assert.matches("handler envfrom on connection c=%d+ ran past %-%-script%-timeout and cannot be interrupted",
+      d:log())
     assert.matches("worker %d+ exited with status 70", d:log())
     served(d)
   end)
