@@ -40,21 +40,23 @@ double lb_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* The state's allocator: counts bytes and refuses to pass the cap. */
+/*
+ * The state's allocator: LuaJIT's own (fast) allocator underneath, with the
+ * bytes counted so that a handler cannot pass the cap.
+ */
 static void *alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     struct lb_state *st = ud;
     if (nsize == 0) {
-        free(ptr);
         st->mem -= osize;
-        return NULL;
+        return st->base_alloc(st->base_ud, ptr, osize, 0);
     }
     /* The cap binds handlers only: the bridge's own work outside a call
      * (errors, tracebacks, ctx) must not fail, or Lua would panic. */
     if (nsize > osize && st->deadline > 0 &&
         st->mem + (nsize - osize) > max_memory)
         return NULL;
-    void *p = realloc(ptr, nsize);
+    void *p = st->base_alloc(st->base_ud, ptr, osize, nsize);
     if (p)
         st->mem += nsize - osize;
     return p;
@@ -224,7 +226,13 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
                                 char *err, size_t errlen)
 {
     struct lb_state *st = calloc(1, sizeof *st);
-    lua_State *L = st ? lua_newstate(alloc, st) : NULL;
+    lua_State *L = st ? luaL_newstate() : NULL;
+    if (L) {
+        st->base_alloc = lua_getallocf(L, &st->base_ud);
+        st->mem = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 +
+                  (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
+        lua_setallocf(L, alloc, st);
+    }
     if (!L) {
         snprintf(err, errlen, "%s: out of memory", path);
         free(st);
@@ -237,7 +245,6 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
     lua_atpanic(L, panic);
     lua_sethook(L, hook, LUA_MASKCOUNT, 10000);
     luaL_openlibs(L);
-    lctx_register(L);
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "preload");
     lua_pushcfunction(L, open_milter);
@@ -258,6 +265,7 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
     else
         take_handlers(st, path, err, errlen);
     if (*err) {
+        lua_setallocf(L, st->base_alloc, st->base_ud);
         lua_close(L);
         free(st);
         return NULL;
@@ -279,6 +287,8 @@ void lb_state_release(struct lb_state *st)
 {
     if (--st->refs > 0)
         return;
+    /* LuaJIT frees its whole arena at close only through its own allocator */
+    lua_setallocf(st->L, st->base_alloc, st->base_ud);
     lua_close(st->L);
     free(st->mods);
     free(st);
@@ -296,8 +306,12 @@ void lb_conn_init(struct lb_conn *lc, struct lb_state *st)
 
 static void drop_ctx(struct lb_conn *lc)
 {
-    if (lc->ctx)
-        lc->ctx->s = NULL;
+    if (lc->ctx) {
+        lua_State *L = lc->st->L;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, lc->ctx_ref);
+        lctx_detach(L, lua_gettop(L), lc->ctx);
+        lua_pop(L, 1);
+    }
     lc->ctx = NULL;
     luaL_unref(lc->st->L, LUA_REGISTRYINDEX, lc->ctx_ref);
     lc->ctx_ref = LUA_NOREF;
@@ -409,6 +423,7 @@ int lb_call(struct lb_conn *lc, struct sess *s, int ev,
     lua_settop(co, 0);
     lua_rawgeti(co, LUA_REGISTRYINDEX, st->handler[ev]);
     lua_rawgeti(co, LUA_REGISTRYINDEX, lc->ctx_ref);
+    lctx_sync(co, 2, lc->ctx);
     int nargs = 1 + (cmd ? push_args(co, ev, cmd) : 0);
     double now = lb_now();
     lb_busy_since = now;

@@ -14,11 +14,14 @@
 struct lb_state {
     lua_State *L;
     size_t mem;             /* bytes allocated by this state */
+    lua_Alloc base_alloc;   /* LuaJIT's allocator, which alloc() wraps */
+    void *base_ud;
     double deadline;        /* of the running handler; 0 when idle */
     int refs;
     int handler[SE__COUNT]; /* registry refs, LUA_NOREF when undefined */
     unsigned handlers;      /* SE_BIT()s */
     struct mod *mods;       /* verdict scratch, reused by every call */
+    int reader_ref;         /* lverdict's reader function, 0 until made */
     size_t mods_cap;
 };
 
@@ -32,9 +35,12 @@ struct lctx {
 };
 
 /* lctx.c */
-void lctx_register(lua_State *L);
-/* Pushes a new ctx for s and returns its block (owned by the Lua GC). */
+/* Pushes a new ctx table for s and returns its block (owned by the GC). */
 struct lctx *lctx_push(lua_State *L, struct sess *s);
+/* Before a call: a new message gets a fresh ctx.msg (ctx table at idx). */
+void lctx_sync(lua_State *L, int idx, struct lctx *x);
+/* The session is over: later uses of the ctx at idx raise. */
+void lctx_detach(lua_State *L, int idx, struct lctx *x);
 /* Implements ctx:log and milter.log; raises on a bad level. */
 int lctx_log(lua_State *L, uint64_t cid, const char *qid, int first);
 

@@ -1,10 +1,14 @@
 /*
- * lctx: the ctx userdata handed to every handler (part of the Lua bridge).
+ * lctx: the ctx handed to every handler (part of the Lua bridge).
  *
- * ctx is a small block pointing at the C session; its environment table
- * holds what the script owns (conn, msg) and lazily built views of session
- * data (client, rcpts, headers), refreshed only when the session changed.
- * Once the session is over the pointer is NULL and every access raises.
+ * ctx is a plain Lua table, so the hot fields cost a table lookup that the
+ * JIT compiles: ctx.conn, ctx.msg (replaced when a message starts, see
+ * lctx_sync), ctx.id and the methods (closures bound to this connection).
+ * Everything else (sender, rcpts, headers, helo, client, truncated) is
+ * absent from the table and served by __index from the C session, with
+ * rcpts and headers built incrementally and cached. When the session ends
+ * (lctx_detach) the fields are cleared and the block's session pointer is
+ * NULLed, so any later use raises instead of touching freed memory.
  */
 #include "lb_int.h"
 
@@ -14,7 +18,8 @@
 
 #include "log.h"
 
-#define CTX_MT "milter.ctx"
+/* The connection's C block, the upvalue of every closure of its ctx. */
+#define BLOCK lua_upvalueindex(1)
 
 static struct sess *live(lua_State *L, struct lctx *x)
 {
@@ -23,15 +28,15 @@ static struct sess *live(lua_State *L, struct lctx *x)
     return x->s;
 }
 
-static struct lctx *check_ctx(lua_State *L)
+static struct lctx *block(lua_State *L)
 {
-    return luaL_checkudata(L, 1, CTX_MT);
+    return lua_touserdata(L, BLOCK);
 }
 
-/* Pushes env[key], creating an empty table there when missing. */
-static void env_table(lua_State *L, const char *key)
+/* Pushes cache[key] (the block's environment), creating an empty table. */
+static void cache_table(lua_State *L, const char *key)
 {
-    lua_getfenv(L, 1);
+    lua_getfenv(L, BLOCK);
     lua_getfield(L, -1, key);
     if (lua_isnil(L, -1)) {
         lua_pop(L, 1);
@@ -42,23 +47,6 @@ static void env_table(lua_State *L, const char *key)
     lua_remove(L, -2);
 }
 
-/* Drops per-message views when a new message started. */
-static void sync_msg(lua_State *L, struct lctx *x, const struct sess *s)
-{
-    if (x->msg_seq == s->msg_seq)
-        return;
-    lua_getfenv(L, 1);
-    lua_pushnil(L);
-    lua_setfield(L, -2, "msg");
-    lua_pushnil(L);
-    lua_setfield(L, -2, "rcpts");
-    lua_pushnil(L);
-    lua_setfield(L, -2, "headers");
-    lua_pop(L, 1);
-    x->msg_seq = s->msg_seq;
-    x->nrcpts = x->nhdrs = 0;
-}
-
 static void push_mstr(lua_State *L, const struct sess *s, struct sess_str v)
 {
     lua_pushlstring(L, sess_cstr(s, v, 1), v.len);
@@ -67,14 +55,14 @@ static void push_mstr(lua_State *L, const struct sess *s, struct sess_str v)
 static void push_rcpts(lua_State *L, struct lctx *x, const struct sess *s)
 {
     if (x->rcpts_dropped != s->rcpts_dropped) { /* a recipient was refused */
-        lua_getfenv(L, 1);
+        lua_getfenv(L, BLOCK);
         lua_pushnil(L);
         lua_setfield(L, -2, "rcpts");
         lua_pop(L, 1);
         x->nrcpts = 0;
         x->rcpts_dropped = s->rcpts_dropped;
     }
-    env_table(L, "rcpts");
+    cache_table(L, "rcpts");
     for (; x->nrcpts < s->nrcpts; x->nrcpts++) {
         push_mstr(L, s, s->rcpts[x->nrcpts]);
         lua_rawseti(L, -2, (int)x->nrcpts + 1);
@@ -83,7 +71,7 @@ static void push_rcpts(lua_State *L, struct lctx *x, const struct sess *s)
 
 static void push_headers(lua_State *L, struct lctx *x, const struct sess *s)
 {
-    env_table(L, "headers");
+    cache_table(L, "headers");
     for (; x->nhdrs < s->nhdrs; x->nhdrs++) {
         lua_createtable(L, 2, 0);
         push_mstr(L, s, s->hdrs[x->nhdrs].name);
@@ -96,48 +84,30 @@ static void push_headers(lua_State *L, struct lctx *x, const struct sess *s)
 
 static void push_client(lua_State *L, const struct sess *s)
 {
-    static const char *const fam[] = {"inet", "inet6", "unix", "unknown"};
-    lua_getfenv(L, 1);
-    lua_getfield(L, -1, "client");
-    if (lua_isnil(L, -1)) {
-        lua_pop(L, 1);
-        lua_createtable(L, 0, 4);
-        lua_pushlstring(L, sess_cstr(s, s->host, 0), s->host.len);
-        lua_setfield(L, -2, "host");
-        const char *f = s->family == '4'   ? fam[0]
-                        : s->family == '6' ? fam[1]
-                        : s->family == 'L' ? fam[2]
-                                           : fam[3];
-        lua_pushstring(L, f);
-        lua_setfield(L, -2, "family");
-        if (s->family != 'U') {
-            lua_pushlstring(L, sess_cstr(s, s->addr, 0), s->addr.len);
-            lua_setfield(L, -2, "address");
-            lua_pushinteger(L, s->port);
-            lua_setfield(L, -2, "port");
-        }
-        lua_pushvalue(L, -1);
-        lua_setfield(L, -3, "client");
+    lua_createtable(L, 0, 4);
+    lua_pushlstring(L, sess_cstr(s, s->host, 0), s->host.len);
+    lua_setfield(L, -2, "host");
+    lua_pushstring(L, s->family == '4'   ? "inet"
+                      : s->family == '6' ? "inet6"
+                      : s->family == 'L' ? "unix"
+                                         : "unknown");
+    lua_setfield(L, -2, "family");
+    if (s->family != 'U') {
+        lua_pushlstring(L, sess_cstr(s, s->addr, 0), s->addr.len);
+        lua_setfield(L, -2, "address");
+        lua_pushinteger(L, s->port);
+        lua_setfield(L, -2, "port");
     }
-    lua_remove(L, -2);
 }
 
+/* __index: the fields that live in the C session. */
 static int ctx_index(lua_State *L)
 {
-    struct lctx *x = check_ctx(L);
-    lua_pushvalue(L, 2);
-    lua_rawget(L, lua_upvalueindex(1)); /* methods */
-    if (!lua_isnil(L, -1) || lua_type(L, 2) != LUA_TSTRING)
-        return 1;
-    const char *k = lua_tostring(L, 2);
+    struct lctx *x = block(L);
     struct sess *s = live(L, x);
-    sync_msg(L, x, s);
-    if (strcmp(k, "msg") == 0 || strcmp(k, "conn") == 0) {
-        env_table(L, k);
-    } else if (strcmp(k, "id") == 0) {
-        char id[24];
-        snprintf(id, sizeof id, "%llu", (unsigned long long)s->id);
-        lua_pushstring(L, id);
+    const char *k = lua_tostring(L, 2);
+    if (!k || lua_type(L, 2) != LUA_TSTRING) {
+        lua_pushnil(L);
     } else if (strcmp(k, "sender") == 0 && s->has_sender) {
         push_mstr(L, s, s->sender);
     } else if (strcmp(k, "rcpts") == 0) {
@@ -148,6 +118,9 @@ static int ctx_index(lua_State *L)
         lua_pushlstring(L, sess_cstr(s, s->helo, 0), s->helo.len);
     } else if (strcmp(k, "client") == 0 && s->family) {
         push_client(L, s);
+        lua_pushliteral(L, "client"); /* fixed for the session: cache it */
+        lua_pushvalue(L, -2);
+        lua_rawset(L, 1);
     } else if (strcmp(k, "truncated") == 0) {
         lua_pushboolean(L, s->truncated);
     } else {
@@ -158,14 +131,16 @@ static int ctx_index(lua_State *L)
 
 static int ctx_newindex(lua_State *L)
 {
+    live(L, block(L));
     return luaL_error(L, "ctx.%s is read-only: keep your data in ctx.conn or "
                          "ctx.msg",
-                      lua_tostring(L, 2) ? lua_tostring(L, 2) : "?");
+                      lua_type(L, 2) == LUA_TSTRING ? lua_tostring(L, 2)
+                                                    : "?");
 }
 
 static int ctx_macro(lua_State *L)
 {
-    struct sess *s = live(L, check_ctx(L));
+    struct sess *s = live(L, block(L));
     size_t n, vlen;
     const char *name = luaL_checklstring(L, 2, &n);
     const char *v = sess_macro(s, name, n, &vlen);
@@ -178,7 +153,7 @@ static int ctx_macro(lua_State *L)
 
 static int ctx_header(lua_State *L)
 {
-    struct sess *s = live(L, check_ctx(L));
+    struct sess *s = live(L, block(L));
     size_t n;
     const char *name = luaL_checklstring(L, 2, &n);
     lua_Integer nth = luaL_optinteger(L, 3, 1);
@@ -226,13 +201,13 @@ int lctx_log(lua_State *L, uint64_t cid, const char *qid, int first)
 
 static int ctx_log(lua_State *L)
 {
-    struct sess *s = live(L, check_ctx(L));
+    struct sess *s = live(L, block(L));
     return lctx_log(L, s->id, sess_qid(s), 2);
 }
 
 static int ctx_tostring(lua_State *L)
 {
-    struct lctx *x = check_ctx(L);
+    struct lctx *x = block(L);
     if (x->s)
         lua_pushfstring(L, "milter.ctx(%d)", (int)x->s->id);
     else
@@ -240,39 +215,80 @@ static int ctx_tostring(lua_State *L)
     return 1;
 }
 
-void lctx_register(lua_State *L)
+/* Sets t[name] = a closure of fn bound to the block at index bi. */
+static void bind(lua_State *L, int t, int bi, const char *name,
+                 lua_CFunction fn)
 {
-    static const luaL_Reg methods[] = {{"macro", ctx_macro},
-                                       {"header", ctx_header},
-                                       {"log", ctx_log},
-                                       {NULL, NULL}};
-    luaL_newmetatable(L, CTX_MT);
-    lua_newtable(L);
-    for (const luaL_Reg *m = methods; m->name; m++) {
-        lua_pushcfunction(L, m->func);
-        lua_setfield(L, -2, m->name);
-    }
-    lua_pushcclosure(L, ctx_index, 1);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, ctx_newindex);
-    lua_setfield(L, -2, "__newindex");
-    lua_pushcfunction(L, ctx_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pushliteral(L, "milter.ctx");
-    lua_setfield(L, -2, "__metatable");
-    lua_pop(L, 1);
+    lua_pushvalue(L, bi);
+    lua_pushcclosure(L, fn, 1);
+    lua_setfield(L, t, name);
 }
 
 struct lctx *lctx_push(lua_State *L, struct sess *s)
 {
     struct lctx *x = lua_newuserdata(L, sizeof *x);
+    int bi = lua_gettop(L);
     memset(x, 0, sizeof *x);
     x->s = s;
     x->conn_seq = s->conn_seq;
     x->msg_seq = s->msg_seq;
-    luaL_getmetatable(L, CTX_MT);
-    lua_setmetatable(L, -2);
-    lua_createtable(L, 0, 4);
-    lua_setfenv(L, -2);
+    lua_createtable(L, 0, 4); /* caches: rcpts, headers */
+    lua_setfenv(L, bi);
+
+    lua_createtable(L, 0, 8); /* the ctx table */
+    int t = lua_gettop(L);
+    lua_newtable(L);
+    lua_setfield(L, t, "conn");
+    lua_newtable(L);
+    lua_setfield(L, t, "msg");
+    char id[24];
+    snprintf(id, sizeof id, "%llu", (unsigned long long)s->id);
+    lua_pushstring(L, id);
+    lua_setfield(L, t, "id");
+    bind(L, t, bi, "macro", ctx_macro);
+    bind(L, t, bi, "header", ctx_header);
+    bind(L, t, bi, "log", ctx_log);
+
+    lua_createtable(L, 0, 4); /* its metatable, bound to the block */
+    int mt = lua_gettop(L);
+    bind(L, mt, bi, "__index", ctx_index);
+    bind(L, mt, bi, "__newindex", ctx_newindex);
+    bind(L, mt, bi, "__tostring", ctx_tostring);
+    lua_pushliteral(L, "milter.ctx");
+    lua_setfield(L, -2, "__metatable");
+    lua_setmetatable(L, t);
+    lua_remove(L, bi); /* leaves the ctx table on top */
     return x;
+}
+
+void lctx_sync(lua_State *L, int idx, struct lctx *x)
+{
+    const struct sess *s = x->s;
+    if (x->msg_seq == s->msg_seq)
+        return;
+    x->msg_seq = s->msg_seq; /* a new message: fresh msg and views */
+    x->nrcpts = x->nhdrs = 0;
+    lua_pushliteral(L, "msg");
+    lua_newtable(L);
+    lua_rawset(L, idx);
+    lua_getmetatable(L, idx);
+    lua_getfield(L, -1, "__index");
+    lua_getupvalue(L, -1, 1); /* the block */
+    lua_getfenv(L, -1);
+    lua_pushnil(L);
+    lua_setfield(L, -2, "rcpts");
+    lua_pushnil(L);
+    lua_setfield(L, -2, "headers");
+    lua_pop(L, 4);
+}
+
+void lctx_detach(lua_State *L, int idx, struct lctx *x)
+{
+    static const char *const fields[] = {"conn", "msg", "id", "client"};
+    x->s = NULL;
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+        lua_pushstring(L, fields[i]);
+        lua_pushnil(L);
+        lua_rawset(L, idx); /* now they reach __index, which raises */
+    }
 }

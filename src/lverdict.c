@@ -19,6 +19,7 @@ struct vr {
     int t;           /* index of the verdict table (1 in the reader frame) */
     int nanchor;     /* strings made here, kept in the table at index 2 */
     int rc;
+    unsigned present;  /* modification keys the verdict has (bit k) */
     int ev;
     const struct sess *s;
     struct verdict *v;
@@ -185,6 +186,10 @@ static int header_value(struct vr *r, int i, struct wire_str *out)
     if (get_str(r->co, i, out) < 0)
         return -1;
     if (memchr(out->p, '\r', out->n)) {
+        if (!r->nanchor) { /* the first rewrite: make the anchor table */
+            lua_newtable(r->co);
+            lua_replace(r->co, 2);
+        }
         luaL_gsub(r->co, out->p, "\r\n", "\n");
         out->p = lua_tolstring(r->co, -1, &out->n);
         lua_rawseti(r->co, 2, ++r->nanchor); /* keeps the new string alive */
@@ -340,14 +345,17 @@ static int check_keys(struct vr *r)
             return fail(r, "%s: modifications go with accept or continue "
                            "only",
                         key);
+        r->present |= 1u << k;
     }
     return 0;
 }
 
-/* The reader, run under lua_pcall: [1] verdict table, [2] anchor table. */
+/* The reader, run under lua_pcall: [1] verdict table, [2] anchor table
+ * (nil until needed), [3] the struct vr. Returns the anchor. */
 static int read_all(lua_State *co)
 {
-    struct vr *r = lua_touserdata(co, lua_upvalueindex(1));
+    struct vr *r = lua_touserdata(co, 3);
+    lua_settop(co, 2);
     struct verdict *v = r->v;
     int ev = r->ev;
     r->rc = -1;
@@ -370,22 +378,25 @@ static int read_all(lua_State *co)
         return 0;
     if ((act == VA_REJECT || act == VA_TEMPFAIL) && read_reply(r) < 0)
         return 0;
-    for (int k = 0; ev == SE_EOM && k < NMOD_KEYS; k++) {
+    for (int k = 0; r->present && k < NMOD_KEYS; k++) {
+        if (!(r->present & (1u << k)))
+            continue;
         lua_settop(co, 2);
         rawfield(co, r->t, mod_keys[k].key);
         if (!lua_isnil(co, -1) && read_mod(r, k) < 0)
             return 0;
     }
     r->rc = 0;
-    return 0;
+    lua_settop(co, 2);
+    return 1; /* the anchor table, if any, outlives the call */
 }
 
 int lverdict_read(struct lb_state *st, lua_State *co, int idx, int ev,
                   const struct sess *s, struct verdict *v, const char **why,
                   char *whybuf, size_t whylen)
 {
-    struct vr r = {st, co, 1, 0, -1, ev, s, v, why, whybuf, whylen, 0};
-    memset(v, 0, sizeof *v);
+    struct vr r = {st, co, 1, 0, -1, 0, ev, s, v, why, whybuf, whylen, 0};
+    verdict_clear(v);
     if (idx == 0 || lua_isnil(co, idx))
         return 0;
     if (!lua_istable(co, idx))
@@ -394,17 +405,22 @@ int lverdict_read(struct lb_state *st, lua_State *co, int idx, int ev,
                     luaL_typename(co, idx));
     if (!lua_checkstack(co, 8))
         return fail(&r, "out of Lua stack");
-    lua_pushlightuserdata(co, &r);
-    lua_pushcclosure(co, read_all, 1);
+    /* read_all(verdict, anchor, &r): no closure, no allocation per call;
+     * the anchor table is made only when a value had to be rewritten. */
+    if (st->reader_ref == 0) { /* once per state: no closure per call */
+        lua_pushcfunction(st->L, read_all);
+        st->reader_ref = luaL_ref(st->L, LUA_REGISTRYINDEX);
+    }
+    lua_rawgeti(co, LUA_REGISTRYINDEX, st->reader_ref);
     lua_pushvalue(co, idx);
-    lua_newtable(co);
-    lua_pushvalue(co, -1);
-    lua_insert(co, -4); /* the anchor table outlives the call */
-    if (lua_pcall(co, 2, 0, 0) != 0) {
+    lua_pushnil(co);
+    lua_pushlightuserdata(co, &r);
+    if (lua_pcall(co, 3, 1, 0) != 0) {
         fail(&r, "%s", lua_tostring(co, -1) ? lua_tostring(co, -1) : "error");
         lua_pop(co, 1);
         return -1;
     }
+    /* the anchor (or nil) stays on the stack until the next call */
     if (r.rc < 0)
         return -1;
     v->mods = st->mods;

@@ -265,7 +265,7 @@ static void open_msg(struct sess *s)
 /* The verdict that stands in for a failed handler: generic texts only. */
 static void on_error_verdict(int action, struct verdict *v)
 {
-    memset(v, 0, sizeof *v);
+    verdict_clear(v);
     v->action = action;
     if (action == VA_REJECT) {
         static const struct wire_str text = {"Rejected by mail filter", 23};
@@ -287,7 +287,7 @@ static void on_error_verdict(int action, struct verdict *v)
 static void run(struct sess *s, int ev, const struct wire_cmd *c,
                 struct verdict *v)
 {
-    memset(v, 0, sizeof *v);
+    verdict_clear(v);
     if (!(s->cfg->handlers & SE_BIT(ev)))
         return;
     if (s->ops->call(s->ud, s, ev, c, v) < 0)
@@ -420,7 +420,7 @@ int sess_put_on_error(const struct sess_cfg *cfg, struct buf *out)
 static void body_event(struct sess *s, const struct wire_cmd *c,
                        struct verdict *v)
 {
-    memset(v, 0, sizeof *v);
+    verdict_clear(v);
     if (s->skip_body || s->body_bytes >= s->cfg->max_body) {
         if (!s->skip_body)
             s->truncated = 1;

@@ -54,6 +54,19 @@ struct verdict {
     struct wire_str quarantine;          /* when quarantine.p */
 };
 
+/* An empty (continue) verdict; cheaper than clearing the 32 lines. */
+static inline void verdict_clear(struct verdict *v)
+{
+    v->action = VA_CONTINUE;
+    v->code = 0;
+    v->xcode = (struct wire_str){NULL, 0};
+    v->nlines = 0;
+    v->mods = NULL;
+    v->nmods = 0;
+    v->from = v->from_args = v->body = v->quarantine =
+        (struct wire_str){NULL, 0};
+}
+
 struct sess;
 struct sess_ops {
     /*
