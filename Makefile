@@ -55,7 +55,7 @@ lint:
 	luacheck -q lua spec example.lua
 
 spec: $(B)/luamilter
-	LUAMILTER_BIN=$(B)/luamilter $(BUSTED) spec/lua spec/daemon
+	LUAMILTER_BIN=$(B)/luamilter $(BUSTED) spec/lua spec/daemon spec/bench
 
 deps-test:
 	@scripts/deps.sh test

@@ -63,6 +63,7 @@ static char *unix_path;
 struct rconn {
     ev_io io; /* first member: the callback casts back */
     int fd, quit;
+    int release; /* ABORT seen: free rbuf once it is empty */
     uint32_t protocol, actions;
     int rcpts, headers;
     unsigned long bytes;
@@ -178,6 +179,7 @@ static int frame(struct rconn *c, int cmd, const unsigned char *p, size_t n)
     case 'A':
         c->rcpts = c->headers = 0;
         c->bytes = 0;
+        c->release = 1;
         return 0;
     case 'Q': c->quit = 1; return 0;
     case 'K': return 0;
@@ -270,12 +272,16 @@ static long frames(struct rconn *c, const unsigned char *p, size_t n)
     return (long)pos;
 }
 
-/* Reads into a shared buffer and keeps only an incomplete frame per
- * connection, so an idle connection holds no read buffer at all. */
+/*
+ * Reads into a shared buffer while the connection has no buffer of its
+ * own; the first incomplete frame gets it one (room for the whole frame),
+ * which then takes the reads until the message ends (ABORT), so big BODY
+ * frames are read in place. An idle connection holds no read buffer.
+ */
 static int on_read(struct rconn *c)
 {
     static unsigned char shared[READ_CHUNK];
-    if (c->rlen == 0) {
+    if (!c->rbuf) {
         ssize_t k = read(c->fd, shared, sizeof shared);
         if (k < 0 && (errno == EAGAIN || errno == EINTR))
             return 0;
@@ -286,13 +292,14 @@ static int on_read(struct rconn *c)
             return -1;
         size_t left = (size_t)k - (size_t)used;
         if (left) {
-            if (c->rcap < left) {
-                c->rcap = left < 4096 ? 4096 : left;
-                c->rbuf = xrealloc(c->rbuf, c->rcap);
-            }
+            c->rcap = left + READ_CHUNK;
+            if (left >= 4)
+                c->rcap += get_u32(shared + used);
+            c->rbuf = xrealloc(NULL, c->rcap);
             memcpy(c->rbuf, shared + used, left);
             c->rlen = left;
         }
+        c->release = 0;
         return 0;
     }
     size_t want = READ_CHUNK;
@@ -316,11 +323,12 @@ static int on_read(struct rconn *c)
         return -1;
     memmove(c->rbuf, c->rbuf + used, c->rlen - (size_t)used);
     c->rlen -= (size_t)used;
-    if (c->rlen == 0) {
+    if (c->rlen == 0 && c->release) { /* the message is over */
         free(c->rbuf);
         c->rbuf = NULL;
         c->rcap = 0;
     }
+    c->release = 0;
     return 0;
 }
 

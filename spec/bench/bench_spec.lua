@@ -1,0 +1,229 @@
+-- Correctness of the benchmark tool (scripts/bench, build/bench/benchgen,
+-- build/bench/benchref): no timings are checked, only that runs against a
+-- correct server are clean and that wrong servers are caught.
+--
+-- Run: luajit /usr/bin/busted spec/bench   (LUAMILTER_BIN picks the binary;
+-- default build/luamilter). Every wait is bounded.
+package.path = "./?.lua;" .. package.path
+
+local unistd = require "posix.unistd"
+local fcntl = require "posix.fcntl"
+local psignal = require "posix.signal"
+local pwait = require "posix.sys.wait"
+local stdlib = require "posix.stdlib"
+local socket = require "socket"
+local D = require "spec.support.daemon"
+
+local BENCH = "scripts/bench"
+local GEN = "build/bench/benchgen"
+
+local function read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return "" end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+-- runs argv with stdout/stderr to files; returns {status, out, err,
+-- timed_out}. A run past the deadline gets SIGTERM (scripts/bench then
+-- stops its servers), then SIGKILL.
+local function run(argv, timeout)
+  local dir = assert(stdlib.mkdtemp("/tmp/luamilter-benchspec-XXXXXX"))
+  local out_path, err_path = dir .. "/out", dir .. "/err"
+  local pid = assert(unistd.fork())
+  if pid == 0 then
+    local flags = fcntl.O_WRONLY + fcntl.O_CREAT + fcntl.O_TRUNC
+    local nul = fcntl.open("/dev/null", fcntl.O_RDONLY)
+    unistd.dup2(nul, 0)
+    unistd.dup2(fcntl.open(out_path, flags, 420), 1)
+    unistd.dup2(fcntl.open(err_path, flags, 420), 2)
+    for fd = 3, 1023 do unistd.close(fd) end
+    local args = {}
+    for i = 2, #argv do args[i - 1] = argv[i] end
+    unistd.execp(argv[1], args)
+    unistd._exit(127)
+  end
+  local res = {}
+  local deadline = socket.gettime() + (timeout or 60)
+  local signalled = nil
+  while true do
+    local p, how, code = pwait.wait(pid, pwait.WNOHANG)
+    if p == pid then
+      res.status, res.how = code, how
+      break
+    end
+    if socket.gettime() > deadline then
+      if not signalled then
+        res.timed_out = true
+        psignal.kill(pid, psignal.SIGTERM)
+        signalled = socket.gettime()
+      elseif socket.gettime() > signalled + 10 then
+        psignal.kill(pid, psignal.SIGKILL)
+      end
+    end
+    socket.sleep(0.02)
+  end
+  res.out, res.err = read_file(out_path), read_file(err_path)
+  os.remove(out_path); os.remove(err_path); unistd.rmdir(dir)
+  return res
+end
+
+local function show(res)
+  return "exit " .. tostring(res.status) .. (res.timed_out and " (timed out)" or "") ..
+    "\n--- stdout\n" .. res.out .. "\n--- stderr\n" .. res.err
+end
+
+-- the per-run progress lines of scripts/bench: {server, msgs, errors}
+local function runs(out)
+  local list = {}
+  for server, msgs, errors in out:gmatch("(%a+) msgs=(%d+) [^\n]- errors=(%d+)") do
+    list[#list + 1] = { server = server, msgs = tonumber(msgs), errors = tonumber(errors) }
+  end
+  return list
+end
+
+-- key=value fields of benchgen's RESULT line
+local function result(out)
+  local line = out:match("RESULT ([^\n]*)")
+  assert(line, "no RESULT line in:\n" .. out)
+  local f = {}
+  for k, v in line:gmatch("(%S+)=(%S+)") do f[k] = tonumber(v) or v end
+  return f
+end
+
+describe("scripts/bench", function()
+  setup(function()
+    local res = run({ BENCH, "--build-only" }, 120)
+    assert(res.status == 0, "building the bench tools failed: " .. show(res))
+  end)
+
+  it("a --quick run against luamilter and the reference has no errors", function()
+    local res = run({ BENCH, "--quick" }, 120)
+    assert.are.equal(0, res.status, show(res))
+    local got = runs(res.out)
+    assert.are.equal(2, #got, show(res))
+    assert.are.same({ "reference", "luamilter" }, { got[1].server, got[2].server })
+    for _, r in ipairs(got) do
+      assert.are.equal(24, r.msgs, show(res))
+      assert.are.equal(0, r.errors, show(res))
+    end
+    -- the reference negotiated what luamilter asked for; the summary has ratios
+    assert.truthy(res.out:find("luamilter negotiated protocol 0x%x+ actions 0x%x+ %(reference: the same%)"),
+      show(res))
+    assert.truthy(res.out:find("lua/ref", 1, true), show(res))
+    assert.falsy(res.err:find("error", 1, true), show(res))
+  end)
+
+  it("detects wrong replies: a reference answering 'r' to every 3rd RCPT", function()
+    local res = run({ BENCH, "--quick", "--only", "ref", "--ref-fault", "reject-rcpt:3" }, 120)
+    assert.are.equal(1, res.status, show(res))
+    local got = runs(res.out)
+    assert.are.equal(1, #got, show(res))
+    assert.is_true(got[1].errors > 0, show(res))
+    assert.is_true(got[1].msgs < 24, show(res))
+    assert.truthy(res.err:find("error wrong_reply: .- RCPT answered with 'r'"), show(res))
+    assert.truthy(res.out:find("ERRORS", 1, true), show(res))
+  end)
+
+  it("detects a missing reply as a timeout", function()
+    local res = run({ BENCH, "--quick", "--only", "ref", "--ref-fault", "drop-reply:4",
+      "--messages", "8", "--timeout", "0.5" }, 120)
+    assert.are.equal(1, res.status, show(res))
+    local got = runs(res.out)
+    assert.is_true(got[1].errors > 0, show(res))
+    assert.truthy(res.err:find("error timeout: .- at RCPT: no reply within 0.5s"), show(res))
+  end)
+
+  it("detects a missing header with --expect-header, and only with it", function()
+    local res = run({ BENCH, "--quick", "--only", "ref", "--ref-fault", "no-header" }, 120)
+    assert.are.equal(1, res.status, show(res))
+    local got = runs(res.out)
+    assert.are.equal(24, got[1].errors, show(res))
+    assert.are.equal(0, got[1].msgs, show(res))
+    assert.truthy(res.err:find("error missing_header: .- no ADDHEADER X%-Bench"), show(res))
+
+    res = run({ BENCH, "--quick", "--only", "ref", "--ref-fault", "no-header", "--expect-header", "" }, 120)
+    assert.are.equal(0, res.status, show(res))
+    assert.are.equal(0, runs(res.out)[1].errors, show(res))
+  end)
+
+  it("--body-sweep --quick runs bodies with and without a Lua body handler cleanly", function()
+    local res = run({ BENCH, "--quick", "--body-sweep" }, 120)
+    assert.are.equal(0, res.status, show(res))
+    local got = runs(res.out)
+    assert.are.equal(8, #got, show(res)) -- 2 sizes x 2 variants x 2 servers
+    for _, r in ipairs(got) do
+      assert.are.equal(24, r.msgs, show(res))
+      assert.are.equal(0, r.errors, show(res))
+    end
+    -- with the body handler luamilter asks for BODY events (no NOBODY bit)
+    local proto = res.out:match("\n  body handler: luamilter negotiated protocol (0x%x+)")
+    assert.truthy(proto, show(res))
+    assert.are.equal(0, bit.band(tonumber(proto), 0x10), show(res))
+  end)
+
+  it("--idle opens and holds sessions against both servers", function()
+    local res = run({ BENCH, "--quick", "--idle", "40" }, 120)
+    assert.are.equal(0, res.status, show(res))
+    for _, name in ipairs({ "reference", "luamilter" }) do
+      local open = res.out:match("\n" .. name .. "%s+40%s+[%d.]+ MB%s+[%d.]+ MB%s+[%d.]+%s+(%d+)")
+      assert.are.equal("40", open, show(res))
+    end
+  end)
+end)
+
+describe("benchgen against luamilter with other scripts", function()
+  local d
+
+  after_each(function()
+    if d then d:stop(); d = nil end
+  end)
+
+  it("honours SKIP: stops the body after 's' and still gets the header", function()
+    local err
+    d, err = D.start([[
+local milter = require "milter"
+return {
+  body = function(ctx, chunk)
+    ctx.msg.chunks = (ctx.msg.chunks or 0) + 1
+    return milter.skip()
+  end,
+  eom = function(ctx)
+    return milter.accept{ add_header = { { "X-Chunks", tostring(ctx.msg.chunks) } } }
+  end,
+}
+]], { args = { "--log-level", "warn" } })
+    assert(d, err)
+    -- 200 KiB bodies are 4 BODY packets; after the first 's' no more may come
+    local res = run({ GEN, "-s", d.listen, "-c", "3", "-m", "2", "-n", "12", "-b", "200K",
+      "-e", "X-Chunks", "-T", "5" }, 60)
+    assert.are.equal(0, res.status, show(res))
+    local f = result(res.out)
+    assert.are.equal(12, f.msgs, show(res))
+    assert.are.equal(0, f.errors, show(res))
+    -- SKIP was negotiated and BODY is answered
+    assert.are.equal(0x400, bit.band(tonumber(f.protocol), 0x400), show(res))
+    assert.are.equal(0, bit.band(tonumber(f.protocol), 0x80000), show(res))
+    assert.falsy(d:log():find("protocol error", 1, true), d:log())
+  end)
+
+  it("flags a verdict other than continue as a wrong reply", function()
+    local err
+    d, err = D.start([[
+local milter = require "milter"
+return {
+  header = function(ctx, name)
+    if name == "Subject" then return milter.tempfail{} end
+  end,
+}
+]], { args = { "--log-level", "warn" } })
+    assert(d, err)
+    local res = run({ GEN, "-s", d.listen, "-c", "1", "-m", "1", "-n", "3", "-T", "5" }, 60)
+    assert.are.equal(1, res.status, show(res))
+    local f = result(res.out)
+    assert.are.equal(0, f.msgs, show(res))
+    assert.are.equal(3, f.err_wrong_reply, show(res))
+    assert.truthy(res.err:find("HEADER answered with 't'", 1, true), show(res))
+  end)
+end)
