@@ -185,54 +185,72 @@ static int flush(struct conn *c)
     return 0;
 }
 
-/* Decodes and handles every complete frame in rbuf. */
-static void process(struct conn *c)
+/*
+ * Decodes and handles every complete frame in p[0..n); returns the bytes
+ * used (a partial frame at the end is left for the caller to keep).
+ */
+static size_t process(struct conn *c, const uint8_t *p, size_t n)
 {
-    struct server *srv = c->srv;
+    size_t done = 0;
     while (!c->closing) {
         struct wire_frame f;
         struct wire_cmd cmd;
         size_t used;
         const char *err = NULL;
-        int rc = wire_next_frame(buf_head(&c->rbuf), buf_len(&c->rbuf),
-                                 srv->max_frame, &f, &used, &err);
+        int rc = wire_next_frame(p + done, n - done, c->srv->max_frame, &f,
+                                 &used, &err);
         if (rc == WIRE_NEED_MORE)
-            return;
+            break;
         if (rc == WIRE_ERROR || wire_decode(&f, &cmd, &err) < 0) {
-            const uint8_t *p = buf_head(&c->rbuf);
+            const uint8_t *h = p + done;
             log_msg(LL_WARN, c->id, sess_qid(&c->sess),
                     "malformed frame (%s: command 0x%02x, length %u): "
                     "closing the connection",
-                    err, buf_len(&c->rbuf) > 4 ? p[4] : 0,
-                    (unsigned)((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
-                               (uint32_t)p[2] << 8 | p[3]));
+                    err, n - done > 4 ? h[4] : 0,
+                    n - done >= 4 ? (unsigned)((uint32_t)h[0] << 24 |
+                                               (uint32_t)h[1] << 16 |
+                                               (uint32_t)h[2] << 8 | h[3])
+                                  : 0);
             conn_drop(c, NULL);
-            return;
+            break;
         }
         rc = sess_handle(&c->sess, &cmd, &c->wbuf);
-        buf_consume(&c->rbuf, used);
+        done += used;
         if (rc == SESS_CLOSE)
             c->closing = 1;
     }
+    return done;
 }
 
+/*
+ * Reads what the peer sent. Whole frames are handled straight from one
+ * read buffer shared by the worker's connections; a connection only holds
+ * memory of its own for a frame that arrived in part, so an idle
+ * connection costs little.
+ */
 static void on_read(struct conn *c)
 {
-    size_t want = READ_CHUNK;
-    if (buf_len(&c->rbuf) >= 4) { /* a partial frame: room for all of it */
+    static uint8_t shared[READ_CHUNK];
+    ssize_t n;
+    if (!buf_len(&c->rbuf)) {
+        n = read(c->fd, shared, sizeof shared);
+    } else {
+        size_t want = READ_CHUNK; /* a partial frame: room for all of it */
         const uint8_t *p = buf_head(&c->rbuf);
-        size_t flen = 4 + ((size_t)p[0] << 24 | (size_t)p[1] << 16 |
-                           (size_t)p[2] << 8 | p[3]);
-        if (flen > buf_len(&c->rbuf) && flen - buf_len(&c->rbuf) > want &&
-            flen <= c->srv->max_frame + 5)
-            want = flen - buf_len(&c->rbuf);
+        if (buf_len(&c->rbuf) >= 4) {
+            size_t flen = 4 + ((size_t)p[0] << 24 | (size_t)p[1] << 16 |
+                               (size_t)p[2] << 8 | p[3]);
+            if (flen > buf_len(&c->rbuf) && flen - buf_len(&c->rbuf) > want &&
+                flen <= c->srv->max_frame + 5)
+                want = flen - buf_len(&c->rbuf);
+        }
+        uint8_t *dst = buf_reserve(&c->rbuf, want);
+        if (!dst) {
+            conn_drop(c, "out of memory for the read buffer");
+            return;
+        }
+        n = read(c->fd, dst, want);
     }
-    uint8_t *dst = buf_reserve(&c->rbuf, want);
-    if (!dst) {
-        conn_drop(c, "out of memory for the read buffer");
-        return;
-    }
-    ssize_t n = read(c->fd, dst, want);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
         return;
     if (n <= 0) {
@@ -243,9 +261,21 @@ static void on_read(struct conn *c)
         conn_drop(c, n < 0 ? strerror(errno) : NULL);
         return;
     }
-    buf_commit(&c->rbuf, (size_t)n);
     ev_timer_again(c->srv->loop, &c->timer);
-    process(c);
+    if (!buf_len(&c->rbuf)) {
+        size_t used = process(c, shared, (size_t)n);
+        if (!c->closing && used < (size_t)n &&
+            buf_append(&c->rbuf, shared + used, (size_t)n - used) < 0) {
+            conn_drop(c, "out of memory for the read buffer");
+            return;
+        }
+    } else {
+        buf_commit(&c->rbuf, (size_t)n);
+        buf_consume(&c->rbuf,
+                    process(c, buf_head(&c->rbuf), buf_len(&c->rbuf)));
+        if (!buf_len(&c->rbuf))
+            buf_free(&c->rbuf); /* back to owning nothing */
+    }
     /* A peer trickling one frame byte by byte keeps the idle timer happy;
      * a frame must still be complete within --timeout of its first byte. */
     if (!buf_len(&c->rbuf)) {
