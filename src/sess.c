@@ -230,8 +230,6 @@ static int negotiate(struct sess *s, const struct wire_cmd *c,
         else if (!(h & SE_BIT(r->ev)))
             want_nr |= r->nr_bit;
     }
-    s->mta_actions = c->actions;
-    s->mta_protocol = c->protocol;
     s->version = c->version < 6 ? c->version : 6;
     s->actions = (h & SE_BIT(SE_EOM)) ? c->actions & 0xffu : 0;
     s->protocol = (want_no | want_nr) & c->protocol;

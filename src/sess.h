@@ -105,7 +105,6 @@ struct sess {
     uint8_t phase;    /* enum sess_phase, while MSG_OPEN */
     uint8_t hides_received; /* MTA hides its trace header (Postfix) */
     uint32_t version, actions, protocol; /* negotiated */
-    uint32_t mta_actions, mta_protocol;  /* offered */
 
     /* Connection data (conn arena). */
     struct buf carena;
