@@ -481,10 +481,11 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
     if (s->state == ST_CLOSED) { /* the script ended the connection */
         if (!reply)
             return SESS_OK;
-        if (buf_len(&s->conn_end))
-            return buf_append(out, buf_head(&s->conn_end),
-                              buf_len(&s->conn_end));
-        return buf_append(out, "\0\0\0\1c", 5);
+        int rc = buf_len(&s->conn_end)
+                     ? buf_append(out, buf_head(&s->conn_end),
+                                  buf_len(&s->conn_end))
+                     : buf_append(out, "\0\0\0\1c", 5);
+        return rc < 0 ? proto_error(s, "out of memory", c->cmd) : SESS_OK;
     }
     if (r->ev == SE_HELO || r->ev == SE_ENVFROM) {
         if (s->msg != MSG_NONE)
@@ -497,7 +498,9 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
                 s->msg = MSG_NONE;
             if (!reply)
                 return SESS_OK;
-            return buf_append(out, buf_head(&s->ended), buf_len(&s->ended));
+            return buf_append(out, buf_head(&s->ended), buf_len(&s->ended)) < 0
+                       ? proto_error(s, "out of memory", c->cmd)
+                       : SESS_OK;
         }
         if (s->msg == MSG_NONE)
             open_msg(s); /* the MTA skipped MAIL: we opted out of it */
