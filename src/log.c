@@ -42,11 +42,6 @@ void log_use_syslog(const char *ident)
     to_syslog = 1;
 }
 
-const char *log_level_name(int level)
-{
-    return names[level < 0 ? 0 : level > LL_DEBUG ? LL_DEBUG : level];
-}
-
 /* Appends s to out as the inside of a JSON string; returns the new length. */
 static size_t json_escape(char *out, size_t pos, size_t cap, const char *s)
 {

@@ -24,8 +24,6 @@ int log_parse_level(const char *name, int *out);
 int log_set_format(const char *name);
 /* From now on, write to syslog (ident borrowed, must outlive the process). */
 void log_use_syslog(const char *ident);
-/* Name of a level: "error", "warn", "info", "debug". */
-const char *log_level_name(int level);
 
 /*
  * Writes one line. cid 0 means "not about a connection"; qid may be NULL.

@@ -85,13 +85,7 @@ static int get_int(lua_State *co, int i, lua_Integer lo, lua_Integer hi,
 
 static int valid_header_name(struct wire_str n)
 {
-    if (n.n == 0 || n.n > 998)
-        return 0;
-    for (size_t i = 0; i < n.n; i++)
-        if ((unsigned char)n.p[i] <= 32 || (unsigned char)n.p[i] >= 127 ||
-            n.p[i] == ':')
-            return 0;
-    return 1;
+    return n.n > 0 && n.n <= 998 && wire_field_name_len(n.p, n.n) == n.n;
 }
 
 /* Splits one reason string into lines at LF (dropping a CR before it). */

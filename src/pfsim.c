@@ -15,12 +15,10 @@ static char *dupn(const char *p, size_t n)
     return s;
 }
 
-/* A header line starts with a field name (printable, no colon) then ':'. */
+/* A header line starts with a field name then ':'; 0 if it does not. */
 static size_t name_len(const char *line, size_t n)
 {
-    size_t i = 0;
-    while (i < n && line[i] > 32 && line[i] < 127 && line[i] != ':')
-        i++;
+    size_t i = wire_field_name_len(line, n);
     return i > 0 && i < n && line[i] == ':' ? i : 0;
 }
 
@@ -85,7 +83,7 @@ int pf_parse(struct pf_msg *m, const char *data, size_t len)
     while (p < end) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
         const char *e = nl ? nl : end;
-        size_t n = (size_t)(e - p);
+        size_t n = (size_t)(e - p), k;
         if (n && p[n - 1] == '\r')
             n--;
         if (in_headers && n == 0) {
@@ -109,8 +107,7 @@ int pf_parse(struct pf_msg *m, const char *data, size_t len)
             v[vl] = '\n';
             memcpy(v + vl + 1, p, n);
             v[vl + 1 + n] = '\0';
-        } else if (in_headers && name_len(p, n)) {
-            size_t k = name_len(p, n);
+        } else if (in_headers && (k = name_len(p, n)) > 0) {
             const char *v = p + k + 1;
             size_t vn = n - k - 1;
             if (vn && *v == ' ') { /* milters get the value without it */

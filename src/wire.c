@@ -161,6 +161,15 @@ no_nul:
     return -1;
 }
 
+size_t wire_field_name_len(const char *p, size_t n)
+{
+    size_t i = 0;
+    while (i < n && (unsigned char)p[i] > 32 && (unsigned char)p[i] < 127 &&
+           p[i] != ':')
+        i++;
+    return i;
+}
+
 int wire_put(struct buf *out, uint8_t cmd, const void *payload, size_t len)
 {
     uint8_t *p = buf_reserve(out, 5 + len);

@@ -122,6 +122,12 @@ int wire_decode(const struct wire_frame *f, struct wire_cmd *c,
  */
 struct wire_str wire_list_next(const char *list, size_t len, size_t *pos);
 
+/*
+ * Length of the header field name at the start of p[0..n): printable ASCII
+ * without space or colon (RFC 5322 ftext). 0 when p does not start with one.
+ */
+size_t wire_field_name_len(const char *p, size_t n);
+
 /* Encoders: append complete frames to out; each returns 0 or -1 (no room). */
 int wire_put(struct buf *out, uint8_t cmd, const void *payload, size_t len);
 /* One frame whose payload is the given strings, each followed by a NUL. */
