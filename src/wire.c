@@ -193,7 +193,7 @@ int wire_put_strs(struct buf *out, uint8_t cmd, const struct wire_str *s,
     size_t len = 0;
     for (int i = 0; i < n; i++)
         len += s[i].n + 1;
-    if (!buf_reserve(out, 5 + len))
+    if (len > WIRE_MAX_CHUNK || !buf_reserve(out, 5 + len))
         return -1;
     buf_append_u32(out, (uint32_t)len + 1);
     buf_append_byte(out, cmd);
@@ -208,7 +208,7 @@ int wire_put_idx_header(struct buf *out, uint8_t cmd, uint32_t index,
                         struct wire_str name, struct wire_str value)
 {
     size_t len = 4 + name.n + 1 + value.n + 1;
-    if (!buf_reserve(out, 5 + len))
+    if (len > WIRE_MAX_CHUNK || !buf_reserve(out, 5 + len))
         return -1;
     buf_append_u32(out, (uint32_t)len + 1);
     buf_append_byte(out, cmd);
@@ -270,16 +270,61 @@ static void put_escaped(struct buf *out, struct wire_str s)
     }
 }
 
+/* Bytes of s once every '%' is doubled. */
+static size_t escaped_len(struct wire_str s)
+{
+    size_t n = s.n;
+    for (const char *p = s.p, *end = s.p + s.n;
+         (p = memchr(p, '%', (size_t)(end - p))) != NULL; p++)
+        n++;
+    return n;
+}
+
+size_t wire_replycode_len(struct wire_str xcode, const struct wire_str *lines,
+                          int nlines)
+{
+    size_t len = 1; /* the final NUL */
+    for (int i = 0; i < nlines; i++)
+        len += 4 + (xcode.n ? xcode.n + 1 : 0) + escaped_len(lines[i]) +
+               (i + 1 < nlines ? 2 : 0);
+    return len;
+}
+
+int wire_xcode_valid(const char *x, size_t n, int cls)
+{
+    if (n < 5 || x[0] != '0' + cls || x[1] != '.')
+        return 0;
+    size_t i = 2;
+    for (int part = 0; part < 2; part++) {
+        size_t digits = 0;
+        while (i < n && x[i] >= '0' && x[i] <= '9' && digits < 4) {
+            i++;
+            digits++;
+        }
+        if (digits < 1 || digits > 3)
+            return 0;
+        if (part == 0 && (i >= n || x[i++] != '.'))
+            return 0;
+    }
+    return i == n;
+}
+
+struct wire_str wire_default_xcode(int code)
+{
+    switch (code / 100) {
+    case 2: return (struct wire_str){"2.0.0", 5};
+    case 4: return (struct wire_str){"4.7.1", 5};
+    default: return (struct wire_str){"5.7.1", 5};
+    }
+}
+
 int wire_put_replycode(struct buf *out, int code, struct wire_str xcode,
                        const struct wire_str *lines, int nlines)
 {
-    size_t len = 1;
-    for (int i = 0; i < nlines; i++)
-        len += 4 + xcode.n + 1 + 2 * lines[i].n + 2; /* worst case */
-    if (!buf_reserve(out, 5 + len))
+    size_t len = wire_replycode_len(xcode, lines, nlines);
+    if (len > WIRE_MAX_CHUNK || !buf_reserve(out, 5 + len))
         return -1;
-    size_t hdr = buf_len(out);
-    buf_append_u32(out, 0);
+    buf_append_u32(out, (uint32_t)len + 1);
     buf_append_byte(out, WIRE_R_REPLYCODE);
     for (int i = 0; i < nlines; i++) {
         char num[8];
@@ -293,12 +338,5 @@ int wire_put_replycode(struct buf *out, int code, struct wire_str xcode,
         if (i + 1 < nlines)
             buf_append(out, "\r\n", 2);
     }
-    buf_append_byte(out, 0);
-    uint32_t flen = (uint32_t)(buf_len(out) - hdr - 4);
-    uint8_t *p = buf_head(out) + hdr;
-    p[0] = (uint8_t)(flen >> 24);
-    p[1] = (uint8_t)(flen >> 16);
-    p[2] = (uint8_t)(flen >> 8);
-    p[3] = (uint8_t)flen;
-    return 0;
+    return buf_append_byte(out, 0);
 }

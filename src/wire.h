@@ -68,7 +68,7 @@ enum {
 #define SMFIP_NR_BODY 0x080000u
 #define SMFIP_HDR_LEADSPC 0x100000u
 
-#define WIRE_MAX_CHUNK 65535u /* largest payload we send (REPLBODY chunk) */
+#define WIRE_MAX_CHUNK 65535u /* largest payload we send: MTAs refuse more */
 #define WIRE_MAX_REPLY_LINES 32
 #define WIRE_MAX_REPLY_LINE 980
 
@@ -154,5 +154,19 @@ int wire_put_optneg(struct buf *out, uint32_t version, uint32_t actions,
  */
 int wire_put_replycode(struct buf *out, int code, struct wire_str xcode,
                        const struct wire_str *lines, int nlines);
+/*
+ * The payload bytes wire_put_replycode() would write (with the '%'
+ * escaping), so a verdict can be refused before it is sent: MTAs refuse
+ * packets above WIRE_MAX_CHUNK payload bytes, and so does the encoder.
+ */
+size_t wire_replycode_len(struct wire_str xcode, const struct wire_str *lines,
+                          int nlines);
+/*
+ * Whether x is an RFC 3463 enhanced status code "C.S.D" (S and D 1 to 3
+ * digits) whose class digit C is cls (2, 4 or 5).
+ */
+int wire_xcode_valid(const char *x, size_t n, int cls);
+/* The enhanced code sent when a reply gives none: 5.7.1, 4.7.1, 2.0.0. */
+struct wire_str wire_default_xcode(int code);
 
 #endif

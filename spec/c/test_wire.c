@@ -460,6 +460,65 @@ static void check_replycode(void)
     buf_free(&o);
 }
 
+/* Enhanced status codes: "C.S.D", S and D of 1 to 3 digits, class C. */
+static void check_xcode(void)
+{
+    static const struct {
+        const char *x;
+        int cls, ok;
+    } t[] = {
+        {"5.7.1", 5, 1},    {"4.7.1", 4, 1},    {"5.123.456", 5, 1},
+        {"2.0.0", 2, 1},    {"5.7.1", 4, 0},    {" 5.7.1", 5, 0},
+        {"5. 7. 1", 5, 0},  {"5.-7.+1", 5, 0},  {"5.7.1 ", 5, 0},
+        {"5.1234.1", 5, 0}, {"5.7.1234", 5, 0}, {"5..1", 5, 0},
+        {"5.7.", 5, 0},     {"5.7", 5, 0},      {"57.1.1", 5, 0},
+        {"5.7.1.1", 5, 0},  {"", 5, 0},         {"5.x.1", 5, 0},
+    };
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++)
+        CHECK(wire_xcode_valid(t[i].x, strlen(t[i].x), t[i].cls) == t[i].ok,
+              "xcode '%s' class %d", t[i].x, t[i].cls);
+}
+
+/* No packet above 65535 payload bytes goes out: strict MTAs refuse them. */
+static void check_packet_limit(void)
+{
+    struct buf o;
+    buf_init(&o, 0);
+    static char big[70000];
+    memset(big, 'x', sizeof big);
+    struct wire_str name = {"X-Big", 5}, fit = {big, 65535 - 4 - 5 - 2},
+                    over = {big, 65535 - 4 - 5 - 1};
+    CHECK(wire_put_idx_header(&o, 'i', 0, name, fit) == 0, "65535 fits");
+    CHECK(wire_put_idx_header(&o, 'm', 0, name, over) < 0 &&
+              buf_len(&o) == 65540,
+          "65536 refused, nothing written");
+    struct wire_str strs[2] = {name, {big, 65535 - 5 - 2 + 1}};
+    CHECK(wire_put_strs(&o, 'h', strs, 2) < 0, "ADDHEADER over the limit");
+    /* 32 lines of 980 '%' (each sent as "%%") still fit; longer ones,
+     * which the verdict reader refuses, must not reach the wire either */
+    static char pcts[1100];
+    memset(pcts, '%', sizeof pcts);
+    struct wire_str lines[32];
+    for (int i = 0; i < 32; i++)
+        lines[i] = (struct wire_str){pcts, 980};
+    size_t len = wire_replycode_len((struct wire_str){"5.7.1", 5}, lines, 32);
+    CHECK(len == 32 * (4 + 6 + 1960) + 31 * 2 + 1 && len <= 65535,
+          "32 lines of 980 '%%' need %zu bytes", len);
+    for (int i = 0; i < 32; i++)
+        lines[i] = (struct wire_str){pcts, 1100};
+    CHECK(wire_put_replycode(&o, 550, (struct wire_str){"5.7.1", 5}, lines,
+                             32) < 0,
+          "an oversized reply is refused");
+    buf_reset(&o);
+    struct wire_str pct = {"100% full", 9};
+    CHECK(wire_put_replycode(&o, 550, (struct wire_str){"5.7.1", 5}, &pct,
+                             1) == 0 &&
+              buf_len(&o) - 5 ==
+                  wire_replycode_len((struct wire_str){"5.7.1", 5}, &pct, 1),
+          "the computed length is the written one (with %% escaped)");
+    buf_free(&o);
+}
+
 int main(int argc, char **argv)
 {
     char dir[1024];
@@ -481,6 +540,8 @@ int main(int argc, char **argv)
     free(names);
     check_hostile();
     check_replycode();
+    check_xcode();
+    check_packet_limit();
     printf("decoded %d MTA packets (%d checked against annotations), "
            "re-encoded %d filter packets, %d split runs\n",
            decoded, described, encoded, split_checked);
