@@ -8,6 +8,7 @@
  */
 #include "lb_int.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,7 +78,8 @@ static int get_int(lua_State *co, int i, lua_Integer lo, lua_Integer hi,
     if (lua_type(co, i) != LUA_TNUMBER)
         return -1;
     lua_Number n = lua_tonumber(co, i);
-    if (n != (lua_Number)(lua_Integer)n || n < lo || n > hi)
+    /* range first: casting NaN, infinities or 1e300 is undefined */
+    if (!(n >= (lua_Number)lo && n <= (lua_Number)hi) || n != floor(n))
         return -1;
     *out = (lua_Integer)n;
     return 0;
@@ -126,12 +128,9 @@ static int read_reply(struct vr *r)
     rawfield(co, r->t, "xcode");
     if (!lua_isnil(co, -1)) {
         struct wire_str x;
-        unsigned a, b, c;
-        char tail;
-        if (get_str(co, -1, &x) < 0 || x.n > 11 ||
-            sscanf(x.p, "%1u.%3u.%3u%c", &a, &b, &c, &tail) != 3 ||
-            (int)a != cls)
-            return fail(r, "xcode must look like \"%d.7.1\" (class %d for %s)",
+        if (get_str(co, -1, &x) < 0 || !wire_xcode_valid(x.p, x.n, cls))
+            return fail(r, "xcode must look like \"%d.7.1\" (class %d for "
+                           "%s, then 1 to 3 digits, a dot, 1 to 3 digits)",
                         cls, cls, action_names[v->action]);
         v->xcode = x;
     }
@@ -155,7 +154,27 @@ static int read_reply(struct vr *r)
         if (add_lines(r, line) < 0)
             return -1;
     }
+    size_t len = wire_replycode_len(
+        v->xcode.n ? v->xcode : wire_default_xcode(cls * 100), v->lines,
+        v->nlines);
+    if (len > WIRE_MAX_CHUNK)
+        return fail(r, "the reply is %zu bytes, above the %u a milter packet "
+                       "may carry",
+                    len, WIRE_MAX_CHUNK);
     return 0;
+}
+
+/* A modification packet of len payload bytes fits in one milter packet. */
+static int fits(struct vr *r, size_t len, const char *key, int i)
+{
+    if (len <= WIRE_MAX_CHUNK)
+        return 0;
+    if (i)
+        return fail(r, "%s[%d] is %zu bytes, above the %u a milter packet "
+                       "may carry",
+                    key, i, len, WIRE_MAX_CHUNK);
+    return fail(r, "%s is %zu bytes, above the %u a milter packet may carry",
+                key, len, WIRE_MAX_CHUNK);
 }
 
 static struct mod *new_mod(struct vr *r)
@@ -248,6 +267,8 @@ static int read_header_mod(struct vr *r, int k, int n)
         if (k != MOD_DELETE_HEADER && header_value(r, vi, &m->b) < 0)
             return fail(r, "%s[%d]: the value must be a string without NUL",
                         mod_keys[k].key, i);
+        if (fits(r, 4 + m->a.n + m->b.n + 2, mod_keys[k].key, i) < 0)
+            return -1;
     }
     lua_settop(co, list);
     return 0;
@@ -270,6 +291,8 @@ static int read_rcpt_mod(struct vr *r, int k, int n)
             return fail(r, "%s[%d] must be %s", mod_keys[k].key, i,
                         k == 4 ? "an address or {address, \"ARGS\"}"
                                : "an address");
+        if (fits(r, m->a.n + m->b.n + 2, mod_keys[k].key, i) < 0)
+            return -1;
         if (m->b.p && !(r->s->actions & SMFIF_ADDRCPT_PAR))
             return fail(r, "add_rcpt[%d]: the MTA does not allow recipient "
                            "arguments (ADDRCPT_PAR not offered)",
@@ -291,7 +314,7 @@ static int read_mod(struct vr *r, int k)
         if (addr_args(r, lua_gettop(co), &v->from, &v->from_args) < 0)
             return fail(r, "change_from must be an address or "
                            "{address, \"ARGS\"}");
-        return 0;
+        return fits(r, v->from.n + v->from_args.n + 2, "change_from", 0);
     case 7: /* replace_body */
         if (lua_type(co, -1) != LUA_TSTRING)
             return fail(r, "replace_body must be a string");
@@ -300,7 +323,7 @@ static int read_mod(struct vr *r, int k)
     case 8: /* quarantine */
         if (get_str(co, -1, &v->quarantine) < 0 || v->quarantine.n == 0)
             return fail(r, "quarantine must be a non-empty reason string");
-        return 0;
+        return fits(r, v->quarantine.n + 1, "quarantine", 0);
     default:
         if (!lua_istable(co, -1))
             return fail(r, "%s must be a list", mod_keys[k].key);

@@ -145,6 +145,27 @@ return H
     assert.are.same({ { "<a@example.org>", "<b@example.org>" } }, U.seen(d, "rcpts"))
   end)
 
+  it("in envrcpt with --on-error accept: that recipient passes, the message is still filtered", function()
+    d = U.start(U.script [[
+function H.envrcpt(ctx, rcpt)
+  if rcpt == "<boom@example.org>" then error("rcpt-boom") end
+  if rcpt == "<no@example.org>" then return milter.reject{ reason = "no" } end
+end
+function H.eom(ctx)
+  seen(ctx, "rcpts", ctx.rcpts)
+  return milter.accept{ add_header = { { "X-Filtered", "yes" } } }
+end
+return H
+]], { args = { "--on-error", "accept" } })
+    c = U.client(d)
+    local res = c:session { rcpts = { "<boom@example.org>", "<no@example.org>", "<b@example.org>" } }
+    assert.are.equal("c", res.rcpts[1].cmd, show(res.rcpts[1]))
+    assert.is_true(is_reject(res.rcpts[2]), show(res.rcpts[2]))
+    assert.are.equal("a", res.eom.cmd, show(res.eom))
+    assert.are.equal("X-Filtered", res.eom.mods[1].name)
+    assert.are.same({ { "<boom@example.org>", "<b@example.org>" } }, U.seen(d, "rcpts"))
+  end)
+
   it("with a non-string error object is still a logged tempfail", function()
     d = U.start(U.script [[
 function H.envfrom(ctx) error({ code = 1 }) end
@@ -218,6 +239,26 @@ describe("a bad verdict", function()
     { "33 reason lines", "envfrom", "milter.reject{ code = 550, reason = " .. LINES33 .. " }" },
     { "negative insert index", "eom", 'milter.accept{ insert_header = { { -1, "X-A", "b" } } }' },
     { "header name with a colon", "eom", 'milter.accept{ add_header = { { "X-A:", "b" } } }' },
+    { "code 1e300", "envfrom", "milter.reject{ code = 1e300 }" },
+    { "code NaN", "envfrom", "milter.reject{ code = 0/0 }" },
+    { "code infinity", "envrcpt", "milter.tempfail{ code = math.huge }" },
+    { "code -infinity", "envfrom", "milter.reject{ code = -math.huge }" },
+    { "insert index 1e300", "eom", 'milter.accept{ insert_header = { { 1e300, "X-A", "b" } } }' },
+    { "insert index NaN", "eom", 'milter.accept{ insert_header = { { 0/0, "X-A", "b" } } }' },
+    { "change nth infinity", "eom", 'milter.accept{ change_header = { { "X-A", math.huge, "b" } } }' },
+    { "xcode with a leading space", "envfrom", 'milter.reject{ code = 550, xcode = " 5.7.1" }' },
+    { "xcode with spaces", "envfrom", 'milter.reject{ code = 550, xcode = "5. 7. 1" }' },
+    { "xcode with signs", "envfrom", 'milter.reject{ code = 550, xcode = "5.-7.+1" }' },
+    { "xcode with 4 digits", "envrcpt", 'milter.tempfail{ xcode = "4.7.1000" }' },
+    { "header above 65535 bytes", "eom",
+      'milter.accept{ add_header = { { "X-Big", ("v"):rep(65535) } } }', "65535" },
+    { "change_header above 65535 bytes", "eom",
+      'milter.accept{ change_header = { { "X-Big", 1, ("v"):rep(65530) } } }', "65535" },
+    { "add_rcpt above 65535 bytes", "eom",
+      'milter.accept{ add_rcpt = { "<" .. ("a"):rep(65535) .. ">" } }', "65535" },
+    { "change_from above 65535 bytes", "eom",
+      'milter.accept{ change_from = "<" .. ("a"):rep(65535) .. ">" }', "65535" },
+    { "quarantine above 65535 bytes", "eom", 'milter.accept{ quarantine = ("q"):rep(65535) }', "65535" },
   }
 
   local function bad_script(handler, expr)
