@@ -44,6 +44,11 @@ int buf_append_byte(struct buf *b, uint8_t c);
 int buf_append_u32(struct buf *b, uint32_t v); /* big-endian */
 /* Drops n bytes from the front (n <= buf_len). */
 void buf_consume(struct buf *b, size_t n);
+/* Drops what was appended after the first len bytes (len <= buf_len). */
+static inline void buf_truncate(struct buf *b, size_t len)
+{
+    b->end = b->start + len;
+}
 /* Empties the buffer, keeping its storage. */
 static inline void buf_reset(struct buf *b) { b->start = b->end = 0; }
 /* Frees storage beyond `keep` bytes when the buffer is empty (idle conns). */

@@ -430,7 +430,6 @@ int lb_call(struct lb_conn *lc, struct sess *s, int ev,
     st->deadline = now + script_timeout;
     int status = lua_resume(co, nargs);
     st->deadline = 0;
-    lb_busy_since = 0;
     int rc = 0;
     if (status == 0) {
         const char *why = NULL;
@@ -467,6 +466,9 @@ int lb_call(struct lb_conn *lc, struct sess *s, int ev,
         }
         rc = -1;
     }
+    /* the watchdog watched the verdict's reading too: a huge verdict
+     * table is the handler's doing */
+    lb_busy_since = 0;
     if (ev == SE_CLOSE)
         drop_ctx(lc);
     return rc;

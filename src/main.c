@@ -52,6 +52,11 @@ static void usage(FILE *f)
         "      --max-frame BYTES       largest MTA packet accepted (2 MiB)\n"
         "      --max-headers N         headers per message (10000)\n"
         "      --max-macros N          macros per MACRO packet (1000)\n"
+        "      --max-message-bytes BYTES  envelope and headers of one "
+        "message (64 MiB)\n"
+        "      --max-connection-bytes BYTES  macros, client and HELO of a "
+        "connection\n"
+        "                              (16 MiB)\n"
         "      --log-level LEVEL       error|warn|info|debug (info)\n"
         "      --log-format FMT        text|json (text)\n"
         "      --shutdown-timeout SECONDS  wait for open conversations on "
@@ -110,7 +115,7 @@ int main(int argc, char **argv)
     enum { O_ONERR = 256, O_MAXBODY, O_TIMEOUT, O_LEVEL, O_FORMAT, O_SHUT,
            O_MODE, O_MAXCONN, O_VERSION, O_PIDFILE, O_USER,
            O_GROUP, O_DAEMON, O_STIMEOUT, O_SMEM, O_MAXFRAME, O_MAXHDRS,
-           O_MAXMACROS };
+           O_MAXMACROS, O_MAXMSG, O_MAXCONNB };
     static const struct option longopts[] = {
         {"listen", required_argument, 0, 'l'},
         {"on-error", required_argument, 0, O_ONERR},
@@ -132,6 +137,8 @@ int main(int argc, char **argv)
         {"max-frame", required_argument, 0, O_MAXFRAME},
         {"max-headers", required_argument, 0, O_MAXHDRS},
         {"max-macros", required_argument, 0, O_MAXMACROS},
+        {"max-message-bytes", required_argument, 0, O_MAXMSG},
+        {"max-connection-bytes", required_argument, 0, O_MAXCONNB},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     double v;
@@ -144,6 +151,8 @@ int main(int argc, char **argv)
     srv.cfg.max_body = 64u << 20;
     srv.cfg.max_headers = 10000;
     srv.cfg.max_macros = 1000;
+    srv.cfg.max_msg_bytes = (size_t)64 << 20;
+    srv.cfg.max_conn_bytes = (size_t)16 << 20;
     srv.idle_timeout = 300;
     srv.max_frame = 2u << 20;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -187,6 +196,16 @@ int main(int argc, char **argv)
             if (parse_num(optarg, 1, 1e7, &v) < 0)
                 return die_usage("--max-macros: bad count '%s'", optarg);
             srv.cfg.max_macros = (unsigned)v;
+            break;
+        case O_MAXMSG:
+        case O_MAXCONNB:
+            /* the session's 32-bit offsets must never wrap: below 4 GiB */
+            if (parse_num(optarg, 64 << 10, 2147483648.0, &v) < 0)
+                return die_usage("%s: bad byte count (64 KiB to 2 GiB)",
+                                 c == O_MAXMSG ? "--max-message-bytes"
+                                               : "--max-connection-bytes");
+            *(c == O_MAXMSG ? &srv.cfg.max_msg_bytes
+                            : &srv.cfg.max_conn_bytes) = (size_t)v;
             break;
         case O_PIDFILE: opt.pidfile = optarg; break;
         case O_USER: opt.user = optarg; break;

@@ -1,128 +1,290 @@
 /* mods: see mods.h. */
 #include "mods.h"
 
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
-/* One header of the MTA's list as this reply leaves it. */
+/*
+ * The planner keeps no list it edits in place (that was quadratic: 150,000
+ * inserts took seconds). It relies on the sending order lverdict gives
+ * (adds and inserts before changes and deletes), so while inserts are
+ * planned no original header has been deleted yet:
+ *  - an insert after original header k (1 <= k <= n) lands at model
+ *    position hidden + k + (inserts so far with a smaller index), counted
+ *    with a Fenwick tree over the indexes; index 0 is the top; past the
+ *    end is the current length;
+ *  - the list the inserts leave has a known shape: inserts at 0 (newest
+ *    first), the MTA's hidden header, then each original followed by the
+ *    inserts after it (newest first), then adds and past-the-end inserts
+ *    in their order. Changes and deletes count same-named headers in it:
+ *    the entries of one name (sorted once) each get a Fenwick tree of the
+ *    ones still there.
+ * Everything is O(n log n) in headers plus modifications.
+ */
+
+/* Fenwick tree over 1..n: point add, prefix sum. */
+static void fw_add(int32_t *t, uint32_t n, uint32_t i, int32_t d)
+{
+    for (; i <= n; i += i & -i)
+        t[i] += d;
+}
+
+static int32_t fw_sum(const int32_t *t, uint32_t i)
+{
+    int32_t s = 0;
+    for (; i > 0; i -= i & -i)
+        s += t[i];
+    return s;
+}
+
+/* One header of the list the adds and inserts leave. */
 struct entry {
     const char *name;
     uint32_t nlen;
-    uint32_t orig;   /* 1-based position in ctx.headers; 0 = not original */
-    uint8_t hidden;  /* the MTA's own trace header, invisible to CHGHEADER */
+    uint32_t orig;   /* 1-based position in ctx.headers; 0 = added */
+    uint8_t phantom; /* not a header: makes a group for a change's name */
 };
 
-struct model {
-    struct entry *e;
+/* A name's entries, in list order, at byname[start..start+count). */
+struct group {
+    uint32_t start, count;
+    uint32_t origs, norigs; /* its originals at origpos[origs..+norigs) */
+    uint32_t appended;      /* headers the MTA appended (change of none) */
+};
+
+struct plan {
+    struct entry *list; /* adds and inserts applied, then phantoms */
     uint32_t n;
+    uint32_t *byname;   /* list indexes sorted by (name, position) */
+    uint32_t *origpos;  /* byname positions of the originals, by group */
+    int32_t *live;      /* Fenwick over byname positions (1-based) */
+    struct group *groups;
+    uint32_t ngroups;
 };
 
-static int same_name(const struct entry *e, struct wire_str name)
+static int name_cmp(const char *a, uint32_t an, const char *b, uint32_t bn)
 {
-    return !e->hidden && e->nlen == name.n &&
-           strncasecmp(e->name, name.p, name.n) == 0;
+    if (an != bn)
+        return an < bn ? -1 : 1;
+    return strncasecmp(a, b, an);
 }
 
-static void insert_at(struct model *m, uint32_t pos, struct entry e)
+static const struct entry *sort_list; /* qsort has no context argument */
+
+static int byname_cmp(const void *x, const void *y)
 {
-    memmove(&m->e[pos + 1], &m->e[pos], (m->n - pos) * sizeof *m->e);
-    m->e[pos] = e;
-    m->n++;
+    uint32_t i = *(const uint32_t *)x, j = *(const uint32_t *)y;
+    const struct entry *a = &sort_list[i], *b = &sort_list[j];
+    int c = name_cmp(a->name, a->nlen, b->name, b->nlen);
+    return c ? c : i < j ? -1 : i > j;
 }
 
-/* Where "after the idx-th header the script saw" is now. */
-static uint32_t insert_pos(const struct model *m, uint32_t idx)
+/* Sorts the list by name into groups; every real entry starts live. */
+static int plan_index(struct plan *p)
 {
-    if (idx == 0)
-        return 0;
-    for (uint32_t i = 0; i < m->n; i++) {
-        if (m->e[i].orig == idx)
-            return i + 1;
-        if (m->e[i].orig > idx)
-            return i; /* idx itself was deleted by this reply */
+    uint32_t n = p->n;
+    p->byname = malloc((n + 1) * sizeof *p->byname);
+    p->origpos = malloc((n + 1) * sizeof *p->origpos);
+    p->live = calloc(n + 1, sizeof *p->live);
+    p->groups = malloc((n + 1) * sizeof *p->groups);
+    if (!p->byname || !p->origpos || !p->live || !p->groups)
+        return -1;
+    for (uint32_t i = 0; i < n; i++)
+        p->byname[i] = i;
+    sort_list = p->list;
+    qsort(p->byname, n, sizeof *p->byname, byname_cmp);
+    uint32_t norig = 0;
+    p->ngroups = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        const struct entry *e = &p->list[p->byname[k]];
+        struct group *g = p->ngroups ? &p->groups[p->ngroups - 1] : NULL;
+        const struct entry *first = g ? &p->list[p->byname[g->start]] : NULL;
+        if (!g || name_cmp(e->name, e->nlen, first->name, first->nlen) != 0) {
+            g = &p->groups[p->ngroups++];
+            *g = (struct group){k, 0, norig, 0, 0};
+        }
+        g->count++;
+        if (e->orig) {
+            p->origpos[norig++] = k;
+            g->norigs++;
+        }
+        if (!e->phantom)
+            fw_add(p->live, n, k + 1, 1);
     }
-    return m->n;
+    return 0;
+}
+
+static struct group *find_group(struct plan *p, struct wire_str name)
+{
+    uint32_t lo = 0, hi = p->ngroups;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        const struct entry *e = &p->list[p->byname[p->groups[mid].start]];
+        int c = name_cmp(e->name, e->nlen, name.p, (uint32_t)name.n);
+        if (c == 0)
+            return &p->groups[mid];
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
+}
+
+/* Live entries of g before byname position k. */
+static uint32_t live_before(const struct plan *p, const struct group *g,
+                            uint32_t k)
+{
+    return (uint32_t)(fw_sum(p->live, k) - fw_sum(p->live, g->start));
 }
 
 /*
- * Finds the nth original header called name; returns its model position or
- * -1, and sets *wire_idx to the MTA's 1-based index among same-named headers
- * (the position a new one would take when the target is gone).
+ * A change or delete of the nth header called name in ctx.headers: sends
+ * the MTA's index among the same-named headers still there (one past them
+ * when the target is gone) and updates the counts.
  */
-static long find_nth(const struct sess *s, const struct model *m,
-                     struct wire_str name, uint32_t nth, uint32_t *wire_idx)
+static int put_change(struct plan *p, const struct mod *d, struct buf *out)
 {
-    uint32_t orig = 0, seen = 0;
-    for (uint32_t i = 0; i < s->nhdrs && !orig; i++) {
-        const struct sess_hdr *h = &s->hdrs[i];
-        if (h->name.len == name.n &&
-            strncasecmp(sess_cstr(s, h->name, 1), name.p, name.n) == 0 &&
-            ++seen == nth)
-            orig = i + 1;
+    int del = d->op == MOD_DELETE_HEADER || d->b.n == 0;
+    struct group *g = find_group(p, d->a); /* never NULL: its phantom */
+    if (!g)
+        return -1;
+    long at = -1; /* byname position of the target while it is there */
+    if (d->index >= 1 && d->index <= g->norigs) {
+        uint32_t k = p->origpos[g->origs + d->index - 1];
+        if (fw_sum(p->live, k + 1) - fw_sum(p->live, k) > 0)
+            at = (long)k;
     }
-    uint32_t count = 0;
-    for (uint32_t i = 0; i < m->n; i++) {
-        if (orig && m->e[i].orig == orig) {
-            *wire_idx = count + 1;
-            return (long)i;
-        }
-        count += same_name(&m->e[i], name);
+    if (at < 0 && del)
+        return 0; /* nothing to delete */
+    uint32_t idx = at < 0 ? live_before(p, g, g->start + g->count) +
+                                g->appended + 1
+                          : live_before(p, g, (uint32_t)at) + 1;
+    if (wire_put_idx_header(out, WIRE_R_CHGHEADER, idx, d->a,
+                            del ? (struct wire_str){"", 0} : d->b) < 0)
+        return -1;
+    if (at >= 0 && del)
+        fw_add(p->live, p->n, (uint32_t)at + 1, -1);
+    else if (at < 0)
+        g->appended++; /* the MTA appends a header it cannot find */
+    return 0;
+}
+
+/* Scratch of put_headers, freed in one place. */
+struct work {
+    int32_t *ins;      /* Fenwick over insert indexes 0..n (as 1..n+1) */
+    uint32_t *head;    /* newest insert after original k, or UINT32_MAX */
+    uint32_t *next;    /* the insert before it at the same index */
+    struct plan p;
+};
+
+static void work_free(struct work *w)
+{
+    free(w->ins);
+    free(w->head);
+    free(w->next);
+    free(w->p.list);
+    free(w->p.byname);
+    free(w->p.origpos);
+    free(w->p.live);
+    free(w->p.groups);
+}
+
+static struct entry mod_entry(const struct mod *d, uint8_t phantom)
+{
+    return (struct entry){d->a.p, (uint32_t)d->a.n, 0, phantom};
+}
+
+/* Lays out the list the adds and inserts left, plus the phantoms. */
+static int build_list(struct sess *s, const struct verdict *v, struct work *w)
+{
+    uint32_t nh = s->nhdrs, n = 0;
+    struct entry *l = malloc((nh + 2 * v->nmods + 1) * sizeof *l);
+    if (!l)
+        return -1;
+    for (uint32_t m = w->head[0]; m != UINT32_MAX; m = w->next[m])
+        l[n++] = mod_entry(&v->mods[m], 0);
+    for (uint32_t k = 1; k <= nh; k++) {
+        l[n++] = (struct entry){sess_cstr(s, s->hdrs[k - 1].name, 1),
+                                s->hdrs[k - 1].name.len, k, 0};
+        for (uint32_t m = w->head[k]; m != UINT32_MAX; m = w->next[m])
+            l[n++] = mod_entry(&v->mods[m], 0);
     }
-    *wire_idx = count + 1;
-    return -1;
+    for (size_t i = 0; i < v->nmods; i++) { /* the tail, in its order */
+        const struct mod *d = &v->mods[i];
+        if (d->op == MOD_ADD_HEADER ||
+            (d->op == MOD_INSERT_HEADER && d->index > nh))
+            l[n++] = mod_entry(d, 0);
+    }
+    for (size_t i = 0; i < v->nmods; i++)
+        if (v->mods[i].op == MOD_CHANGE_HEADER ||
+            v->mods[i].op == MOD_DELETE_HEADER)
+            l[n++] = mod_entry(&v->mods[i], 1);
+    w->p.list = l;
+    w->p.n = n;
+    return plan_index(&w->p);
 }
 
 static int put_headers(struct sess *s, const struct verdict *v,
                        struct buf *out)
 {
-    size_t cap = 1 + s->nhdrs + v->nmods;
-    buf_reset(&s->scratch);
-    struct model m = {(struct entry *)buf_reserve(&s->scratch,
-                                                  cap * sizeof(struct entry)),
-                      0};
-    if (!m.e)
-        return -1;
-    if (s->hides_received)
-        m.e[m.n++] = (struct entry){"Received", 8, 0, 1};
-    for (uint32_t i = 0; i < s->nhdrs; i++)
-        m.e[m.n++] = (struct entry){sess_cstr(s, s->hdrs[i].name, 1),
-                                    s->hdrs[i].name.len, i + 1, 0};
-    int rc = 0;
-    for (size_t i = 0; i < v->nmods; i++) {
+    uint32_t nh = s->nhdrs, hidden = s->hides_received;
+    uint32_t total = hidden + nh; /* the MTA's list length so far */
+    struct work w;
+    memset(&w, 0, sizeof w);
+    w.ins = calloc(nh + 2, sizeof *w.ins);
+    w.head = malloc((nh + 1) * sizeof *w.head);
+    w.next = malloc((v->nmods + 1) * sizeof *w.next);
+    int rc = w.ins && w.head && w.next ? 0 : -1;
+    for (uint32_t k = 0; !rc && k <= nh; k++)
+        w.head[k] = UINT32_MAX;
+    int changing = 0;
+    for (size_t i = 0; !rc && i < v->nmods; i++) {
         const struct mod *d = &v->mods[i];
-        struct entry added = {d->a.p, (uint32_t)d->a.n, 0, 0};
-        uint32_t idx;
-        long at;
         switch (d->op) {
         case MOD_ADD_HEADER:
-            rc |= wire_put_strs(out, WIRE_R_ADDHEADER, &d->a, 2);
-            m.e[m.n++] = added;
+            rc = wire_put_strs(out, WIRE_R_ADDHEADER, &d->a, 2);
+            total++;
+            if (changing) { /* after changes: one more of that name */
+                struct group *g = find_group(&w.p, d->a);
+                if (g)
+                    g->appended++;
+            }
             break;
-        case MOD_INSERT_HEADER:
-            idx = insert_pos(&m, d->index);
-            rc |= wire_put_idx_header(out, WIRE_R_INSHEADER, idx, d->a, d->b);
-            insert_at(&m, idx, added);
+        case MOD_INSERT_HEADER: {
+            if (changing) { /* lverdict sends every insert first */
+                rc = -1;
+                break;
+            }
+            uint32_t k = d->index, pos;
+            if (k == 0)
+                pos = 0;
+            else if (k <= nh)
+                pos = hidden + k + (uint32_t)fw_sum(w.ins, k);
+            else
+                pos = total;
+            rc = wire_put_idx_header(out, WIRE_R_INSHEADER, pos, d->a, d->b);
+            total++;
+            if (k <= nh) {
+                fw_add(w.ins, nh + 1, k + 1, 1);
+                w.next[i] = w.head[k];
+                w.head[k] = (uint32_t)i;
+            }
             break;
+        }
         case MOD_CHANGE_HEADER:
         case MOD_DELETE_HEADER:
-            at = find_nth(s, &m, d->a, d->index, &idx);
-            if (at < 0 && (d->op == MOD_DELETE_HEADER || d->b.n == 0))
-                break; /* nothing to delete */
-            rc |= wire_put_idx_header(
-                out, WIRE_R_CHGHEADER, idx, d->a,
-                d->op == MOD_DELETE_HEADER ? (struct wire_str){"", 0} : d->b);
-            if (at < 0) /* the MTA appends a header it cannot find */
-                m.e[m.n++] = added;
-            else if (d->op == MOD_DELETE_HEADER || d->b.n == 0)
-                memmove(&m.e[at], &m.e[at + 1],
-                        (m.n-- - (uint32_t)at - 1) * sizeof *m.e);
-            else
-                m.e[at].name = d->a.p; /* the MTA keeps our spelling */
+            if (!changing && (rc = build_list(s, v, &w)) < 0)
+                break;
+            changing = 1;
+            rc = put_change(&w.p, d, out);
             break;
         default:
             break;
         }
     }
+    work_free(&w);
     return rc;
 }
 

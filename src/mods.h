@@ -17,8 +17,12 @@
 /*
  * Appends the packets for v's modifications (not the final reply) to out,
  * in the documented order: headers (add, insert, change, delete), add_rcpt,
- * del_rcpt, change_from, replace_body, quarantine. Returns 0 or -1 (out of
- * memory). Uses s->scratch; borrows everything else.
+ * del_rcpt, change_from, replace_body, quarantine. v->mods must list every
+ * add and insert before the first change or delete (lverdict's order).
+ * Returns 0, or -1 (out of memory, a packet above WIRE_MAX_CHUNK, an insert
+ * after a change) with out possibly holding part of the packets: the
+ * caller drops them. O(n log n) in headers and modifications. Borrows s
+ * and v.
  */
 int mods_put(struct sess *s, const struct verdict *v, struct buf *out);
 

@@ -47,6 +47,23 @@ static const struct cmd_row *find_row(uint8_t cmd)
     return NULL;
 }
 
+/* Why recording what a command carries failed. */
+enum { REC_NOMEM = -1, REC_HEADERS = -2, REC_MSG_FULL = -3,
+       REC_CONN_FULL = -4 };
+
+/* An arena's cap from a byte limit: offsets are 32-bit, so never more. */
+static size_t arena_cap(size_t limit)
+{
+    return limit && limit < UINT32_MAX ? limit : UINT32_MAX - 1;
+}
+
+/* Bytes the open message holds: strings and the lists indexing them. */
+static size_t msg_bytes(const struct sess *s)
+{
+    return buf_len(&s->marena) + s->nrcpts * sizeof *s->rcpts +
+           s->nhdrs * sizeof *s->hdrs;
+}
+
 void sess_init(struct sess *s, const struct sess_cfg *cfg,
                const struct sess_ops *ops, void *ud, uint64_t id)
 {
@@ -55,8 +72,8 @@ void sess_init(struct sess *s, const struct sess_cfg *cfg,
     s->ops = ops;
     s->ud = ud;
     s->id = id;
-    buf_init(&s->carena, 8u << 20); /* a HELO may fill a 2 MiB frame */
-    buf_init(&s->marena, 0);
+    buf_init(&s->carena, arena_cap(cfg->max_conn_bytes));
+    buf_init(&s->marena, arena_cap(cfg->max_msg_bytes));
     buf_init(&s->ended, 0);
     buf_init(&s->conn_end, 0);
     buf_init(&s->scratch, 0);
@@ -151,28 +168,63 @@ static int set_cstr(struct sess *s, struct sess_str *dst, const char *p,
 {
     if (dst->len && dst->len != UINT32_MAX)
         s->macro_dead += dst->len + 1;
-    if (s->macro_dead > 4096 && s->macro_dead > buf_len(&s->carena) / 2)
+    if ((s->macro_dead > 4096 && s->macro_dead > buf_len(&s->carena) / 2) ||
+        (s->macro_dead && buf_len(&s->carena) + n + 1 > s->carena.cap))
         compact_carena(s);
+    if (buf_len(&s->carena) + n + 1 > s->carena.cap)
+        return REC_CONN_FULL;
     *dst = arena_put(&s->carena, p, n);
-    return dst->len == UINT32_MAX ? -1 : 0;
+    return dst->len == UINT32_MAX ? REC_NOMEM : 0;
+}
+
+/* Macros sent for MAIL and later commands describe one message. */
+static int msg_stage(uint8_t cmd)
+{
+    return cmd && strchr("MRTLNEB", cmd) != NULL;
+}
+
+/* Forgets the message-stage macros (as libmilter does at each MAIL). */
+static void clear_msg_macros(struct sess *s)
+{
+    unsigned k = 0;
+    for (unsigned i = 0; i < s->nmacros; i++) {
+        if (msg_stage(s->macro_stages[i])) {
+            s->macro_dead += s->macro_names[i].len + s->macro_values[i].len + 2;
+            continue;
+        }
+        s->macro_names[k] = s->macro_names[i];
+        s->macro_values[k] = s->macro_values[i];
+        s->macro_stages[k++] = s->macro_stages[i];
+    }
+    s->nmacros = k;
+    s->msg_macros_fresh = 1;
 }
 
 static int store_macros(struct sess *s, const struct wire_cmd *c)
 {
     size_t pos = 0;
+    /* The first message-stage packet of a new message (MAIL's, or the
+     * first one when the MTA skips MAIL) drops the last message's
+     * macros: message 1's queue id must not tag message 2. */
+    if (c->macro_for == WIRE_MAIL ||
+        (msg_stage(c->macro_for) && s->msg == MSG_NONE &&
+         !s->msg_macros_fresh))
+        clear_msg_macros(s);
     for (;;) {
         struct wire_str k = wire_list_next(c->list, c->list_len, &pos);
         struct wire_str v = wire_list_next(c->list, c->list_len, &pos);
         if (!k.p || !v.p)
             return 0;
+        int rc;
         bare_name(&k.p, &k.n);
         int i = find_macro(s, k.p, k.n);
         if (i >= 0) {
             struct sess_str *old = &s->macro_values[i];
+            s->macro_stages[i] = c->macro_for;
             if (old->len == v.n && memcmp(sess_cstr(s, *old, 0), v.p, v.n) == 0)
                 continue; /* Postfix repeats i before every header */
-            if (set_cstr(s, old, v.p, v.n) < 0)
-                return -1;
+            if ((rc = set_cstr(s, old, v.p, v.n)) < 0)
+                return rc;
             continue;
         }
         if (s->nmacros == sizeof s->macro_names / sizeof s->macro_names[0]) {
@@ -181,18 +233,25 @@ static int store_macros(struct sess *s, const struct wire_cmd *c)
             continue;
         }
         struct sess_str name = {0, 0}, val = {0, 0};
-        if (set_cstr(s, &name, k.p, k.n) < 0 || set_cstr(s, &val, v.p, v.n) < 0)
-            return -1;
+        if ((rc = set_cstr(s, &name, k.p, k.n)) < 0 ||
+            (rc = set_cstr(s, &val, v.p, v.n)) < 0)
+            return rc;
         s->macro_names[s->nmacros] = name;
+        s->macro_stages[s->nmacros] = c->macro_for;
         s->macro_values[s->nmacros++] = val;
     }
 }
 
+/*
+ * Logs a protocol error and ends the session the way any other end does:
+ * abort for an open message, then close, once (sess_finish).
+ */
 static int proto_error(struct sess *s, const char *what, uint8_t cmd)
 {
     log_msg(LL_WARN, s->id, sess_qid(s),
             "protocol error: %s (command '%c' 0x%02x)", what,
             cmd >= 0x20 && cmd < 0x7f ? cmd : '?', cmd);
+    sess_finish(s);
     return SESS_CLOSE;
 }
 
@@ -246,11 +305,9 @@ static int negotiate(struct sess *s, const struct wire_cmd *c,
                : SESS_OK;
 }
 
-/* Message data stays readable until the next message opens. */
-static void open_msg(struct sess *s)
+/* Forgets the last message's envelope, headers and body counters. */
+static void clear_msg_data(struct sess *s)
 {
-    s->msg = MSG_OPEN;
-    s->phase = PH_ENV;
     s->msg_seq++;
     s->has_sender = s->skip_body = s->truncated = 0;
     s->nrcpts = s->nhdrs = 0;
@@ -258,6 +315,15 @@ static void open_msg(struct sess *s)
     buf_reset(&s->marena);
     buf_reset(&s->ended);
     buf_shrink(&s->marena, 64 * 1024);
+}
+
+/* Message data stays readable until the next message opens. */
+static void open_msg(struct sess *s)
+{
+    s->msg = MSG_OPEN;
+    s->phase = PH_ENV;
+    s->msg_macros_fresh = 0;
+    clear_msg_data(s);
 }
 
 /* The verdict that stands in for a failed handler: generic texts only. */
@@ -281,6 +347,18 @@ static void on_error_verdict(int action, struct verdict *v)
     }
 }
 
+/*
+ * The --on-error verdict as it applies at ev: at envrcpt it judges that
+ * recipient only, so accept lets the recipient through (continue) instead
+ * of accepting the whole message unfiltered.
+ */
+static void stage_on_error(const struct sess *s, int ev, struct verdict *v)
+{
+    on_error_verdict(s->cfg->on_error, v);
+    if (ev == SE_ENVRCPT && v->action == VA_ACCEPT)
+        v->action = VA_CONTINUE;
+}
+
 /* Calls the handler when the script has one; continue otherwise. */
 static void run(struct sess *s, int ev, const struct wire_cmd *c,
                 struct verdict *v)
@@ -289,7 +367,7 @@ static void run(struct sess *s, int ev, const struct wire_cmd *c,
     if (!(s->cfg->handlers & SE_BIT(ev)))
         return;
     if (s->ops->call(s->ud, s, ev, c, v) < 0)
-        on_error_verdict(s->cfg->on_error, v);
+        stage_on_error(s, ev, v);
 }
 
 static void abort_msg(struct sess *s)
@@ -337,14 +415,24 @@ static int record(struct sess *s, const struct wire_cmd *c)
         s->hides_received = !mta || (n >= 7 && memcmp(mta, "Postfix", 7) == 0);
         s->family = c->family;
         s->port = c->port;
-        if (set_cstr(s, &s->host, c->s1.p, c->s1.n) < 0 ||
-            set_cstr(s, &s->addr, c->s2.p ? c->s2.p : "", c->s2.n) < 0)
-            return -1;
-        return 0;
+        int rc = set_cstr(s, &s->host, c->s1.p, c->s1.n);
+        return rc < 0 ? rc
+                      : set_cstr(s, &s->addr, c->s2.p ? c->s2.p : "", c->s2.n);
     }
     case WIRE_HELO:
         s->has_helo = 1;
         return set_cstr(s, &s->helo, c->s1.p, c->s1.n);
+    case WIRE_MAIL:
+    case WIRE_RCPT:
+    case WIRE_HEADER:
+        if (msg_bytes(s) + c->s1.n + c->s2.n + 2 + sizeof *s->hdrs >
+            s->marena.cap)
+            return REC_MSG_FULL;
+        break;
+    default:
+        return 0;
+    }
+    switch (c->cmd) {
     case WIRE_MAIL:
         s->sender = arena_put(&s->marena, c->s1.p, c->s1.n);
         s->has_sender = 1;
@@ -358,7 +446,7 @@ static int record(struct sess *s, const struct wire_cmd *c)
         return v.len == UINT32_MAX ? -1 : 0;
     case WIRE_HEADER: {
         if (s->cfg->max_headers && s->nhdrs >= s->cfg->max_headers)
-            return -2;
+            return REC_HEADERS;
         if (grow((void **)&s->hdrs, &s->hdrs_cap, s->nhdrs + 1,
                  sizeof *s->hdrs) < 0)
             return -1;
@@ -373,36 +461,54 @@ static int record(struct sess *s, const struct wire_cmd *c)
     }
 }
 
-static int put_verdict(struct sess *s, int ev, const struct verdict *v,
-                       struct buf *out)
+static int put_reply(struct sess *s, const struct verdict *v, struct buf *out)
 {
-    int rc = 0;
-    if (ev == SE_EOM && (v->nmods || v->from.p || v->body.p ||
-                         v->quarantine.p))
-        rc = mods_put(s, v, out);
     switch (v->action) {
-    case VA_ACCEPT: return rc | buf_append(out, "\0\0\0\1a", 5);
-    case VA_DISCARD: return rc | buf_append(out, "\0\0\0\1d", 5);
+    case VA_ACCEPT: return buf_append(out, "\0\0\0\1a", 5);
+    case VA_DISCARD: return buf_append(out, "\0\0\0\1d", 5);
     case VA_SKIP:
         if (s->protocol & SMFIP_SKIP)
-            return rc | buf_append(out, "\0\0\0\1s", 5);
-        return rc | buf_append(out, "\0\0\0\1c", 5);
+            return buf_append(out, "\0\0\0\1s", 5);
+        return buf_append(out, "\0\0\0\1c", 5);
     case VA_REJECT:
     case VA_TEMPFAIL: {
         int rej = v->action == VA_REJECT;
         if (!v->code && !v->nlines && !v->xcode.n)
-            return rc | buf_append(out, rej ? "\0\0\0\1r" : "\0\0\0\1t", 5);
+            return buf_append(out, rej ? "\0\0\0\1r" : "\0\0\0\1t", 5);
         static const struct wire_str def[2] = {
             {"Service unavailable - try again later", 37},
             {"Command rejected", 16}};
-        return rc | wire_put_replycode(out, v->code ? v->code
-                                                    : rej ? 550 : 451,
-                                       v->xcode, v->nlines ? v->lines
-                                                           : &def[rej],
-                                       v->nlines ? v->nlines : 1);
+        int code = v->code ? v->code : rej ? 550 : 451;
+        /* Always an enhanced code: without one, a text starting with a
+         * digit ("2FA required") reads as one, and Postfix then refuses
+         * the reply and disables the milter for the session. */
+        return wire_put_replycode(out, code,
+                                  v->xcode.n ? v->xcode
+                                             : wire_default_xcode(code),
+                                  v->nlines ? v->lines : &def[rej],
+                                  v->nlines ? v->nlines : 1);
     }
-    default: return rc | buf_append(out, "\0\0\0\1c", 5);
+    default: return buf_append(out, "\0\0\0\1c", 5);
     }
+}
+
+/*
+ * Appends every packet of v, or nothing: a verdict whose modifications
+ * cannot all be encoded must not go out in part (an ACCEPT with half its
+ * edits). Returns 0 or -1 with out as it was.
+ */
+static int put_verdict(struct sess *s, int ev, const struct verdict *v,
+                       struct buf *out)
+{
+    size_t mark = buf_len(out);
+    if ((ev == SE_EOM && (v->nmods || v->from.p || v->body.p ||
+                          v->quarantine.p) &&
+         mods_put(s, v, out) < 0) ||
+        put_reply(s, v, out) < 0) {
+        buf_truncate(out, mark);
+        return -1;
+    }
+    return 0;
 }
 
 int sess_put_on_error(const struct sess_cfg *cfg, struct buf *out)
@@ -450,13 +556,20 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
     case WIRE_MACRO:
         if (s->cfg->max_macros && c->list_count / 2 > s->cfg->max_macros)
             return proto_error(s, "too many macros in one packet", c->cmd);
-        return store_macros(s, c) < 0
-                   ? proto_error(s, "out of memory for macros", c->cmd)
-                   : SESS_OK;
+        switch (store_macros(s, c)) {
+        case 0: return SESS_OK;
+        case REC_CONN_FULL:
+            return proto_error(s, "connection data (macros, client, HELO) "
+                                  "above --max-connection-bytes", c->cmd);
+        default: return proto_error(s, "out of memory for macros", c->cmd);
+        }
     case WIRE_ABORT: abort_msg(s); return SESS_OK;
     case WIRE_QUIT: sess_finish(s); return SESS_CLOSE;
     case WIRE_QUIT_NC:
         sess_finish(s);
+        clear_msg_data(s); /* nothing of the old session leaks into the new */
+        s->msg = MSG_NONE;
+        s->msg_macros_fresh = 0;
         s->nmacros = 0;
         s->family = 0;
         s->has_helo = 0;
@@ -507,11 +620,18 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
         else if (!(r->phases & PH(s->phase)))
             return proto_error(s, "command out of order", c->cmd);
     }
-    int rec = record(s, c);
-    if (rec == -2)
+    switch (record(s, c)) {
+    case 0: break;
+    case REC_HEADERS:
         return proto_error(s, "too many headers in one message", c->cmd);
-    if (rec < 0)
-        return proto_error(s, "out of memory", c->cmd);
+    case REC_MSG_FULL:
+        return proto_error(s, "message data (envelope and headers) above "
+                              "--max-message-bytes", c->cmd);
+    case REC_CONN_FULL:
+        return proto_error(s, "connection data (macros, client, HELO) above "
+                              "--max-connection-bytes", c->cmd);
+    default: return proto_error(s, "out of memory", c->cmd);
+    }
     switch (r->ev) {
     case SE_DATA:
     case SE_HEADER: s->phase = PH_HDR; break;
@@ -527,8 +647,15 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
         run(s, r->ev, c, &v);
 
     size_t mark = buf_len(out);
-    if (reply && put_verdict(s, r->ev, &v, out) < 0)
-        return proto_error(s, "reply too large", c->cmd);
+    if (reply && put_verdict(s, r->ev, &v, out) < 0) {
+        log_msg(LL_ERR, s->id, sess_qid(s),
+                "the %s verdict could not be encoded (out of memory): "
+                "sending the --on-error reply instead",
+                sess_event_names[r->ev]);
+        stage_on_error(s, r->ev, &v);
+        if (put_verdict(s, r->ev, &v, out) < 0)
+            return proto_error(s, "out of memory for the reply", c->cmd);
+    }
     const uint8_t *rep = buf_head(out) + mark;
     size_t replen = buf_len(out) - mark;
 

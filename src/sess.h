@@ -85,6 +85,8 @@ struct sess_cfg {
     size_t max_body;    /* body bytes handed to the script per message */
     unsigned max_headers; /* per message; beyond, the connection is closed */
     unsigned max_macros;  /* name/value pairs per MACRO packet */
+    size_t max_msg_bytes;  /* envelope + headers of one message (0: 4 GiB) */
+    size_t max_conn_bytes; /* macros, client, HELO of a connection (0: 4 GiB) */
 };
 
 struct sess_str { uint32_t off, len; }; /* a string in one of the arenas */
@@ -109,7 +111,9 @@ struct sess {
     /* Connection data (conn arena). */
     struct buf carena;
     struct sess_str macro_names[64], macro_values[64];
+    uint8_t macro_stages[64]; /* command byte of the MACRO that set it */
     unsigned nmacros;
+    uint8_t msg_macros_fresh; /* message macros cleared for the next one */
     uint32_t macro_dead; /* arena bytes no longer referenced */
     char family;         /* '4' '6' 'L' 'U', 0 before CONNECT */
     uint16_t port;

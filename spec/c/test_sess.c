@@ -10,6 +10,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "fixture.h"
 #include "log.h"
@@ -495,6 +496,486 @@ static void test_header_indexes(const char *mta)
     rig_free(&r);
 }
 
+/* ---- hardening, round 2 ------------------------------------------------ */
+
+/* The first reply frame in out, as text after the command byte. */
+static const char *first_reply(struct rig *r, char *cmd)
+{
+    static char s[4096];
+    const uint8_t *p = buf_head(&r->out);
+    size_t n = buf_len(&r->out);
+    *cmd = 0;
+    s[0] = '\0';
+    if (n < 5)
+        return s;
+    uint32_t len = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+                   (uint32_t)p[2] << 8 | p[3];
+    *cmd = (char)p[4];
+    size_t t = len > 1 ? len - 1 : 0;
+    if (t >= sizeof s)
+        t = sizeof s - 1;
+    memcpy(s, p + 5, t);
+    s[t] = '\0';
+    return s;
+}
+
+static void open_message(struct rig *r)
+{
+    optneg(r, 6, 0x1ff, 0x1fffff);
+    connect_helo(r);
+    SEND(r, 'M', "<a@x>\0");
+    buf_reset(&r->out);
+}
+
+/* A reply always carries an enhanced code, so a text starting with a
+ * digit cannot be taken for one (Postfix then disables the milter). */
+static void test_reply_xcode(void)
+{
+    struct rig r;
+    char cmd;
+    rig_init(&r, ALL);
+    open_message(&r);
+    static const struct wire_str twofa = {"2FA required", 12};
+    r.f.reply[SE_ENVRCPT].action = VA_REJECT;
+    r.f.reply[SE_ENVRCPT].lines[0] = twofa;
+    r.f.reply[SE_ENVRCPT].nlines = 1;
+    SEND(&r, 'R', "<b@x>\0");
+    const char *t = first_reply(&r, &cmd);
+    CHECK(cmd == 'y' && strcmp(t, "550 5.7.1 2FA required") == 0,
+          "reject text gets 5.7.1: %c '%s'", cmd, t);
+    buf_reset(&r.out);
+    static const struct wire_str two[2] = {{"first", 5}, {"2nd line", 8}};
+    r.f.reply[SE_ENVRCPT].action = VA_TEMPFAIL;
+    r.f.reply[SE_ENVRCPT].lines[0] = two[0];
+    r.f.reply[SE_ENVRCPT].lines[1] = two[1];
+    r.f.reply[SE_ENVRCPT].nlines = 2;
+    SEND(&r, 'R', "<c@x>\0");
+    t = first_reply(&r, &cmd);
+    CHECK(strcmp(t, "451-4.7.1 first\r\n451 4.7.1 2nd line") == 0,
+          "every line gets 4.7.1: '%s'", t);
+    buf_reset(&r.out);
+    r.f.reply[SE_ENVRCPT].code = 421;
+    r.f.reply[SE_ENVRCPT].nlines = 0;
+    SEND(&r, 'R', "<d@x>\0");
+    t = first_reply(&r, &cmd);
+    CHECK(strncmp(t, "421 4.7.1 ", 10) == 0, "code only: '%s'", t);
+    buf_reset(&r.out);
+    r.f.reply[SE_ENVRCPT].code = 0;
+    SEND(&r, 'R', "<e@x>\0");
+    CHECK(strcmp(replies(&r), "t") == 0, "no fields: the MTA's own text");
+    rig_free(&r);
+}
+
+/* --on-error accept at envrcpt lets that recipient through only. */
+static void test_on_error_stages(void)
+{
+    struct rig r;
+    rig_init(&r, ALL);
+    r.cfg.on_error = VA_ACCEPT;
+    open_message(&r);
+    r.f.fail[SE_ENVRCPT] = 1;
+    SEND(&r, 'R', "<b@x>\0");
+    CHECK(strcmp(replies(&r), "c") == 0 && r.s.msg == MSG_OPEN &&
+              r.s.nrcpts == 1,
+          "envrcpt failure with accept: that recipient continues");
+    r.f.fail[SE_ENVRCPT] = 0;
+    r.f.nevents = 0;
+    SEND(&r, 'L', "Subject\0s\0");
+    SEND(&r, 'E', "");
+    CHECK(r.f.nevents == 2 && r.f.events[1] == SE_EOM,
+          "the message goes on being filtered: %d events", r.f.nevents);
+    replies(&r);
+    r.f.fail[SE_ENVFROM] = 1;
+    SEND(&r, 'M', "<a2@x>\0");
+    CHECK(strcmp(replies(&r), "a") == 0, "envfrom failure: message accepted");
+    rig_free(&r);
+
+    rig_init(&r, ALL);
+    r.cfg.on_error = VA_REJECT;
+    open_message(&r);
+    r.f.fail[SE_ENVRCPT] = 1;
+    SEND(&r, 'R', "<b@x>\0");
+    char cmd;
+    const char *t = first_reply(&r, &cmd);
+    CHECK(strncmp(t, "550 5.7.1 ", 10) == 0 && r.s.nrcpts == 0 &&
+              r.s.msg == MSG_OPEN,
+          "envrcpt failure with reject: that recipient refused: '%s'", t);
+    rig_free(&r);
+}
+
+/* A verdict whose packets cannot all be encoded sends none of them: the
+ * on-error reply goes instead. */
+static void test_verdict_all_or_nothing(void)
+{
+    struct rig r;
+    rig_init(&r, ALL);
+    open_message(&r);
+    buf_free(&r.out);
+    buf_init(&r.out, 2000); /* room for two headers, not three */
+    static char big[700];
+    memset(big, 'v', sizeof big);
+    struct mod m[3];
+    for (int i = 0; i < 3; i++)
+        m[i] = (struct mod){MOD_ADD_HEADER, 0, {"X-Big", 5},
+                            {big, sizeof big}};
+    r.f.reply[SE_EOM].action = VA_ACCEPT;
+    r.f.reply[SE_EOM].mods = m;
+    r.f.reply[SE_EOM].nmods = 3;
+    CHECK(SEND(&r, 'E', "") == SESS_OK, "the session goes on");
+    char cmd;
+    const char *t = first_reply(&r, &cmd);
+    CHECK(cmd == 'y' && strncmp(t, "451 4.3.0 ", 10) == 0,
+          "on-error reply instead of a partial verdict: %c '%s'", cmd, t);
+    CHECK(strcmp(replies(&r), "y") == 0, "and nothing else");
+    rig_free(&r);
+}
+
+static int count_ev(const struct fake *f, int ev)
+{
+    int n = 0;
+    for (int i = 0; i < f->nevents; i++)
+        n += f->events[i] == ev;
+    return n;
+}
+
+/* Every way a protocol error ends a session runs abort (open message)
+ * and close, once. */
+static void test_proto_error_finishes(void)
+{
+    static const struct {
+        const char *what;
+        uint8_t cmd;
+        const char *payload;
+        size_t len;
+        int open;
+    } cases[] = {
+        {"second OPTNEG", 'O', "\0\0\0\6\0\0\0\0\0\0\0\0", 12, 1},
+        {"CONNECT mid-session", 'C', "h\0U", 3, 1},
+        {"out of order", 'T', "", 0, 2},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        struct rig r;
+        rig_init(&r, ALL);
+        open_message(&r);
+        if (cases[i].open == 2) { /* DATA after the body is out of order */
+            SEND(&r, 'B', "x");
+        }
+        r.f.nevents = 0;
+        CHECK(send(&r, cases[i].cmd, cases[i].payload, cases[i].len) ==
+                  SESS_CLOSE,
+              "%s closes", cases[i].what);
+        sess_finish(&r.s); /* the connection going away after it */
+        CHECK(count_ev(&r.f, SE_ABORT) == 1 && count_ev(&r.f, SE_CLOSE) == 1,
+              "%s: abort %d close %d", cases[i].what,
+              count_ev(&r.f, SE_ABORT), count_ev(&r.f, SE_CLOSE));
+        rig_free(&r);
+    }
+    /* too many headers, too many macros */
+    struct rig r;
+    rig_init(&r, ALL);
+    r.cfg.max_headers = 2;
+    open_message(&r);
+    SEND(&r, 'L', "A\0a\0");
+    SEND(&r, 'L', "B\0b\0");
+    CHECK(SEND(&r, 'L', "C\0c\0") == SESS_CLOSE, "max headers");
+    sess_finish(&r.s);
+    CHECK(count_ev(&r.f, SE_ABORT) == 1 && count_ev(&r.f, SE_CLOSE) == 1,
+          "max headers: abort and close once");
+    rig_free(&r);
+    rig_init(&r, ALL);
+    r.cfg.max_macros = 1;
+    optneg(&r, 6, 0x1ff, 0x1fffff);
+    connect_helo(&r);
+    CHECK(SEND(&r, 'D', "Ma\0\x31\0b\0\x32\0") == SESS_CLOSE, "max macros");
+    sess_finish(&r.s);
+    CHECK(count_ev(&r.f, SE_ABORT) == 0 && count_ev(&r.f, SE_CLOSE) == 1,
+          "max macros: close once, no message to abort");
+    rig_free(&r);
+}
+
+/* QUIT_NC: the next session starts with nothing of the old one. */
+static void test_quit_nc_fresh(void)
+{
+    struct rig r;
+    rig_init(&r, ALL);
+    open_message(&r);
+    SEND(&r, 'R', "<b@x>\0");
+    SEND(&r, 'L', "Subject\0old\0");
+    uint32_t seq = r.s.msg_seq;
+    SEND(&r, 'K', "");
+    SEND(&r, 'C', "h2\0U");
+    CHECK(!r.s.has_sender && r.s.nrcpts == 0 && r.s.nhdrs == 0 &&
+              r.s.msg == MSG_NONE && r.s.msg_seq != seq,
+          "no sender, recipients or headers after QUIT_NC: %d %u %u",
+          r.s.has_sender, r.s.nrcpts, r.s.nhdrs);
+    rig_free(&r);
+}
+
+/* Message-stage macros are cleared when the next message starts;
+ * connect- and helo-stage macros stay. */
+static void test_message_macros(void)
+{
+    struct rig r;
+    rig_init(&r, ALL);
+    optneg(&r, 6, 0x1ff, 0x1fffff);
+    SEND(&r, 'D', "Cj\0mx.example\0");
+    SEND(&r, 'C', "h\0U");
+    SEND(&r, 'D', "H{tls_version}\0TLSv1.3\0");
+    SEND(&r, 'H', "client\0");
+    SEND(&r, 'D', "M{mail_addr}\0a@x\0");
+    SEND(&r, 'M', "<a@x>\0");
+    SEND(&r, 'D', "Ri\0Q1\0");
+    SEND(&r, 'R', "<b@x>\0");
+    SEND(&r, 'E', "");
+    CHECK(sess_qid(&r.s) && strcmp(sess_qid(&r.s), "Q1") == 0,
+          "message 1's queue id");
+    SEND(&r, 'A', "");
+    CHECK(sess_qid(&r.s) != NULL, "kept until the next message starts");
+    SEND(&r, 'D', "M{mail_addr}\0c@x\0");
+    CHECK(sess_qid(&r.s) == NULL, "gone at message 2's MAIL macros");
+    SEND(&r, 'M', "<c@x>\0");
+    CHECK(sess_qid(&r.s) == NULL, "not in message 2's envfrom");
+    CHECK(sess_macro(&r.s, "j", 1, NULL) &&
+              sess_macro(&r.s, "tls_version", 11, NULL),
+          "connect and helo macros stay");
+    size_t n;
+    const char *a = sess_macro(&r.s, "mail_addr", 9, &n);
+    CHECK(a && n == 3 && memcmp(a, "c@x", 3) == 0, "message 2's own macros");
+    SEND(&r, 'D', "Ri\0Q2\0");
+    CHECK(strcmp(sess_qid(&r.s), "Q2") == 0, "message 2's queue id");
+    SEND(&r, 'E', "");
+    /* an MTA that skips MAIL: the first message-stage macros start anew */
+    SEND(&r, 'D', "Ri\0Q3\0");
+    SEND(&r, 'R', "<d@x>\0");
+    CHECK(strcmp(sess_qid(&r.s), "Q3") == 0 &&
+              !sess_macro(&r.s, "mail_addr", 9, NULL),
+          "new message without MAIL: its macros only");
+    rig_free(&r);
+}
+
+/* Bytes per message and per connection are bounded. */
+static void test_data_limits(void)
+{
+    struct rig r;
+    rig_init(&r, ALL);
+    r.cfg.max_msg_bytes = 64 << 10;
+    sess_free(&r.s); /* the arenas take their caps at init */
+    sess_init(&r.s, &r.cfg, &fake_ops, &r.f, 1);
+    open_message(&r);
+    static char rcpt[3002];
+    memset(rcpt, 'r', 3000);
+    rcpt[3000] = '\0';
+    int rc = SESS_OK, sent = 0;
+    while (rc == SESS_OK && sent < 1000) {
+        rc = send(&r, 'R', rcpt, 3001);
+        sent++;
+    }
+    CHECK(rc == SESS_CLOSE && sent > 15 && sent < 25,
+          "message bytes bounded: closed after %d recipients", sent);
+    CHECK(count_ev(&r.f, SE_CLOSE) == 1, "close ran");
+    rig_free(&r);
+
+    rig_init(&r, ALL);
+    r.cfg.max_conn_bytes = 64 << 10;
+    sess_free(&r.s);
+    sess_init(&r.s, &r.cfg, &fake_ops, &r.f, 1);
+    optneg(&r, 6, 0x1ff, 0x1fffff);
+    static char mac[4100];
+    rc = SESS_OK;
+    sent = 0;
+    while (rc == SESS_OK && sent < 64) {
+        int n = snprintf(mac, sizeof mac, "Cm%02d", sent);
+        memset(mac + n + 1, 'v', 4000);
+        mac[n + 1 + 4000] = '\0';
+        rc = send(&r, 'D', mac, (size_t)n + 4002);
+        sent++;
+    }
+    CHECK(rc == SESS_CLOSE && sent > 10 && sent < 20,
+          "connection bytes bounded: closed after %d macros", sent);
+    rig_free(&r);
+}
+
+/*
+ * The header planner against the model it replaced: a list edited in
+ * place, one modification at a time (quadratic, but obviously right).
+ */
+struct oentry {
+    const char *name;
+    size_t nlen;
+    uint32_t orig;
+    int hidden;
+};
+
+static int oracle_same(const struct oentry *e, struct wire_str n)
+{
+    return !e->hidden && e->nlen == n.n && strncasecmp(e->name, n.p, n.n) == 0;
+}
+
+static void oracle(const struct sess *s, const struct mod *m, size_t nm,
+                   struct buf *out)
+{
+    struct oentry *e = malloc((1 + s->nhdrs + nm) * sizeof *e);
+    uint32_t n = 0;
+    if (s->hides_received)
+        e[n++] = (struct oentry){"Received", 8, 0, 1};
+    for (uint32_t i = 0; i < s->nhdrs; i++)
+        e[n++] = (struct oentry){sess_cstr(s, s->hdrs[i].name, 1),
+                                 s->hdrs[i].name.len, i + 1, 0};
+    for (size_t i = 0; i < nm; i++) {
+        const struct mod *d = &m[i];
+        struct oentry add = {d->a.p, d->a.n, 0, 0};
+        if (d->op == MOD_ADD_HEADER) {
+            wire_put_strs(out, WIRE_R_ADDHEADER, &d->a, 2);
+            e[n++] = add;
+        } else if (d->op == MOD_INSERT_HEADER) {
+            uint32_t pos = n;
+            if (d->index == 0)
+                pos = 0;
+            else
+                for (uint32_t k = 0; k < n; k++)
+                    if (e[k].orig == d->index) {
+                        pos = k + 1;
+                        break;
+                    }
+            wire_put_idx_header(out, WIRE_R_INSHEADER, pos, d->a, d->b);
+            memmove(&e[pos + 1], &e[pos], (n - pos) * sizeof *e);
+            e[pos] = add;
+            n++;
+        } else {
+            uint32_t orig = 0, seen = 0, count = 0;
+            long at = -1;
+            for (uint32_t k = 0; k < s->nhdrs && !orig; k++)
+                if (s->hdrs[k].name.len == d->a.n &&
+                    strncasecmp(sess_cstr(s, s->hdrs[k].name, 1), d->a.p,
+                                d->a.n) == 0 &&
+                    ++seen == d->index)
+                    orig = k + 1;
+            uint32_t idx = 0;
+            for (uint32_t k = 0; k < n; k++) {
+                if (orig && e[k].orig == orig) {
+                    at = k;
+                    idx = count + 1;
+                    break;
+                }
+                count += oracle_same(&e[k], d->a);
+            }
+            if (at < 0)
+                idx = count + 1;
+            int del = d->op == MOD_DELETE_HEADER || d->b.n == 0;
+            if (at < 0 && del)
+                continue;
+            wire_put_idx_header(out, WIRE_R_CHGHEADER, idx, d->a,
+                                del ? (struct wire_str){"", 0} : d->b);
+            if (at < 0)
+                e[n++] = add;
+            else if (del) {
+                memmove(&e[at], &e[at + 1], (n - (uint32_t)at - 1) * sizeof *e);
+                n--;
+            }
+        }
+    }
+    free(e);
+}
+
+static uint32_t rnd_state = 12345;
+static uint32_t rnd(uint32_t n)
+{
+    rnd_state = rnd_state * 1103515245u + 12345u;
+    return (rnd_state >> 8) % n;
+}
+
+static void test_planner_property(void)
+{
+    static const struct wire_str names[] = {
+        {"A", 1}, {"a", 1}, {"B", 1}, {"X-Dup", 5}, {"x-dup", 5},
+        {"Subject", 7}, {"Received", 8}};
+    const uint32_t nnames = sizeof names / sizeof names[0];
+    int same = 0, runs = 3000;
+    for (int run = 0; run < runs; run++) {
+        struct rig r;
+        rig_init(&r, ALL);
+        optneg(&r, 6, 0x1ff, 0x1fffff);
+        if (run % 2)
+            SEND(&r, 'D', "Cv\0Postfix 3.7.11\0");
+        else
+            SEND(&r, 'D', "Cv\0" "8.17.1\0");
+        SEND(&r, 'C', "h\0U");
+        SEND(&r, 'M', "<a@x>\0");
+        uint32_t nh = rnd(12);
+        for (uint32_t i = 0; i < nh; i++) {
+            char h[32];
+            const struct wire_str *nm = &names[rnd(nnames)];
+            int len = snprintf(h, sizeof h, "%s%c%s", nm->p, 0,
+                               rnd(3) ? "v" : "");
+            send(&r, 'L', h, (size_t)len + 1);
+        }
+        struct mod m[40];
+        size_t nmods = rnd(40), k = 0;
+        size_t nfirst = nmods ? rnd((uint32_t)nmods + 1) : 0;
+        for (; k < nmods; k++) {
+            const struct wire_str *nm = &names[rnd(nnames)];
+            struct wire_str val = rnd(4) ? (struct wire_str){"x", 1}
+                                         : (struct wire_str){"", 0};
+            int op = k < nfirst ? (rnd(2) ? MOD_ADD_HEADER : MOD_INSERT_HEADER)
+                                : (rnd(2) ? MOD_CHANGE_HEADER
+                                          : MOD_DELETE_HEADER);
+            uint32_t idx = op == MOD_INSERT_HEADER ? rnd(nh + 3) : 1 + rnd(4);
+            m[k] = (struct mod){(uint8_t)op, idx, *nm, val};
+        }
+        struct verdict v = {0};
+        v.mods = m;
+        v.nmods = nmods;
+        struct buf want;
+        buf_init(&want, 0);
+        oracle(&r.s, m, nmods, &want);
+        buf_reset(&r.out);
+        int rc = mods_put(&r.s, &v, &r.out);
+        int ok = rc == 0 && buf_len(&want) == buf_len(&r.out) &&
+                 memcmp(buf_head(&want), buf_head(&r.out), buf_len(&want)) == 0;
+        if (!ok && same == run)
+            fprintf(stderr, "planner differs on run %d (%u headers, %zu mods)\n",
+                    run, nh, nmods);
+        same += ok;
+        buf_free(&want);
+        rig_free(&r);
+    }
+    CHECK(same == runs, "planner matches the model: %d of %d", same, runs);
+
+    /* 150,000 inserts and changes: planned at once (it was quadratic) */
+    struct rig r;
+    rig_init(&r, ALL);
+    optneg(&r, 6, 0x1ff, 0x1fffff);
+    connect_helo(&r);
+    SEND(&r, 'M', "<a@x>\0");
+    SEND(&r, 'L', "Subject\0s\0");
+    SEND(&r, 'L', "X-Dup\0one\0");
+    size_t big = 150000;
+    struct mod *bm = malloc(big * sizeof *bm);
+    for (size_t i = 0; i < big; i++)
+        bm[i] = (struct mod){i < big - 2 ? MOD_INSERT_HEADER
+                                         : MOD_CHANGE_HEADER,
+                             i < big - 2 ? (uint32_t)(i % 3) : 1,
+                             {"X-Dup", 5}, {"v", 1}};
+    struct verdict v = {0};
+    v.mods = bm;
+    v.nmods = big;
+    buf_reset(&r.out);
+    CHECK(mods_put(&r.s, &v, &r.out) == 0, "150,000 modifications planned");
+    /* inserts after X-Dup (index 2) are below it; those after Subject
+     * (index 1) or at the top (0) are above it */
+    const uint8_t *p = buf_head(&r.out) + buf_len(&r.out);
+    size_t last = 5 + 4 + 6 + 2; /* the last CHGHEADER packet */
+    uint32_t idx = (uint32_t)p[-last + 5] << 24 | (uint32_t)p[-last + 6] << 16 |
+                   (uint32_t)p[-last + 7] << 8 | p[-last + 8];
+    uint32_t above = 0;
+    for (size_t i = 0; i < big - 2; i++)
+        above += i % 3 != 2;
+    CHECK(p[-last + 4] == 'm' && idx == above + 1,
+          "change of the original X-Dup lands at %u", idx);
+    free(bm);
+    rig_free(&r);
+}
+
 int main(int argc, char **argv)
 {
     char dir[1024];
@@ -508,5 +989,13 @@ int main(int argc, char **argv)
     test_macros();
     test_header_indexes("Postfix 3.7.11");
     test_header_indexes("8.17.1");
+    test_reply_xcode();
+    test_on_error_stages();
+    test_verdict_all_or_nothing();
+    test_proto_error_finishes();
+    test_quit_nc_fresh();
+    test_message_macros();
+    test_data_limits();
+    test_planner_property();
     return t_done("test_sess");
 }

@@ -357,9 +357,9 @@ describe("custom reply text", function()
     assert.are.equal("450-4.2.0 a\r\n450 4.2.0 b", r.text)
   end)
 
-  it("multi-line reason without xcode", function()
+  it("multi-line reason without xcode gets 5.7.1 on every line", function()
     local r = reply_of("milter.reject{ code = 554, reason = { 'first', 'second' } }")
-    assert.are.equal("554-first\r\n554 second", r.text)
+    assert.are.equal("554-5.7.1 first\r\n554 5.7.1 second", r.text)
   end)
 
   it("32 lines are allowed", function()

@@ -166,8 +166,8 @@ describe("luamilter test", function()
   end)
 
   it("reject, tempfail and discard exit 1 and deliver nothing", function()
-    for _, case in ipairs({ { "reject{code=550, reason='no'}", "reject", "550 no" },
-                            { "tempfail{reason='later'}", "tempfail", "451 later" },
+    for _, case in ipairs({ { "reject{code=550, reason='no'}", "reject", "550 5.7.1 no" },
+                            { "tempfail{reason='later'}", "tempfail", "451 4.7.1 later" },
                             { "discard()", "discard", nil } }) do
       local r = run("local milter = require 'milter'\nreturn { envfrom = function() return milter." ..
         case[1] .. " end }")
