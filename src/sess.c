@@ -359,35 +359,51 @@ static void stage_on_error(const struct sess *s, int ev, struct verdict *v)
         v->action = VA_CONTINUE;
 }
 
-/* Calls the handler when the script has one; continue otherwise. */
-static void run(struct sess *s, int ev, const struct wire_cmd *c,
-                struct verdict *v)
+/*
+ * Calls the handler when the script has one; continue otherwise. Returns
+ * 1 when the handler waits on a lookup: its verdict comes to sess_resume.
+ */
+static int run(struct sess *s, int ev, const struct wire_cmd *c,
+               struct verdict *v)
 {
     verdict_clear(v);
     if (!(s->cfg->handlers & SE_BIT(ev)))
-        return;
-    if (s->ops->call(s->ud, s, ev, c, v) < 0)
-        stage_on_error(s, ev, v);
-}
-
-static void abort_msg(struct sess *s)
-{
-    if (s->msg == MSG_OPEN && (s->cfg->handlers & SE_BIT(SE_ABORT))) {
-        struct verdict v;
-        run(s, SE_ABORT, NULL, &v);
+        return 0;
+    int rc = s->ops->call(s->ud, s, ev, c, v);
+    if (rc == SESS_CALL_WAIT) {
+        s->wait.ev = (uint8_t)ev;
+        s->waiting = 1;
+        return 1;
     }
-    s->msg = MSG_NONE;
+    if (rc < 0)
+        stage_on_error(s, ev, v);
+    return 0;
 }
 
-void sess_finish(struct sess *s)
+/* Runs abort for an open message; 1 when that handler waits. */
+static int abort_msg(struct sess *s)
 {
+    int open = s->msg == MSG_OPEN;
+    s->msg = MSG_NONE; /* first: a re-entry after a wait goes on */
+    if (open && (s->cfg->handlers & SE_BIT(SE_ABORT))) {
+        struct verdict v;
+        return run(s, SE_ABORT, NULL, &v);
+    }
+    return 0;
+}
+
+int sess_finish(struct sess *s)
+{
+    if (s->waiting)
+        return SESS_WAIT;
     if (s->state != ST_CONN && s->state != ST_CLOSED)
-        return;
-    abort_msg(s);
-    struct verdict v;
-    run(s, SE_CLOSE, NULL, &v);
-    s->state = ST_NEG;
+        return 0;
+    if (abort_msg(s))
+        return SESS_WAIT;
+    s->state = ST_NEG; /* first: close runs once, waiting or not */
     s->conn_seq++;
+    struct verdict v;
+    return run(s, SE_CLOSE, NULL, &v) ? SESS_WAIT : 0;
 }
 
 static int grow(void **arr, uint32_t *cap, uint32_t need, size_t elem)
@@ -521,30 +537,44 @@ int sess_put_on_error(const struct sess_cfg *cfg, struct buf *out)
 }
 
 /* Handles BODY: cut at max_body, honour an earlier skip. */
-static void body_event(struct sess *s, const struct wire_cmd *c,
-                       struct verdict *v)
+/* After the body handler: a chunk that crossed max_body truncates. */
+static void body_done(struct sess *s, struct verdict *v)
 {
-    verdict_clear(v);
-    if (s->skip_body || s->body_bytes >= s->cfg->max_body) {
-        if (!s->skip_body)
-            s->truncated = 1;
-        v->action = VA_SKIP;
-        return;
-    }
-    struct wire_cmd cut = *c;
-    size_t room = s->cfg->max_body - s->body_bytes;
-    int crossed = cut.body_len > room;
-    if (crossed)
-        cut.body_len = room;
-    s->body_bytes += cut.body_len;
-    run(s, SE_BODY, &cut, v);
-    if (crossed)
+    if (s->wait.crossed)
         s->truncated = 1;
     if (v->action == VA_SKIP)
         s->skip_body = 1;
     else if (v->action == VA_CONTINUE && s->truncated)
         v->action = VA_SKIP; /* nothing more will reach the script */
 }
+
+/* Handles BODY: cut at max_body, honour an earlier skip. 1: waits. */
+static int body_event(struct sess *s, const struct wire_cmd *c,
+                      struct verdict *v)
+{
+    verdict_clear(v);
+    s->wait.crossed = 0;
+    if (s->skip_body || s->body_bytes >= s->cfg->max_body) {
+        if (!s->skip_body)
+            s->truncated = 1;
+        v->action = VA_SKIP;
+        return 0;
+    }
+    struct wire_cmd cut = *c;
+    size_t room = s->cfg->max_body - s->body_bytes;
+    s->wait.crossed = cut.body_len > room;
+    if (s->wait.crossed)
+        cut.body_len = room;
+    s->body_bytes += cut.body_len;
+    if (run(s, SE_BODY, &cut, v))
+        return 1;
+    body_done(s, v);
+    return 0;
+}
+
+static int quit_done(struct sess *s, uint8_t cmd);
+static int event_done(struct sess *s, int ev, struct verdict *v,
+                      struct buf *out);
 
 int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
 {
@@ -563,21 +593,17 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
                                   "above --max-connection-bytes", c->cmd);
         default: return proto_error(s, "out of memory for macros", c->cmd);
         }
-    case WIRE_ABORT: abort_msg(s); return SESS_OK;
-    case WIRE_QUIT: sess_finish(s); return SESS_CLOSE;
+    case WIRE_ABORT:
+        s->wait.cmd = WIRE_ABORT;
+        return abort_msg(s) ? SESS_WAIT : SESS_OK;
+    case WIRE_QUIT:
     case WIRE_QUIT_NC:
-        sess_finish(s);
-        clear_msg_data(s); /* nothing of the old session leaks into the new */
-        s->msg = MSG_NONE;
-        s->msg_macros_fresh = 0;
-        s->nmacros = 0;
-        s->family = 0;
-        s->has_helo = 0;
-        s->host = s->addr = s->helo = (struct sess_str){0, 0};
-        buf_reset(&s->carena);
-        buf_reset(&s->conn_end);
-        s->macro_dead = 0;
-        return SESS_OK;
+        /* abort waits: handle QUIT again afterwards; close waits: QUIT
+         * is done but for its ending (sess_resume) */
+        if (s->msg == MSG_OPEN && (s->cfg->handlers & SE_BIT(SE_ABORT)))
+            return abort_msg(s) ? SESS_RETRY : sess_handle(s, c, out);
+        s->wait.cmd = c->cmd;
+        return sess_finish(s) == SESS_WAIT ? SESS_WAIT : quit_done(s, c->cmd);
     default: break;
     }
     const struct cmd_row *r = find_row(c->cmd);
@@ -601,8 +627,10 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
         return rc < 0 ? proto_error(s, "out of memory", c->cmd) : SESS_OK;
     }
     if (r->ev == SE_HELO || r->ev == SE_ENVFROM) {
-        if (s->msg != MSG_NONE)
-            abort_msg(s); /* new HELO or MAIL abandons an open message */
+        /* a new HELO or MAIL abandons an open message; if abort waits,
+         * this command is handled again once it is done */
+        if (s->msg != MSG_NONE && abort_msg(s))
+            return SESS_RETRY;
         if (r->ev == SE_ENVFROM)
             open_msg(s);
     } else if (r->phases) {
@@ -641,35 +669,59 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
     }
 
     struct verdict v;
-    if (r->ev == SE_BODY && (s->cfg->handlers & SE_BIT(SE_BODY)))
-        body_event(s, c, &v);
-    else
-        run(s, r->ev, c, &v);
+    s->wait.cmd = c->cmd;
+    s->wait.reply = (uint8_t)reply;
+    int waits = r->ev == SE_BODY && (s->cfg->handlers & SE_BIT(SE_BODY))
+                    ? body_event(s, c, &v)
+                    : run(s, r->ev, c, &v);
+    return waits ? SESS_WAIT : event_done(s, r->ev, &v, out);
+}
 
+static int quit_done(struct sess *s, uint8_t cmd)
+{
+    if (cmd == WIRE_QUIT)
+        return SESS_CLOSE;
+    clear_msg_data(s); /* nothing of the old session leaks into the new */
+    s->msg = MSG_NONE;
+    s->msg_macros_fresh = 0;
+    s->nmacros = 0;
+    s->family = 0;
+    s->has_helo = 0;
+    s->host = s->addr = s->helo = (struct sess_str){0, 0};
+    buf_reset(&s->carena);
+    buf_reset(&s->conn_end);
+    s->macro_dead = 0;
+    return SESS_OK;
+}
+
+/* Sends an event's verdict and applies what it means for the session. */
+static int event_done(struct sess *s, int ev, struct verdict *v,
+                      struct buf *out)
+{
     size_t mark = buf_len(out);
-    if (reply && put_verdict(s, r->ev, &v, out) < 0) {
+    if (s->wait.reply && put_verdict(s, ev, v, out) < 0) {
         log_msg(LL_ERR, s->id, sess_qid(s),
                 "the %s verdict could not be encoded (out of memory): "
                 "sending the --on-error reply instead",
-                sess_event_names[r->ev]);
-        stage_on_error(s, r->ev, &v);
-        if (put_verdict(s, r->ev, &v, out) < 0)
-            return proto_error(s, "out of memory for the reply", c->cmd);
+                sess_event_names[ev]);
+        stage_on_error(s, ev, v);
+        if (put_verdict(s, ev, v, out) < 0)
+            return proto_error(s, "out of memory for the reply", s->wait.cmd);
     }
     const uint8_t *rep = buf_head(out) + mark;
     size_t replen = buf_len(out) - mark;
 
-    switch (r->ev) {
+    switch (ev) {
     case SE_CONNECT:
     case SE_HELO:
-        if (v.action != VA_CONTINUE) {
+        if (v->action != VA_CONTINUE) {
             s->state = ST_CLOSED;
             buf_reset(&s->conn_end);
             buf_append(&s->conn_end, rep, replen);
         }
         break;
     case SE_ENVRCPT:
-        if (v.action == VA_REJECT || v.action == VA_TEMPFAIL) {
+        if (v->action == VA_REJECT || v->action == VA_TEMPFAIL) {
             s->nrcpts--;
             s->rcpts_dropped++;
             break;
@@ -680,7 +732,7 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
     case SE_HEADER:
     case SE_EOH:
     case SE_BODY:
-        if (v.action != VA_CONTINUE && v.action != VA_SKIP) {
+        if (v->action != VA_CONTINUE && v->action != VA_SKIP) {
             s->msg = MSG_ENDED;
             buf_reset(&s->ended);
             buf_append(&s->ended, rep, replen);
@@ -690,4 +742,29 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
     default: break;
     }
     return SESS_OK;
+}
+
+int sess_resume(struct sess *s, int rc, struct verdict *v, struct buf *out)
+{
+    if (!s->waiting)
+        return SESS_OK;
+    s->waiting = 0;
+    int ev = s->wait.ev;
+    if (ev == SE_ABORT || ev == SE_CLOSE) {
+        /* nothing is sent for them; a QUIT waiting on close ends now */
+        if (ev == SE_CLOSE &&
+            (s->wait.cmd == WIRE_QUIT || s->wait.cmd == WIRE_QUIT_NC))
+            return quit_done(s, s->wait.cmd);
+        return SESS_OK;
+    }
+    if (rc < 0)
+        stage_on_error(s, ev, v);
+    if (ev == SE_BODY)
+        body_done(s, v);
+    return event_done(s, ev, v, out);
+}
+
+void sess_abandon(struct sess *s)
+{
+    s->waiting = 0;
 }

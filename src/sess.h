@@ -73,7 +73,10 @@ struct sess_ops {
      * Runs the handler for ev (cmd: the command that caused it, NULL for
      * SE_ABORT/SE_CLOSE raised internally) and fills *v. Returns 0 for a
      * valid verdict, -1 when the handler failed or its verdict was bad
-     * (already logged): the session then applies cfg->on_error.
+     * (already logged): the session then applies cfg->on_error; or
+     * SESS_CALL_WAIT when the handler waits on a lookup: its result is
+     * handed to sess_resume() later, and until then the session takes no
+     * command (sess_waiting() is true).
      */
     int (*call)(void *ud, struct sess *s, int ev, const struct wire_cmd *cmd,
                 struct verdict *v);
@@ -133,12 +136,22 @@ struct sess {
     size_t body_bytes;
     uint32_t msg_seq; /* bumped per message */
 
+    /* The event whose handler waits (or ran last). */
+    struct {
+        uint8_t ev;      /* enum sess_event */
+        uint8_t cmd;     /* the command that raised it */
+        uint8_t reply;   /* the MTA waits for an answer */
+        uint8_t crossed; /* BODY: the chunk crossed max_body */
+    } wait;
+    uint8_t waiting;
+
     struct buf ended;     /* reply repeated while the message is ended */
     struct buf conn_end;  /* reply repeated after a connection verdict */
     struct buf scratch;   /* eom modification planning */
 };
 
-enum { SESS_OK = 0, SESS_CLOSE = 1 };
+enum { SESS_OK = 0, SESS_CLOSE = 1, SESS_WAIT = 2, SESS_RETRY = 3 };
+enum { SESS_CALL_WAIT = 1 };
 
 void sess_init(struct sess *s, const struct sess_cfg *cfg,
                const struct sess_ops *ops, void *ud, uint64_t id);
@@ -146,17 +159,32 @@ void sess_init(struct sess *s, const struct sess_cfg *cfg,
 void sess_free(struct sess *s);
 
 /*
- * Handles one decoded command and appends any reply to out. Returns SESS_OK,
- * or SESS_CLOSE when the connection must be closed after flushing out (QUIT,
- * or a protocol error, which is logged). Borrows cmd for the call only.
+ * Handles one decoded command and appends any reply to out. Returns SESS_OK;
+ * SESS_CLOSE when the connection must be closed after flushing out (QUIT,
+ * or a protocol error, which is logged); SESS_WAIT when the command's
+ * handler waits (the command is taken: its reply comes from sess_resume);
+ * SESS_RETRY when an abort handler the command raised first waits (hand
+ * the same command in again after sess_resume). Borrows cmd for the call
+ * only. Not to be called while sess_waiting().
  */
 int sess_handle(struct sess *s, const struct wire_cmd *cmd, struct buf *out);
 
 /*
- * The connection is going away without QUIT (EOF, error, timeout, shutdown):
- * runs abort for an open message and close once, if not yet done.
+ * A waiting handler is done: rc and v as sess_ops.call gives them. Sends
+ * the event's reply to out and applies it; returns SESS_OK or SESS_CLOSE
+ * (a QUIT that waited on close, a reply that cannot be encoded).
  */
-void sess_finish(struct sess *s);
+int sess_resume(struct sess *s, int rc, struct verdict *v, struct buf *out);
+/* The waiting handler was dropped (the MTA aborted or hung up): no reply. */
+void sess_abandon(struct sess *s);
+static inline int sess_waiting(const struct sess *s) { return s->waiting; }
+
+/*
+ * The connection is going away without QUIT (EOF, error, timeout, shutdown):
+ * runs abort for an open message and close once, if not yet done. Returns
+ * 0, or SESS_WAIT while one of them waits: call again after sess_resume.
+ */
+int sess_finish(struct sess *s);
 
 /* Appends the reply the on-error verdict gives (the watchdog's last word). */
 int sess_put_on_error(const struct sess_cfg *cfg, struct buf *out);

@@ -23,6 +23,7 @@ struct fake {
     int nevents;
     struct verdict reply[SE__COUNT]; /* what each event answers */
     int fail[SE__COUNT];             /* handler "raises" */
+    int defer[SE__COUNT];            /* handler waits on a lookup */
     size_t body_seen;
 };
 
@@ -36,6 +37,8 @@ static int fake_call(void *ud, struct sess *s, int ev,
     if (ev == SE_BODY)
         f->body_seen += cmd->body_len;
     *v = f->reply[ev];
+    if (f->defer[ev])
+        return SESS_CALL_WAIT;
     return f->fail[ev] ? -1 : 0;
 }
 
@@ -976,6 +979,86 @@ static void test_planner_property(void)
     rig_free(&r);
 }
 
+/* Handlers that wait on a lookup: the session takes no command until
+ * sess_resume, and the reply is the same as without the wait. */
+static void test_waiting_handlers(void)
+{
+    struct rig r;
+    rig_init(&r, ALL);
+    open_message(&r);
+    r.f.defer[SE_ENVRCPT] = 1;
+    CHECK(SEND(&r, 'R', "<b@x>\0") == SESS_WAIT && sess_waiting(&r.s) &&
+              buf_len(&r.out) == 0,
+          "envrcpt waits, nothing sent yet");
+    struct verdict v;
+    verdict_clear(&v);
+    v.action = VA_REJECT;
+    CHECK(sess_resume(&r.s, 0, &v, &r.out) == SESS_OK && !sess_waiting(&r.s),
+          "resumed");
+    CHECK(strcmp(replies(&r), "r") == 0 && r.s.nrcpts == 0,
+          "the recipient's reply after the wait, and it is dropped");
+    r.f.defer[SE_ENVRCPT] = 0;
+
+    /* a failed handler after its wait gets the on-error verdict */
+    r.f.defer[SE_EOM] = 1;
+    CHECK(SEND(&r, 'E', "") == SESS_WAIT, "eom waits");
+    verdict_clear(&v);
+    sess_resume(&r.s, -1, &v, &r.out);
+    char cmd;
+    const char *t = first_reply(&r, &cmd);
+    CHECK(cmd == 'y' && strncmp(t, "451 4.3.0", 9) == 0, "on-error: '%s'", t);
+    rig_free(&r);
+
+    /* MAIL mid-message: abort waits, then MAIL is handled again */
+    rig_init(&r, ALL);
+    open_message(&r);
+    r.f.defer[SE_ABORT] = 1;
+    r.f.nevents = 0;
+    CHECK(SEND(&r, 'M', "<a2@x>\0") == SESS_RETRY, "abort waits: retry MAIL");
+    verdict_clear(&v);
+    sess_resume(&r.s, 0, &v, &r.out);
+    CHECK(SEND(&r, 'M', "<a2@x>\0") == SESS_OK && r.f.nevents == 2 &&
+              r.f.events[0] == SE_ABORT && r.f.events[1] == SE_ENVFROM &&
+              strcmp(replies(&r), "c") == 0,
+          "then envfrom runs once: %d events", r.f.nevents);
+    r.f.defer[SE_ABORT] = 0;
+
+    /* QUIT: close waits, the connection ends after it */
+    r.f.defer[SE_CLOSE] = 1;
+    CHECK(SEND(&r, 'Q', "") == SESS_WAIT && count_ev(&r.f, SE_ABORT) == 2,
+          "abort of the open message, then close waits");
+    verdict_clear(&v);
+    CHECK(sess_resume(&r.s, 0, &v, &r.out) == SESS_CLOSE, "QUIT ends it");
+    CHECK(count_ev(&r.f, SE_CLOSE) == 1 && sess_finish(&r.s) == 0 &&
+              count_ev(&r.f, SE_CLOSE) == 1,
+          "close ran once");
+    rig_free(&r);
+
+    /* the connection drops while abort waits: finish goes on after it */
+    rig_init(&r, ALL);
+    open_message(&r);
+    r.f.defer[SE_ABORT] = 1;
+    CHECK(sess_finish(&r.s) == SESS_WAIT, "abort waits");
+    CHECK(sess_finish(&r.s) == SESS_WAIT, "still waiting: nothing new runs");
+    verdict_clear(&v);
+    sess_resume(&r.s, 0, &v, &r.out);
+    CHECK(sess_finish(&r.s) == 0 && count_ev(&r.f, SE_CLOSE) == 1,
+          "then close");
+    rig_free(&r);
+
+    /* the MTA aborts mid-wait: abandoned, no reply, abort runs */
+    rig_init(&r, ALL);
+    open_message(&r);
+    r.f.defer[SE_EOM] = 1;
+    CHECK(SEND(&r, 'E', "") == SESS_WAIT, "eom waits");
+    sess_abandon(&r.s);
+    r.f.defer[SE_EOM] = 0;
+    CHECK(SEND(&r, 'A', "") == SESS_OK && count_ev(&r.f, SE_ABORT) == 1 &&
+              buf_len(&r.out) == 0,
+          "abandoned: no reply; abort runs");
+    rig_free(&r);
+}
+
 int main(int argc, char **argv)
 {
     char dir[1024];
@@ -997,5 +1080,6 @@ int main(int argc, char **argv)
     test_message_macros();
     test_data_limits();
     test_planner_property();
+    test_waiting_handlers();
     return t_done("test_sess");
 }
