@@ -102,8 +102,6 @@ static int call_lua(void *ud, struct sess *s, int ev,
                     const struct wire_cmd *cmd, struct verdict *v)
 {
     struct conn *c = ud;
-    if (ev == SE_EOM)
-        c->msgs++;
     wd.pending = buf_head(&c->wbuf);
     wd.npending = buf_len(&c->wbuf);
     wd.reply = ev != SE_ABORT && ev != SE_CLOSE;
@@ -216,6 +214,9 @@ static size_t process(struct conn *c, const uint8_t *p, size_t n)
         }
         rc = sess_handle(&c->sess, &cmd, &c->wbuf);
         done += used;
+        /* a message is one the MTA finished, whether or not eom is handled */
+        if (rc == SESS_OK && cmd.cmd == WIRE_BODYEOB)
+            c->msgs++;
         if (rc == SESS_CLOSE)
             c->closing = 1;
     }
