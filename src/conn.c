@@ -263,8 +263,12 @@ static void on_read(struct conn *c)
         return;
     }
     ev_timer_again(c->srv->loop, &c->timer);
+    /* whether the partial frame left at the end is one that began in this
+     * read (nothing was pending, or the pending one completed) */
+    int new_partial;
     if (!buf_len(&c->rbuf)) {
         size_t used = process(c, shared, (size_t)n);
+        new_partial = 1;
         if (!c->closing && used < (size_t)n &&
             buf_append(&c->rbuf, shared + used, (size_t)n - used) < 0) {
             conn_drop(c, "out of memory for the read buffer");
@@ -272,16 +276,19 @@ static void on_read(struct conn *c)
         }
     } else {
         buf_commit(&c->rbuf, (size_t)n);
-        buf_consume(&c->rbuf,
-                    process(c, buf_head(&c->rbuf), buf_len(&c->rbuf)));
+        size_t used = process(c, buf_head(&c->rbuf), buf_len(&c->rbuf));
+        new_partial = used > 0;
+        buf_consume(&c->rbuf, used);
         if (!buf_len(&c->rbuf))
             buf_free(&c->rbuf); /* back to owning nothing */
     }
     /* A peer trickling one frame byte by byte keeps the idle timer happy;
-     * a frame must still be complete within --timeout of its first byte. */
+     * a frame must still be complete within --timeout of its own first
+     * byte (a peer whose every read ends inside a packet is fine as long
+     * as each packet completes in time). */
     if (!buf_len(&c->rbuf)) {
         c->partial_since = 0;
-    } else if (!c->partial_since) {
+    } else if (new_partial) {
         c->partial_since = ev_now(c->srv->loop);
     } else if (!c->closing &&
                ev_now(c->srv->loop) - c->partial_since > c->srv->idle_timeout) {
