@@ -212,6 +212,20 @@ static size_t process(struct conn *c, const uint8_t *p, size_t n)
             conn_drop(c, NULL);
             break;
         }
+        /* Replies are flushed only after the whole read is handled, and a
+         * session replays a long reply to every command of an ended
+         * message: a peer that pipelines without reading must not make
+         * us queue without bound. One large reply (replace_body) is fine;
+         * another command on top of a full queue is not. */
+        if (buf_len(&c->wbuf) > c->srv->max_wqueue) {
+            log_msg(LL_WARN, c->id, sess_qid(&c->sess),
+                    "the peer sends commands without reading its replies "
+                    "(%zu bytes of replies queued, --max-write-queue %zu): "
+                    "closing the connection",
+                    buf_len(&c->wbuf), c->srv->max_wqueue);
+            conn_drop(c, NULL);
+            break;
+        }
         rc = sess_handle(&c->sess, &cmd, &c->wbuf);
         done += used;
         /* a message is one the MTA finished, whether or not eom is handled */

@@ -46,6 +46,8 @@ struct server {
     struct sess_cfg cfg;       /* template for new connections */
     double idle_timeout;
     size_t max_frame;          /* largest inbound payload accepted */
+    size_t max_wqueue;         /* replies queued before a new command is
+                                  refused (--max-write-queue) */
     unsigned max_conns;
     unsigned nconns;
     uint64_t *next_id;         /* shared by the workers (MAP_SHARED) */

@@ -52,6 +52,9 @@ static void usage(FILE *f)
         "      --max-frame BYTES       largest MTA packet accepted (2 MiB)\n"
         "      --max-headers N         headers per message (10000)\n"
         "      --max-macros N          macros per MACRO packet (1000)\n"
+        "      --max-write-queue BYTES  replies queued for a peer that "
+        "does not read;\n"
+        "                              its next command closes it (4 MiB)\n"
         "      --log-level LEVEL       error|warn|info|debug (info)\n"
         "      --log-format FMT        text|json (text)\n"
         "      --shutdown-timeout SECONDS  wait for open conversations on "
@@ -110,7 +113,7 @@ int main(int argc, char **argv)
     enum { O_ONERR = 256, O_MAXBODY, O_TIMEOUT, O_LEVEL, O_FORMAT, O_SHUT,
            O_MODE, O_MAXCONN, O_VERSION, O_PIDFILE, O_USER,
            O_GROUP, O_DAEMON, O_STIMEOUT, O_SMEM, O_MAXFRAME, O_MAXHDRS,
-           O_MAXMACROS };
+           O_MAXMACROS, O_MAXWQ };
     static const struct option longopts[] = {
         {"listen", required_argument, 0, 'l'},
         {"on-error", required_argument, 0, O_ONERR},
@@ -132,6 +135,7 @@ int main(int argc, char **argv)
         {"max-frame", required_argument, 0, O_MAXFRAME},
         {"max-headers", required_argument, 0, O_MAXHDRS},
         {"max-macros", required_argument, 0, O_MAXMACROS},
+        {"max-write-queue", required_argument, 0, O_MAXWQ},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     double v;
@@ -146,6 +150,7 @@ int main(int argc, char **argv)
     srv.cfg.max_macros = 1000;
     srv.idle_timeout = 300;
     srv.max_frame = 2u << 20;
+    srv.max_wqueue = 4u << 20;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     opt.workers = ncpu > 0 ? (int)(ncpu < 64 ? ncpu : 64) : 1;
     srv.max_conns = 10000;
@@ -177,6 +182,13 @@ int main(int argc, char **argv)
                                  "1 GiB)",
                                  optarg);
             srv.max_frame = (size_t)v;
+            break;
+        case O_MAXWQ:
+            if (parse_num(optarg, 64 << 10, 1e12, &v) < 0)
+                return die_usage("--max-write-queue: bad byte count '%s' (at "
+                                 "least 64 KiB)",
+                                 optarg);
+            srv.max_wqueue = (size_t)v;
             break;
         case O_MAXHDRS:
             if (parse_num(optarg, 1, 1e7, &v) < 0)
