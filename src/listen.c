@@ -104,7 +104,13 @@ static int split_inet(char *s, char **host, char **port)
     return **port ? 0 : -1;
 }
 
-static int open_inet(const char *rest, int family, char *err, size_t errlen)
+/*
+ * inet6: is IPv6 only. inet: is IPv4 as libmilter has it, but a host that
+ * is an IPv6 literal or a name with only IPv6 addresses binds IPv6 (the
+ * "inet:[::1]:PORT" Postfix spelling); with no host it binds every IPv4
+ * interface (0.0.0.0).
+ */
+static int open_inet(const char *rest, int inet6, char *err, size_t errlen)
 {
     char buf[300];
     char *host, *port;
@@ -113,14 +119,21 @@ static int open_inet(const char *rest, int family, char *err, size_t errlen)
         snprintf(err, errlen, "cannot parse address '%s'", rest);
         return -1;
     }
+    int family = inet6 ? AF_INET6 : host ? AF_UNSPEC : AF_INET;
     struct addrinfo hints = {.ai_family = family,
                              .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_PASSIVE}, *ai;
-    int rc = getaddrinfo(host, port, &hints, &ai);
+                             .ai_flags = AI_PASSIVE}, *res;
+    int rc = getaddrinfo(host, port, &hints, &res);
     if (rc) {
         snprintf(err, errlen, "%s: %s", rest, gai_strerror(rc));
         return -1;
     }
+    const struct addrinfo *ai = res; /* an IPv4 address first, as before */
+    for (const struct addrinfo *a = res; a; a = a->ai_next)
+        if (a->ai_family == AF_INET) {
+            ai = a;
+            break;
+        }
     int fd = socket(ai->ai_family,
                     ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int one = 1;
@@ -133,7 +146,7 @@ static int open_inet(const char *rest, int family, char *err, size_t errlen)
             close(fd);
         fd = -1;
     }
-    freeaddrinfo(ai);
+    freeaddrinfo(res);
     return fd;
 }
 
@@ -169,13 +182,14 @@ int listen_open(struct listener *l, struct server *srv, const char *spec,
     else if (spec[0] == '/')
         fd = open_unix(l, spec, mode, err, errlen);
     else if (strncmp(spec, "inet:", 5) == 0)
-        fd = open_inet(spec + 5, AF_INET, err, errlen);
+        fd = open_inet(spec + 5, 0, err, errlen);
     else if (strncmp(spec, "inet6:", 6) == 0)
-        fd = open_inet(spec + 6, AF_INET6, err, errlen);
+        fd = open_inet(spec + 6, 1, err, errlen);
     else {
         snprintf(err, errlen,
-                 "unknown listen spec '%s' (use unix:/path, inet:PORT@HOST, "
-                 "inet:HOST:PORT or inet6:PORT@HOST)",
+                 "unknown listen spec '%s' (use unix:/path, local:/path, "
+                 "/path, inet:PORT@HOST, inet:PORT, inet:HOST:PORT, "
+                 "inet:[ADDR]:PORT or inet6:PORT@HOST)",
                  spec);
         return -1;
     }

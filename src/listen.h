@@ -5,6 +5,8 @@
  *   unix:/path  local:/path  /path          a unix socket (stale file replaced)
  *   inet:PORT@HOST  inet:PORT  inet:HOST:PORT  inet:[ADDR]:PORT
  *   inet6:PORT@HOST  inet6:[ADDR]:PORT
+ *
+ * inet:PORT binds every IPv4 interface; an IPv6 host under inet: binds IPv6.
  */
 #ifndef LUAMILTER_LISTEN_H
 #define LUAMILTER_LISTEN_H
