@@ -4,8 +4,10 @@
 
 #include <errno.h>
 #include <netdb.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -14,6 +16,12 @@
 #include "log.h"
 
 #define BACKLOG 1024
+/* descriptors a worker needs besides its connections: stdio, the listener,
+ * the loop, the supervisor channel, syslog, lookups, files a script opens */
+#define SPARE_FDS 32
+#define PAUSE_MIN 0.1
+#define PAUSE_MAX 1.0
+#define WARN_EVERY 10.0
 
 /* Replaces a unix socket file nobody listens on; refuses anything else. */
 static int clear_stale(const struct sockaddr_un *sa, char *err, size_t errlen)
@@ -150,6 +158,75 @@ static int open_inet(const char *rest, int inet6, char *err, size_t errlen)
     return fd;
 }
 
+/*
+ * Makes room for max_conns connections: raises the soft descriptor limit
+ * (never above the hard one) and warns when that is still too low, since
+ * accept would then fail long before --max-connections is reached.
+ */
+static void fit_nofile(unsigned max_conns)
+{
+    struct rlimit rl;
+    rlim_t need = (rlim_t)max_conns + SPARE_FDS;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur >= need)
+        return;
+    struct rlimit want = rl;
+    want.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= need
+                        ? need
+                        : rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &want) == 0)
+        rl = want;
+    if (rl.rlim_cur >= need)
+        return;
+    log_msg(LL_WARN, 0, NULL,
+            "--max-connections %u needs about %llu file descriptors per "
+            "worker, but RLIMIT_NOFILE allows %llu (hard limit %llu): "
+            "connections beyond about %llu wait until others close; raise "
+            "ulimit -n (LimitNOFILE= under systemd) or lower "
+            "--max-connections",
+            max_conns, (unsigned long long)need,
+            (unsigned long long)rl.rlim_cur,
+            (unsigned long long)rl.rlim_max,
+            rl.rlim_cur > SPARE_FDS
+                ? (unsigned long long)(rl.rlim_cur - SPARE_FDS)
+                : 0ULL);
+}
+
+static void on_resume(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)revents;
+    struct listener *l =
+        (struct listener *)((char *)w - offsetof(struct listener, pause));
+    ev_io_start(loop, &l->io);
+}
+
+/*
+ * accept failed with err, which the next attempt would hit again at once
+ * (no descriptors, no memory): stop the listener for a while rather than
+ * spin, and log that rarely. The connections wait in the backlog.
+ */
+static void back_off(struct listener *l, int err)
+{
+    struct ev_loop *loop = l->srv->loop;
+    ev_tstamp now = ev_now(loop);
+    l->refused++;
+    if (!l->warned_at || now - l->warned_at >= WARN_EVERY) {
+        log_msg(LL_WARN, 0, NULL,
+                "accept: %s: not accepting for up to %gs at a time (%lu "
+                "attempt(s) refused since the last such line, logged at "
+                "most every %gs)",
+                strerror(err), PAUSE_MAX, l->refused, WARN_EVERY);
+        l->warned_at = now;
+        l->refused = 0;
+    }
+    l->backoff = l->backoff ? l->backoff * 2 : PAUSE_MIN;
+    if (l->backoff > PAUSE_MAX)
+        l->backoff = PAUSE_MAX;
+    ev_io_stop(loop, &l->io);
+    ev_timer_stop(loop, &l->pause);
+    ev_timer_set(&l->pause, l->backoff, 0);
+    ev_timer_start(loop, &l->pause);
+}
+
 static void on_accept(struct ev_loop *loop, ev_io *w, int revents)
 {
     (void)loop;
@@ -159,13 +236,34 @@ static void on_accept(struct ev_loop *loop, ev_io *w, int revents)
         l->before_accept();
     for (int i = 0; i < 64; i++) { /* bounded: let connections run too */
         int fd = accept4(w->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
-                errno != ECONNABORTED)
-                log_msg(LL_WARN, 0, NULL, "accept: %s", strerror(errno));
+        if (fd >= 0) {
+            l->backoff = 0;
+            conn_new(l->srv, fd, l->is_tcp);
+            continue;
+        }
+        switch (errno) {
+        case EAGAIN:
+#if EWOULDBLOCK != EAGAIN
+        case EWOULDBLOCK:
+#endif
+            return;
+        /* the pending connection failed on its own; try the next one */
+        case EINTR:
+        case ECONNABORTED:
+        case EPROTO:
+        case EPERM:
+        case ENETDOWN:
+        case ENOPROTOOPT:
+        case EHOSTDOWN:
+        case ENONET:
+        case EHOSTUNREACH:
+        case EOPNOTSUPP:
+        case ENETUNREACH:
+            continue;
+        default: /* EMFILE, ENFILE, ENOBUFS, ENOMEM...: it would repeat */
+            back_off(l, errno);
             return;
         }
-        conn_new(l->srv, fd, l->is_tcp);
     }
 }
 
@@ -197,11 +295,18 @@ int listen_open(struct listener *l, struct server *srv, const char *spec,
         return -1;
     l->is_tcp = !l->path[0];
     ev_io_init(&l->io, on_accept, fd, EV_READ);
+    ev_init(&l->pause, on_resume);
+    fit_nofile(srv->max_conns);
     return 0;
 }
 
 void listen_start(struct listener *l) { ev_io_start(l->srv->loop, &l->io); }
-void listen_stop(struct listener *l) { ev_io_stop(l->srv->loop, &l->io); }
+
+void listen_stop(struct listener *l)
+{
+    ev_io_stop(l->srv->loop, &l->io);
+    ev_timer_stop(l->srv->loop, &l->pause); /* no resume after a stop */
+}
 
 void listen_close(struct listener *l)
 {

@@ -105,3 +105,80 @@ return H
     assert.matches("%-%-max%-write%-queue", r.stderr)
   end)
 end)
+
+describe("file descriptors", function()
+  local ACCEPT = U.script [[
+function H.eom(ctx) return milter.accept{} end
+return H
+]]
+  local d, wrapper
+  local held = {}
+  local stdlib = require "posix.stdlib"
+  local unistd = require "posix.unistd"
+  local socket = require "socket"
+
+  -- a wrapper that starts the daemon under `ulimit LIMIT` (e.g. "-n 64")
+  local function under_ulimit(limit)
+    local dir = assert(stdlib.mkdtemp("/tmp/luamilter-ulimit-XXXXXX"))
+    wrapper = { dir = dir, path = dir .. "/run.sh" }
+    L.write(wrapper.path, "#!/bin/sh\nulimit " .. limit .. " || exit 125\nexec " ..
+      L.binary() .. ' "$@"\n')
+    assert(os.execute("chmod +x " .. wrapper.path))
+    return wrapper.path
+  end
+
+  after_each(function()
+    for i, s in ipairs(held) do s:close(); held[i] = nil end
+    if d then d:stop(); d = nil end
+    if wrapper then
+      os.remove(wrapper.path)
+      unistd.rmdir(wrapper.dir)
+      wrapper = nil
+    end
+  end)
+
+  local function nofile_soft(pid)
+    local lim = assert(L.read("/proc/" .. pid .. "/limits"))
+    return tonumber(lim:match("Max open files%s+(%d+)"))
+  end
+
+  it("warns at start when --max-connections does not fit in ulimit -n", function()
+    d = U.start(ACCEPT, { bin = under_ulimit("-n 64") })
+    local log = U.wait_log(d, "RLIMIT_NOFILE", 5)
+    local lines = U.lines_with(log, "RLIMIT_NOFILE")
+    assert.are.equal(1, #lines, log)
+    assert.matches("WARN .*%-%-max%-connections 10000 needs about 10032 file descriptors", lines[1])
+    assert.matches("allows 64", lines[1])
+    normal(d)
+  end)
+
+  it("raises the soft limit to what --max-connections needs, without a warning", function()
+    d = U.start(ACCEPT, { bin = under_ulimit("-Sn 64"),
+                                       args = { "--max-connections", "1000" } })
+    local worker = worker_of(d)
+    assert.is_true(nofile_soft(worker) >= 1032, "soft limit " .. nofile_soft(worker))
+    assert.is_nil(d:log():find("RLIMIT_NOFILE", 1, true), d:log())
+    normal(d)
+  end)
+
+  it("backs off when accept runs out of descriptors, then serves again", function()
+    d = U.start(ACCEPT, { bin = under_ulimit("-n 64") })
+    -- more connections than the worker has descriptors for: the last ones
+    -- wait in the listen backlog while accept fails with EMFILE
+    for i = 1, 90 do
+      held[i] = assert(U.mc.connect(d.listen)).sock
+    end
+    local log = U.wait_log(d, "Too many open files", 5)
+    assert.is_truthy(log:find("Too many open files", 1, true), log)
+    socket.sleep(2) -- held: a spinning accept loop would log thousands of lines
+    local n = #U.lines_with(d:log(), "accept")
+    assert(n >= 1 and n <= 3, n .. " accept lines:\n" .. d:log():sub(1, 3000))
+    for i, s in ipairs(held) do s:close(); held[i] = nil end
+    -- served again once descriptors are free (resumes within a second)
+    local c = assert(d:client())
+    local res = c:session {}
+    c:close()
+    assert.is_nil(res.error)
+    assert.are.equal("a", res.eom and res.eom.cmd)
+  end)
+end)
