@@ -102,8 +102,6 @@ static int call_lua(void *ud, struct sess *s, int ev,
                     const struct wire_cmd *cmd, struct verdict *v)
 {
     struct conn *c = ud;
-    if (ev == SE_EOM)
-        c->msgs++;
     wd.pending = buf_head(&c->wbuf);
     wd.npending = buf_len(&c->wbuf);
     wd.reply = ev != SE_ABORT && ev != SE_CLOSE;
@@ -214,8 +212,25 @@ static size_t process(struct conn *c, const uint8_t *p, size_t n)
             conn_drop(c, NULL);
             break;
         }
+        /* Replies are flushed only after the whole read is handled, and a
+         * session replays a long reply to every command of an ended
+         * message: a peer that pipelines without reading must not make
+         * us queue without bound. One large reply (replace_body) is fine;
+         * another command on top of a full queue is not. */
+        if (buf_len(&c->wbuf) > c->srv->max_wqueue) {
+            log_msg(LL_WARN, c->id, sess_qid(&c->sess),
+                    "the peer sends commands without reading its replies "
+                    "(%zu bytes of replies queued, --max-write-queue %zu): "
+                    "closing the connection",
+                    buf_len(&c->wbuf), c->srv->max_wqueue);
+            conn_drop(c, NULL);
+            break;
+        }
         rc = sess_handle(&c->sess, &cmd, &c->wbuf);
         done += used;
+        /* a message is one the MTA finished, whether or not eom is handled */
+        if (rc == SESS_OK && cmd.cmd == WIRE_BODYEOB)
+            c->msgs++;
         if (rc == SESS_CLOSE)
             c->closing = 1;
     }
@@ -262,8 +277,12 @@ static void on_read(struct conn *c)
         return;
     }
     ev_timer_again(c->srv->loop, &c->timer);
+    /* whether the partial frame left at the end is one that began in this
+     * read (nothing was pending, or the pending one completed) */
+    int new_partial;
     if (!buf_len(&c->rbuf)) {
         size_t used = process(c, shared, (size_t)n);
+        new_partial = 1;
         if (!c->closing && used < (size_t)n &&
             buf_append(&c->rbuf, shared + used, (size_t)n - used) < 0) {
             conn_drop(c, "out of memory for the read buffer");
@@ -271,16 +290,19 @@ static void on_read(struct conn *c)
         }
     } else {
         buf_commit(&c->rbuf, (size_t)n);
-        buf_consume(&c->rbuf,
-                    process(c, buf_head(&c->rbuf), buf_len(&c->rbuf)));
+        size_t used = process(c, buf_head(&c->rbuf), buf_len(&c->rbuf));
+        new_partial = used > 0;
+        buf_consume(&c->rbuf, used);
         if (!buf_len(&c->rbuf))
             buf_free(&c->rbuf); /* back to owning nothing */
     }
     /* A peer trickling one frame byte by byte keeps the idle timer happy;
-     * a frame must still be complete within --timeout of its first byte. */
+     * a frame must still be complete within --timeout of its own first
+     * byte (a peer whose every read ends inside a packet is fine as long
+     * as each packet completes in time). */
     if (!buf_len(&c->rbuf)) {
         c->partial_since = 0;
-    } else if (!c->partial_since) {
+    } else if (new_partial) {
         c->partial_since = ev_now(c->srv->loop);
     } else if (!c->closing &&
                ev_now(c->srv->loop) - c->partial_since > c->srv->idle_timeout) {

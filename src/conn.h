@@ -32,7 +32,7 @@ struct conn {
     unsigned gen;       /* script generation serving this connection */
     ev_tstamp started;
     ev_tstamp partial_since; /* when the pending partial frame began */
-    uint32_t msgs;      /* messages seen, for the close line */
+    uint32_t msgs;      /* end-of-message packets seen, for the close line */
     struct conn *prev, *next;
     unsigned closing : 1;     /* close when wbuf is flushed */
     unsigned in_callback : 1; /* free after the callback unwinds */
@@ -46,6 +46,8 @@ struct server {
     struct sess_cfg cfg;       /* template for new connections */
     double idle_timeout;
     size_t max_frame;          /* largest inbound payload accepted */
+    size_t max_wqueue;         /* replies queued before a new command is
+                                  refused (--max-write-queue) */
     unsigned max_conns;
     unsigned nconns;
     uint64_t *next_id;         /* shared by the workers (MAP_SHARED) */

@@ -4,8 +4,10 @@
 
 #include <errno.h>
 #include <netdb.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -14,6 +16,12 @@
 #include "log.h"
 
 #define BACKLOG 1024
+/* descriptors a worker needs besides its connections: stdio, the listener,
+ * the loop, the supervisor channel, syslog, lookups, files a script opens */
+#define SPARE_FDS 32
+#define PAUSE_MIN 0.1
+#define PAUSE_MAX 1.0
+#define WARN_EVERY 10.0
 
 /* Replaces a unix socket file nobody listens on; refuses anything else. */
 static int clear_stale(const struct sockaddr_un *sa, char *err, size_t errlen)
@@ -104,7 +112,13 @@ static int split_inet(char *s, char **host, char **port)
     return **port ? 0 : -1;
 }
 
-static int open_inet(const char *rest, int family, char *err, size_t errlen)
+/*
+ * inet6: is IPv6 only. inet: is IPv4 as libmilter has it, but a host that
+ * is an IPv6 literal or a name with only IPv6 addresses binds IPv6 (the
+ * "inet:[::1]:PORT" Postfix spelling); with no host it binds every IPv4
+ * interface (0.0.0.0).
+ */
+static int open_inet(const char *rest, int inet6, char *err, size_t errlen)
 {
     char buf[300];
     char *host, *port;
@@ -113,14 +127,21 @@ static int open_inet(const char *rest, int family, char *err, size_t errlen)
         snprintf(err, errlen, "cannot parse address '%s'", rest);
         return -1;
     }
+    int family = inet6 ? AF_INET6 : host ? AF_UNSPEC : AF_INET;
     struct addrinfo hints = {.ai_family = family,
                              .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_PASSIVE}, *ai;
-    int rc = getaddrinfo(host, port, &hints, &ai);
+                             .ai_flags = AI_PASSIVE}, *res;
+    int rc = getaddrinfo(host, port, &hints, &res);
     if (rc) {
         snprintf(err, errlen, "%s: %s", rest, gai_strerror(rc));
         return -1;
     }
+    const struct addrinfo *ai = res; /* an IPv4 address first, as before */
+    for (const struct addrinfo *a = res; a; a = a->ai_next)
+        if (a->ai_family == AF_INET) {
+            ai = a;
+            break;
+        }
     int fd = socket(ai->ai_family,
                     ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int one = 1;
@@ -133,8 +154,77 @@ static int open_inet(const char *rest, int family, char *err, size_t errlen)
             close(fd);
         fd = -1;
     }
-    freeaddrinfo(ai);
+    freeaddrinfo(res);
     return fd;
+}
+
+/*
+ * Makes room for max_conns connections: raises the soft descriptor limit
+ * (never above the hard one) and warns when that is still too low, since
+ * accept would then fail long before --max-connections is reached.
+ */
+static void fit_nofile(unsigned max_conns)
+{
+    struct rlimit rl;
+    rlim_t need = (rlim_t)max_conns + SPARE_FDS;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur >= need)
+        return;
+    struct rlimit want = rl;
+    want.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= need
+                        ? need
+                        : rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &want) == 0)
+        rl = want;
+    if (rl.rlim_cur >= need)
+        return;
+    log_msg(LL_WARN, 0, NULL,
+            "--max-connections %u needs about %llu file descriptors per "
+            "worker, but RLIMIT_NOFILE allows %llu (hard limit %llu): "
+            "connections beyond about %llu wait until others close; raise "
+            "ulimit -n (LimitNOFILE= under systemd) or lower "
+            "--max-connections",
+            max_conns, (unsigned long long)need,
+            (unsigned long long)rl.rlim_cur,
+            (unsigned long long)rl.rlim_max,
+            rl.rlim_cur > SPARE_FDS
+                ? (unsigned long long)(rl.rlim_cur - SPARE_FDS)
+                : 0ULL);
+}
+
+static void on_resume(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)revents;
+    struct listener *l =
+        (struct listener *)((char *)w - offsetof(struct listener, pause));
+    ev_io_start(loop, &l->io);
+}
+
+/*
+ * accept failed with err, which the next attempt would hit again at once
+ * (no descriptors, no memory): stop the listener for a while rather than
+ * spin, and log that rarely. The connections wait in the backlog.
+ */
+static void back_off(struct listener *l, int err)
+{
+    struct ev_loop *loop = l->srv->loop;
+    ev_tstamp now = ev_now(loop);
+    l->refused++;
+    if (!l->warned_at || now - l->warned_at >= WARN_EVERY) {
+        log_msg(LL_WARN, 0, NULL,
+                "accept: %s: not accepting for up to %gs at a time (%lu "
+                "attempt(s) refused since the last such line, logged at "
+                "most every %gs)",
+                strerror(err), PAUSE_MAX, l->refused, WARN_EVERY);
+        l->warned_at = now;
+        l->refused = 0;
+    }
+    l->backoff = l->backoff ? l->backoff * 2 : PAUSE_MIN;
+    if (l->backoff > PAUSE_MAX)
+        l->backoff = PAUSE_MAX;
+    ev_io_stop(loop, &l->io);
+    ev_timer_stop(loop, &l->pause);
+    ev_timer_set(&l->pause, l->backoff, 0);
+    ev_timer_start(loop, &l->pause);
 }
 
 static void on_accept(struct ev_loop *loop, ev_io *w, int revents)
@@ -146,13 +236,34 @@ static void on_accept(struct ev_loop *loop, ev_io *w, int revents)
         l->before_accept();
     for (int i = 0; i < 64; i++) { /* bounded: let connections run too */
         int fd = accept4(w->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
-                errno != ECONNABORTED)
-                log_msg(LL_WARN, 0, NULL, "accept: %s", strerror(errno));
+        if (fd >= 0) {
+            l->backoff = 0;
+            conn_new(l->srv, fd, l->is_tcp);
+            continue;
+        }
+        switch (errno) {
+        case EAGAIN:
+#if EWOULDBLOCK != EAGAIN
+        case EWOULDBLOCK:
+#endif
+            return;
+        /* the pending connection failed on its own; try the next one */
+        case EINTR:
+        case ECONNABORTED:
+        case EPROTO:
+        case EPERM:
+        case ENETDOWN:
+        case ENOPROTOOPT:
+        case EHOSTDOWN:
+        case ENONET:
+        case EHOSTUNREACH:
+        case EOPNOTSUPP:
+        case ENETUNREACH:
+            continue;
+        default: /* EMFILE, ENFILE, ENOBUFS, ENOMEM...: it would repeat */
+            back_off(l, errno);
             return;
         }
-        conn_new(l->srv, fd, l->is_tcp);
     }
 }
 
@@ -169,13 +280,14 @@ int listen_open(struct listener *l, struct server *srv, const char *spec,
     else if (spec[0] == '/')
         fd = open_unix(l, spec, mode, err, errlen);
     else if (strncmp(spec, "inet:", 5) == 0)
-        fd = open_inet(spec + 5, AF_INET, err, errlen);
+        fd = open_inet(spec + 5, 0, err, errlen);
     else if (strncmp(spec, "inet6:", 6) == 0)
-        fd = open_inet(spec + 6, AF_INET6, err, errlen);
+        fd = open_inet(spec + 6, 1, err, errlen);
     else {
         snprintf(err, errlen,
-                 "unknown listen spec '%s' (use unix:/path, inet:PORT@HOST, "
-                 "inet:HOST:PORT or inet6:PORT@HOST)",
+                 "unknown listen spec '%s' (use unix:/path, local:/path, "
+                 "/path, inet:PORT@HOST, inet:PORT, inet:HOST:PORT, "
+                 "inet:[ADDR]:PORT or inet6:PORT@HOST)",
                  spec);
         return -1;
     }
@@ -183,11 +295,18 @@ int listen_open(struct listener *l, struct server *srv, const char *spec,
         return -1;
     l->is_tcp = !l->path[0];
     ev_io_init(&l->io, on_accept, fd, EV_READ);
+    ev_init(&l->pause, on_resume);
+    fit_nofile(srv->max_conns);
     return 0;
 }
 
 void listen_start(struct listener *l) { ev_io_start(l->srv->loop, &l->io); }
-void listen_stop(struct listener *l) { ev_io_stop(l->srv->loop, &l->io); }
+
+void listen_stop(struct listener *l)
+{
+    ev_io_stop(l->srv->loop, &l->io);
+    ev_timer_stop(l->srv->loop, &l->pause); /* no resume after a stop */
+}
 
 void listen_close(struct listener *l)
 {

@@ -37,9 +37,12 @@ static void usage(FILE *f)
         "\n"
         "options:\n"
         "  -l, --listen SPEC           inet:PORT@HOST, inet:HOST:PORT, "
-        "inet6:PORT@HOST,\n"
-        "                              unix:/path or local:/path "
-        "(inet:8890@127.0.0.1)\n"
+        "inet:[ADDR]:PORT,\n"
+        "                              inet6:PORT@HOST, unix:/path, "
+        "local:/path, /path;\n"
+        "                              inet:PORT (no host) listens on every "
+        "IPv4\n"
+        "                              interface (inet:8890@127.0.0.1)\n"
         "      --on-error ACTION       tempfail|accept|continue|reject when a "
         "handler\n"
         "                              fails or returns a bad verdict "
@@ -57,6 +60,9 @@ static void usage(FILE *f)
         "      --max-connection-bytes BYTES  macros, client and HELO of a "
         "connection\n"
         "                              (16 MiB)\n"
+        "      --max-write-queue BYTES  replies queued for a peer that "
+        "does not read;\n"
+        "                              its next command closes it (4 MiB)\n"
         "      --log-level LEVEL       error|warn|info|debug (info)\n"
         "      --log-format FMT        text|json (text)\n"
         "      --shutdown-timeout SECONDS  wait for open conversations on "
@@ -115,7 +121,7 @@ int main(int argc, char **argv)
     enum { O_ONERR = 256, O_MAXBODY, O_TIMEOUT, O_LEVEL, O_FORMAT, O_SHUT,
            O_MODE, O_MAXCONN, O_VERSION, O_PIDFILE, O_USER,
            O_GROUP, O_DAEMON, O_STIMEOUT, O_SMEM, O_MAXFRAME, O_MAXHDRS,
-           O_MAXMACROS, O_MAXMSG, O_MAXCONNB };
+           O_MAXMACROS, O_MAXMSG, O_MAXCONNB, O_MAXWQ };
     static const struct option longopts[] = {
         {"listen", required_argument, 0, 'l'},
         {"on-error", required_argument, 0, O_ONERR},
@@ -139,6 +145,7 @@ int main(int argc, char **argv)
         {"max-macros", required_argument, 0, O_MAXMACROS},
         {"max-message-bytes", required_argument, 0, O_MAXMSG},
         {"max-connection-bytes", required_argument, 0, O_MAXCONNB},
+        {"max-write-queue", required_argument, 0, O_MAXWQ},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     double v;
@@ -155,6 +162,7 @@ int main(int argc, char **argv)
     srv.cfg.max_conn_bytes = (size_t)16 << 20;
     srv.idle_timeout = 300;
     srv.max_frame = 2u << 20;
+    srv.max_wqueue = 4u << 20;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     opt.workers = ncpu > 0 ? (int)(ncpu < 64 ? ncpu : 64) : 1;
     srv.max_conns = 10000;
@@ -186,6 +194,13 @@ int main(int argc, char **argv)
                                  "1 GiB)",
                                  optarg);
             srv.max_frame = (size_t)v;
+            break;
+        case O_MAXWQ:
+            if (parse_num(optarg, 64 << 10, 1e12, &v) < 0)
+                return die_usage("--max-write-queue: bad byte count '%s' (at "
+                                 "least 64 KiB)",
+                                 optarg);
+            srv.max_wqueue = (size_t)v;
             break;
         case O_MAXHDRS:
             if (parse_num(optarg, 1, 1e7, &v) < 0)

@@ -147,3 +147,37 @@ describe("--max-connections", function()
     d:stop()
   end)
 end)
+
+describe("the per-packet deadline (--timeout)", function()
+  it("times each packet from its own first byte, not from the first unfinished read", function()
+    local d = U.start(U.script [[
+function H.unknown(ctx, cmd) end
+return H
+]], { args = { "--timeout", "1" } })
+    finally(function() d:stop() end)
+    local c = U.client(d)
+    U.open(c)
+    -- every write finishes the previous packet and starts the next one, so
+    -- the read buffer never runs empty; each packet takes one pause (0.25s,
+    -- well within --timeout), the whole run four times --timeout
+    local f = frame("U", "NOOP\0")
+    local half = 4
+    local writes = 16
+    assert(c:send_raw(f:sub(1, half)))
+    for _ = 1, writes - 1 do
+      socket.sleep(0.25)
+      assert(c:send_raw(f:sub(half + 1) .. f:sub(1, half)))
+    end
+    assert(c:send_raw(f:sub(half + 1)))
+    for i = 1, writes do
+      local r, err = c:read_reply(5)
+      assert(r, "reply " .. i .. ": " .. tostring(err) .. "\n" .. d:log())
+      assert.are.equal("c", r.cmd)
+    end
+    assert.is_nil(d:log():find("took longer than", 1, true), d:log())
+    local r, err = c:unknown("NOOP") -- still served
+    assert.are.equal("c", r and r.cmd, tostring(err))
+    c:quit()
+    c:close()
+  end)
+end)

@@ -445,6 +445,28 @@ return H
     assert.are.same({ true }, U.seen(d, "abort"))
   end)
 
+  it("the close line counts messages, also when the script has no eom", function()
+    d = U.start(U.script [[
+function H.envfrom(ctx, sender) seen(ctx, "envfrom", sender) end
+return H
+]])
+    c = U.client(d)
+    U.open(c)
+    for i = 1, 2 do
+      local r = U.message(c, { mail = "<m" .. i .. "@example.org>" })
+      assert.is_nil(r.error)
+      assert.are.equal("c", r.eom.cmd)
+    end
+    c:quit()
+    c:close(); c = nil
+    -- the start-up probe has its own close line, without a queue id
+    local log = U.wait_log(d, "q=4F2A1B3C5D] closed after", 5)
+    local closes = U.lines_with(log, "q=4F2A1B3C5D] closed after")
+    assert.are.equal(1, #closes, log)
+    assert.matches(", 2 message%(s%)$", closes[1])
+    assert.are.same({ "<m1@example.org>", "<m2@example.org>" }, U.seen(d, "envfrom"))
+  end)
+
   it("close runs once per connection, with ctx readable", function()
     d = U.start(U.script [[
 function H.close(ctx) seen(ctx, "close", { ctx.client.host, ctx.helo, type(ctx.id) }) end

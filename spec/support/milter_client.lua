@@ -161,7 +161,7 @@ function M.connect(spec, opts)
   local sock, err
   if kind == "unix" then
     sock, err = require("socket.unix").stream()
-  elseif kind == "inet6" then
+  elseif kind == "inet6" or a:find(":", 1, true) then -- an IPv6 literal
     sock, err = socket.tcp6()
   else
     sock, err = socket.tcp()
