@@ -401,9 +401,11 @@ int sess_finish(struct sess *s)
     if (abort_msg(s))
         return SESS_WAIT;
     s->state = ST_NEG; /* first: close runs once, waiting or not */
-    s->conn_seq++;
     struct verdict v;
-    return run(s, SE_CLOSE, NULL, &v) ? SESS_WAIT : 0;
+    if (run(s, SE_CLOSE, NULL, &v))
+        return SESS_WAIT; /* the session ends when close does */
+    s->conn_seq++;
+    return 0;
 }
 
 static int grow(void **arr, uint32_t *cap, uint32_t need, size_t elem)
@@ -752,6 +754,8 @@ int sess_resume(struct sess *s, int rc, struct verdict *v, struct buf *out)
     int ev = s->wait.ev;
     if (ev == SE_ABORT || ev == SE_CLOSE) {
         /* nothing is sent for them; a QUIT waiting on close ends now */
+        if (ev == SE_CLOSE)
+            s->conn_seq++;
         if (ev == SE_CLOSE &&
             (s->wait.cmd == WIRE_QUIT || s->wait.cmd == WIRE_QUIT_NC))
             return quit_done(s, s->wait.cmd);
@@ -766,5 +770,7 @@ int sess_resume(struct sess *s, int rc, struct verdict *v, struct buf *out)
 
 void sess_abandon(struct sess *s)
 {
+    if (s->waiting && s->wait.ev == SE_CLOSE)
+        s->conn_seq++;
     s->waiting = 0;
 }
