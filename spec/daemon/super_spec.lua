@@ -85,6 +85,22 @@ describe("a top level that never returns", function()
     assert.are.equal(0, code)
   end)
 
+  it("in a worker only (the check passed): the watchdog ends the worker, the supervisor logs why", function()
+    -- spins unless it runs in the check process
+    local src = "local milter = require 'milter'\n" ..
+      "local f = io.open('/proc/self/comm'); local comm = f:read('*l'); f:close()\n" ..
+      "if comm ~= 'luamilter-check' then local x = 0; while true do x = x + 1 end end\n" ..
+      "return { eom = function() return milter.accept{} end }\n"
+    d = U.start(src, { args = { "--workers", "1", "--script-timeout", "0.5", "--log-format", "json" } })
+    local tail = L.tail(d.log_path)
+    assert(tail:wait("the script's top level ran past %-%-script%-timeout", 1, 10),
+      "no watchdog line for the worker's top level:\n" .. d:log())
+    for _, line in ipairs(tail:poll().lines) do
+      assert(type(cjson.decode(line)) == "table", "not a JSON line: " .. line)
+    end
+    assert(d:alive(), d:log())
+  end)
+
   it("at start: exit 1 with a clear error", function()
     local dir = L.tmpdir()
     finally(function() L.rmtree(dir) end)
