@@ -196,6 +196,10 @@ static void worker_run(int i, int ctl)
     ev_signal_stop(loop, &sig_term);
     ev_signal_stop(loop, &sig_int);
     signal(SIGHUP, SIG_IGN); /* reloads come from the supervisor only */
+    /* Ctrl-C reaches the whole process group: the supervisor stops us with
+     * SIGTERM, so its second Ctrl-C (our second signal) ends us at once,
+     * and one Ctrl-C lets open conversations finish. */
+    signal(SIGINT, SIG_IGN);
     L.path[0] = '\0';        /* the supervisor removes the socket file */
     conn_watchdog_start(&S->cfg, O->script_timeout, &shm->wd[i]);
     char err[1024];
@@ -215,9 +219,7 @@ static void worker_run(int i, int ctl)
     L.before_accept = control_drain;
     listen_start(&L);
     ev_signal_init(&sig_term, worker_stop, SIGTERM);
-    ev_signal_init(&sig_int, worker_stop, SIGINT);
     ev_signal_start(loop, &sig_term);
-    ev_signal_start(loop, &sig_int);
     control_drain(); /* a reload may have come while we loaded */
     ev_run(loop, 0);
     lb_state_release(S->script);
@@ -287,8 +289,9 @@ static void on_ctl(struct ev_loop *loop, ev_io *w, int revents)
             return;
         }
         if (r > 0 && !ev_is_active(&sl->again)) {
-            log_msg(LL_DEBUG, 0, NULL, "worker %d asks for generation %u "
-                    "again: sending it in 1s", (int)sl->pid, shm->gen);
+            log_msg(LL_DEBUG, 0, NULL, "worker %d asks for the script "
+                    "again: sending generation %u in 1s", (int)sl->pid,
+                    shm->gen);
             ev_timer_start(loop, &sl->again); /* time to free its fds */
         }
     }
@@ -337,9 +340,10 @@ static void on_child(struct ev_loop *loop, ev_child *w, int revents)
         close(sl->ctl);
     sl->ctl = -1;
     sl->pid = 0;
-    /* A worker exits 0 only when it was told to stop. Ctrl-C or a stop of
-     * the whole process group reaches the workers as well as us, and their
-     * exits can be seen before our own signal: that is a stop, not a death. */
+    /* A worker exits 0 only when it was told to stop. A SIGTERM to the
+     * whole process group reaches the workers as well as us, and their
+     * exits can be seen before our own signal (libev reaps children at a
+     * higher priority): that is a stop, not a death. */
     int asked = WIFEXITED(st) && WEXITSTATUS(st) == 0;
     if (stopping || (asked && (ev_is_pending(&sig_int) ||
                                ev_is_pending(&sig_term)))) {

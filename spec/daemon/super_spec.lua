@@ -332,25 +332,55 @@ describe("Ctrl-C", function()
     return pid
   end
 
-  it("SIGINT to the whole process group stops quietly: no error, no new worker, exit 0", function()
+  for _, sig in ipairs({ "INT", "TERM" }) do
+    it("SIG" .. sig .. " to the whole process group stops quietly: no error, no new worker, exit 0", function()
+      local dir = L.tmpdir()
+      local script, sock, log = dir .. "/script.lua", dir .. "/s.sock", dir .. "/log"
+      L.write(script, A)
+      local pid = spawn_group({ L.binary(), "--workers", "4", "-l", "unix:" .. sock, script }, log)
+      finally(function()
+        if L.alive(pid) then psignal.kill(-pid, psignal.SIGKILL); L.wait_child(pid, 5) end
+        L.rmtree(dir)
+      end)
+      assert(mc.wait_socket("unix:" .. sock, 5), "not listening:\n" .. tostring(L.read(log)))
+      assert(L.wait_children(pid, 4, 5), "no workers:\n" .. tostring(L.read(log)))
+      assert.are.equal("A", session_tag("unix:" .. sock))
+      assert.are.equal(0, psignal.kill(-pid, psignal["SIG" .. sig]))
+      local code, how = L.wait_child(pid, 5)
+      local text = L.read(log) or ""
+      assert.are.equal("exited", how, text)
+      assert.are.equal(0, code, text)
+      assert.is_nil(text:find(" ERROR ", 1, true), text)
+      assert.is_nil(text:find("starting a new worker", 1, true), text)
+    end)
+  end
+
+  it("one Ctrl-C lets an open conversation finish", function()
     local dir = L.tmpdir()
     local script, sock, log = dir .. "/script.lua", dir .. "/s.sock", dir .. "/log"
     L.write(script, A)
-    local pid = spawn_group({ L.binary(), "--workers", "4", "-l", "unix:" .. sock, script }, log)
+    local pid = spawn_group({ L.binary(), "--workers", "2", "-l", "unix:" .. sock, script }, log)
     finally(function()
       if L.alive(pid) then psignal.kill(-pid, psignal.SIGKILL); L.wait_child(pid, 5) end
       L.rmtree(dir)
     end)
     assert(mc.wait_socket("unix:" .. sock, 5), "not listening:\n" .. tostring(L.read(log)))
-    assert(L.wait_children(pid, 4, 5), "no workers:\n" .. tostring(L.read(log)))
-    assert.are.equal("A", session_tag("unix:" .. sock))
+    assert(L.wait_children(pid, 2, 5), "no workers:\n" .. tostring(L.read(log)))
+    local c = assert(mc.connect("unix:" .. sock, { timeout = 5 }))
+    finally(function() c:close() end)
+    assert(L.open(c))
+    assert.are.equal("A", assert(L.begin_message(c)))
+    local tail = L.tail(log)
     assert.are.equal(0, psignal.kill(-pid, psignal.SIGINT))
+    assert(tail:wait("finishing 1 connection", 1, 5), "no worker is finishing the conversation:\n" .. L.read(log))
+    assert.are.equal("A", assert(L.end_message(c)))
+    c:quit()
+    c:close()
     local code, how = L.wait_child(pid, 5)
     local text = L.read(log) or ""
     assert.are.equal("exited", how, text)
     assert.are.equal(0, code, text)
     assert.is_nil(text:find(" ERROR ", 1, true), text)
-    assert.is_nil(text:find("starting a new worker", 1, true), text)
   end)
 end)
 
