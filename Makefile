@@ -10,7 +10,7 @@ LUAJIT_LIBS   := $(or $(shell pkg-config --libs luajit 2>/dev/null),-lluajit-5.1
 LIBS    := $(LUAJIT_LIBS) -lev -lm
 
 B       ?= build
-SRCS    := log buf wire sess mods pfsim lb lctx lverdict offline conn listen super main
+SRCS    := log buf wire sess mods pfsim lb lctx lverdict offline conn listen ctl reload super main
 CORE    := log buf wire sess mods pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted

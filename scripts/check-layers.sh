@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bad=0
 for f in src/*.c src/*.h; do
   case $f in
-    src/conn.[ch]|src/listen.[ch]|src/super.[ch]|src/main.c) ;;
+    src/conn.[ch]|src/listen.[ch]|src/super.[ch]|src/reload.[ch]|src/main.c) ;;
     *) if grep -q '#include <ev.h>' "$f"; then echo "$f includes ev.h" >&2; bad=1; fi ;;
   esac
   case $f in

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "log.h"
 #include "milter_lua.h" /* luaJIT_BC_milter: lua/milter.lua, compiled */
@@ -70,7 +71,8 @@ static void hook(lua_State *L, lua_Debug *ar)
     lua_getallocf(L, (void **)&st);
     if (st->deadline > 0 && lb_now() > st->deadline) {
         st->deadline = 0; /* one error per call */
-        luaL_error(L, "handler ran longer than --script-timeout (%gs)",
+        luaL_error(L, "%s ran longer than --script-timeout (%gs)",
+                   st->loading ? "the script's top level" : "handler",
                    script_timeout);
     }
 }
@@ -114,6 +116,24 @@ static const char global_guard[] =
     "  end\n"
     "  rawset(t, k, v)\n"
     "end})\n";
+
+/*
+ * Seeds math.random before the top level runs: workers are forked copies
+ * of one process, and each must draw its own numbers.
+ */
+static void seed_random(lua_State *L)
+{
+    static unsigned counter;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t seed = (uint64_t)getpid() << 32 ^ (uint64_t)ts.tv_sec << 20 ^
+                    (uint64_t)ts.tv_nsec ^ (uint64_t)++counter << 48;
+    lua_getglobal(L, "math");
+    lua_getfield(L, -1, "randomseed");
+    lua_pushnumber(L, (lua_Number)(seed % 9007199254740993ull));
+    lua_call(L, 1, 0);
+    lua_pop(L, 1);
+}
 
 /* Sets err to "file:line: message" from the error on top of L. */
 static void load_error(lua_State *L, char *err, size_t errlen)
@@ -250,6 +270,7 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
     lua_pushcfunction(L, open_milter);
     lua_setfield(L, -2, "milter");
     lua_pop(L, 2);
+    seed_random(L);
 
     lua_pushcfunction(L, traceback);
     *err = '\0';
@@ -260,7 +281,16 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
     }
     char chunk[4096];
     snprintf(chunk, sizeof chunk, "@%s", path);
-    if (luaL_loadbuffer(L, src, len, chunk) || lua_pcall(L, 0, 1, -2))
+    /* The top level has the handlers' budget: the count hook stops an
+     * interpreted loop, the watchdog (lb_busy_since) a compiled one. */
+    st->loading = 1;
+    lb_busy_since = lb_now();
+    st->deadline = lb_busy_since + script_timeout;
+    int failed = luaL_loadbuffer(L, src, len, chunk) || lua_pcall(L, 0, 1, -2);
+    st->deadline = 0;
+    lb_busy_since = 0;
+    st->loading = 0;
+    if (failed)
         load_error(L, err, errlen);
     else
         take_handlers(st, path, err, errlen);

@@ -29,8 +29,9 @@ struct lb_conn {
 
 /*
  * Loads and checks a script: syntax, top-level errors, the returned table
- * and its handler keys. Returns an owned state (refcount 1), or NULL with a
- * one-line "file:line: message" in err.
+ * and its handler keys. math.random is seeded first (pid, time, a counter),
+ * and the top level runs under the handlers' --script-timeout. Returns an
+ * owned state (refcount 1), or NULL with a one-line "file:line: message".
  */
 struct lb_state *lb_load(const char *path, char *err, size_t errlen);
 /* The same from bytes already read (path names the chunk in messages). */
@@ -64,8 +65,8 @@ int lb_call(struct lb_conn *lc, struct sess *s, int ev,
  * Lua state (allocation beyond fails with "not enough memory").
  */
 void lb_set_limits(double script_timeout, size_t max_memory);
-/* Monotonic start of the handler call in progress, 0 when none (read by
- * the watchdog in a signal handler). */
+/* Monotonic start of the handler call (or script top level) in progress,
+ * 0 when none (read by the watchdog in a signal handler). */
 extern volatile double lb_busy_since;
 /* A coarse monotonic clock in seconds (no system call). */
 double lb_now(void);

@@ -17,6 +17,7 @@ struct lb_state {
     lua_Alloc base_alloc;   /* LuaJIT's allocator, which alloc() wraps */
     void *base_ud;
     double deadline;        /* of the running handler; 0 when idle */
+    int loading;            /* the top level runs (for the hook's message) */
     int refs;
     int handler[SE__COUNT]; /* registry refs, LUA_NOREF when undefined */
     unsigned handlers;      /* SE_BIT()s */

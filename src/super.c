@@ -17,24 +17,30 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "ctl.h"
 #include "lb.h"
 #include "listen.h"
 #include "log.h"
+#include "reload.h"
 
 #define MAX_WORKERS 256
 
-/* State shared by the supervisor and its workers (one MAP_SHARED page). */
+/* State shared by the supervisor and its workers (one MAP_SHARED mapping). */
 struct shared {
     uint64_t next_id; /* connection ids, unique across workers */
     unsigned gen;     /* generation of the script the supervisor checked */
+    struct conn_wd_report wd[MAX_WORKERS]; /* each slot's watchdog report */
 };
 
 struct slot {
     pid_t pid;
     int ctl;            /* the supervisor's end of the control socket */
+    int owed;           /* the worker still needs the current generation */
     ev_tstamp started;
     ev_child child;
     ev_timer restart;
+    ev_io io;           /* requests from the worker; writable when owed */
+    ev_timer again;     /* resend after a lost or refused send */
 };
 
 static const struct super_opts *O;
@@ -46,56 +52,44 @@ static int stopping;
 static ev_timer stop_timer;
 static ev_signal sig_hup, sig_term, sig_int; /* the running process's */
 static int pidfile_written;
+static int script_fd = -1; /* memfd: the checked bytes of generation shm->gen */
+static struct reload check; /* a reload being checked in a child */
+static int hup_again;       /* SIGHUP during a check: check again after */
 
 /* ---- worker ---------------------------------------------------------- */
 
 /*
- * The supervisor's control message: a generation number and, as an fd
- * (SCM_RIGHTS), the exact bytes it checked, so every worker loads the same
- * script even if the file changed since. EOF: the supervisor is gone.
+ * The worker's end of the control channel (ctl.h): the supervisor sends
+ * every new generation with the checked bytes as an fd; EOF means the
+ * supervisor is gone.
  */
 static ev_io control;
+static uint32_t lost_logged; /* newest lost generation already reported */
 
-/* Applies one pending control message; returns 0 when there was none. */
-static int control_once(void)
+/* Loads the checked bytes behind fd; a state, or NULL with err set. */
+static struct lb_state *load_fd(int fd, char *err, size_t n)
 {
-    uint32_t gen;
-    char cbuf[CMSG_SPACE(sizeof(int))];
-    struct iovec iov = {&gen, sizeof gen};
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1,
-                        .msg_control = cbuf, .msg_controllen = sizeof cbuf};
-    ssize_t n = recvmsg(control.fd, &mh, MSG_DONTWAIT);
-    if (n <= 0) {
-        if (n < 0 && (errno == EINTR || errno == EAGAIN))
-            return 0;
-        log_msg(LL_ERR, 0, NULL, "worker %d: the supervisor is gone: stopping",
-                (int)getpid());
-        ev_io_stop(S->loop, &control);
-        kill(getpid(), SIGTERM);
-        return 0;
-    }
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-    if (n != sizeof gen || !cm || cm->cmsg_type != SCM_RIGHTS)
-        return 1;
-    int fd;
-    memcpy(&fd, CMSG_DATA(cm), sizeof fd);
     struct stat sb;
-    char err[1024];
     char *src = NULL;
     struct lb_state *st = NULL;
     if (fstat(fd, &sb) == 0 && (src = malloc((size_t)sb.st_size + 1)) &&
         pread(fd, src, (size_t)sb.st_size, 0) == sb.st_size)
-        st = lb_load_buffer(O->script, src, (size_t)sb.st_size, err,
-                            sizeof err);
+        st = lb_load_buffer(O->script, src, (size_t)sb.st_size, err, n);
     else
-        snprintf(err, sizeof err, "cannot read the checked script: %s",
+        snprintf(err, n, "cannot read the checked script: %s",
                  strerror(errno));
     free(src);
-    close(fd);
+    return st;
+}
+
+static void apply(int fd, uint32_t gen)
+{
+    char err[1024];
+    struct lb_state *st = load_fd(fd, err, sizeof err);
     if (!st) {
         log_msg(LL_ERR, 0, NULL, "worker %d keeps generation %u: %s",
                 (int)getpid(), S->gen, err);
-        return 1;
+        return;
     }
     lb_state_release(S->script); /* open connections hold their own refs */
     S->script = st;
@@ -103,15 +97,42 @@ static int control_once(void)
     S->gen = gen;
     log_msg(LL_DEBUG, 0, NULL, "worker %d now serves generation %u",
             (int)getpid(), S->gen);
-    return 1;
 }
 
-/* Every pending reload, before a connection is accepted: a connection made
- * after the supervisor announced generation N gets at least N. */
+/*
+ * Every pending control message, before a connection is accepted (a
+ * connection made after the supervisor announced generation N gets at
+ * least N). Only the newest generation is loaded, however many queued up
+ * while the worker was busy; a generation whose fd did not arrive is
+ * logged and asked for again.
+ */
 static void control_drain(void)
 {
-    for (int i = 0; i < 64 && ev_is_active(&control) && control_once(); i++)
-        ;
+    uint32_t gen = 0, lost = 0;
+    int fd = -1;
+    if (!ev_is_active(&control))
+        return;
+    if (ctl_drain(control.fd, &gen, &fd, &lost) < 0) {
+        log_msg(LL_ERR, 0, NULL, "worker %d: the supervisor is gone: stopping",
+                (int)getpid());
+        ev_io_stop(S->loop, &control);
+        kill(getpid(), SIGTERM);
+    }
+    if (fd >= 0) {
+        if (gen > S->gen)
+            apply(fd, gen);
+        close(fd);
+    }
+    if (lost > S->gen) {
+        log_msg(lost != lost_logged ? LL_ERR : LL_DEBUG, 0, NULL,
+                "worker %d did not receive the script of generation %u (out "
+                "of file descriptors?): asking the supervisor again",
+                (int)getpid(), lost);
+        lost_logged = lost;
+        if (ctl_ask_again(control.fd, lost) < 0)
+            log_msg(LL_ERR, 0, NULL, "worker %d cannot ask for generation "
+                    "%u: %s", (int)getpid(), lost, strerror(errno));
+    }
 }
 
 static void worker_control(struct ev_loop *loop, ev_io *w, int revents)
@@ -152,34 +173,54 @@ static void worker_stop(struct ev_loop *loop, ev_signal *w, int revents)
 }
 
 /*
- * Turns a freshly forked child into a worker: the supervisor's watchers are
+ * Turns a freshly forked child into worker i: the supervisor's watchers are
  * stopped (a signal that already arrived stays pending for the worker's
- * own watcher of that signal), then the listener and signals are started.
+ * own watcher of that signal), the script is loaded here from the bytes the
+ * supervisor checked (so its top level runs in every worker, at start as on
+ * reload), then the listener and signals are started.
  */
-static void worker_run(int ctl)
+static void worker_run(int i, int ctl)
 {
     struct ev_loop *loop = S->loop;
     ev_loop_fork(loop);
-    for (int i = 0; i < O->workers; i++) {
-        ev_child_stop(loop, &slots[i].child);
-        ev_timer_stop(loop, &slots[i].restart);
-        if (slots[i].ctl >= 0)
-            close(slots[i].ctl); /* the other workers' channels */
+    for (int k = 0; k < O->workers; k++) {
+        ev_child_stop(loop, &slots[k].child);
+        ev_timer_stop(loop, &slots[k].restart);
+        ev_io_stop(loop, &slots[k].io);
+        ev_timer_stop(loop, &slots[k].again);
+        if (slots[k].ctl >= 0)
+            close(slots[k].ctl); /* the other workers' channels */
     }
+    reload_cancel(loop, &check, 0); /* the supervisor's, not ours */
     ev_signal_stop(loop, &sig_hup);
     ev_signal_stop(loop, &sig_term);
     ev_signal_stop(loop, &sig_int);
     signal(SIGHUP, SIG_IGN); /* reloads come from the supervisor only */
+    /* Ctrl-C reaches the whole process group: the supervisor stops us with
+     * SIGTERM, so its second Ctrl-C (our second signal) ends us at once,
+     * and one Ctrl-C lets open conversations finish. */
+    signal(SIGINT, SIG_IGN);
     L.path[0] = '\0';        /* the supervisor removes the socket file */
-    conn_watchdog_start(&S->cfg, O->script_timeout);
+    conn_watchdog_start(&S->cfg, O->script_timeout, &shm->wd[i]);
+    char err[1024];
+    S->gen = shm->gen;
+    S->script = load_fd(script_fd, err, sizeof err);
+    close(script_fd);
+    if (!S->script) {
+        log_msg(LL_ERR, 0, NULL, "worker %d cannot load generation %u: %s",
+                (int)getpid(), S->gen, err);
+        _exit(1);
+    }
+    S->cfg.handlers = lb_handlers(S->script);
+    log_msg(LL_DEBUG, 0, NULL, "worker %d now serves generation %u",
+            (int)getpid(), S->gen);
     ev_io_init(&control, worker_control, ctl, EV_READ);
     ev_io_start(loop, &control);
     L.before_accept = control_drain;
     listen_start(&L);
     ev_signal_init(&sig_term, worker_stop, SIGTERM);
-    ev_signal_init(&sig_int, worker_stop, SIGINT);
     ev_signal_start(loop, &sig_term);
-    ev_signal_start(loop, &sig_int);
+    control_drain(); /* a reload may have come while we loaded */
     ev_run(loop, 0);
     lb_state_release(S->script);
     _exit(0);
@@ -204,24 +245,117 @@ static int live_workers(void)
     return n;
 }
 
+/* Sends the current generation to a worker that needs it, never waiting:
+ * a full queue waits for the socket to become writable, and whatever is
+ * newest by then is what goes. */
+static void send_owed(struct ev_loop *loop, struct slot *sl)
+{
+    int events = EV_READ;
+    if (sl->owed && sl->ctl >= 0) {
+        if (ctl_send_script(sl->ctl, shm->gen, script_fd) == 0) {
+            sl->owed = 0;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            events |= EV_WRITE;
+        } else {
+            log_msg(LL_WARN, 0, NULL, "worker %d missed generation %u: %s: "
+                    "sending it again in 1s", (int)sl->pid, shm->gen,
+                    strerror(errno));
+            if (!ev_is_active(&sl->again))
+                ev_timer_start(loop, &sl->again);
+        }
+    }
+    if (sl->ctl >= 0 && (sl->io.events & (EV_READ | EV_WRITE)) != events) {
+        ev_io_stop(loop, &sl->io);
+        ev_io_set(&sl->io, sl->ctl, events);
+        ev_io_start(loop, &sl->io);
+    }
+}
+
+static void on_again(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)revents;
+    struct slot *sl = (struct slot *)((char *)w - offsetof(struct slot, again));
+    sl->owed = 1;
+    send_owed(loop, sl);
+}
+
+static void on_ctl(struct ev_loop *loop, ev_io *w, int revents)
+{
+    struct slot *sl = (struct slot *)((char *)w - offsetof(struct slot, io));
+    if (revents & EV_READ) {
+        int r = ctl_read_requests(sl->ctl);
+        if (r < 0) { /* the worker is gone; on_child reaps it */
+            ev_io_stop(loop, w);
+            return;
+        }
+        if (r > 0 && !ev_is_active(&sl->again)) {
+            log_msg(LL_DEBUG, 0, NULL, "worker %d asks for the script "
+                    "again: sending generation %u in 1s", (int)sl->pid,
+                    shm->gen);
+            ev_timer_start(loop, &sl->again); /* time to free its fds */
+        }
+    }
+    if (revents & EV_WRITE)
+        send_owed(loop, sl);
+}
+
+/* Logs a worker's death; the watchdog's report says why it exited 70. */
+static void log_death(int i, pid_t pid, int st)
+{
+    const struct conn_wd_report *wd = &shm->wd[i];
+    if (WIFSIGNALED(st))
+        log_msg(LL_ERR, 0, NULL, "worker %d was killed by signal %d (%s)",
+                (int)pid, WTERMSIG(st), strsignal(WTERMSIG(st)));
+    else if (WEXITSTATUS(st) == CONN_WD_STATUS && wd->ev >= 0 &&
+             wd->ev < SE__COUNT) {
+        log_gen = wd->gen;
+        log_msg(LL_ERR, wd->cid, NULL,
+                "worker %d exited with status %d: handler %s on connection "
+                "c=%llu ran past --script-timeout and cannot be interrupted "
+                "(a compiled loop or a C call)",
+                (int)pid, CONN_WD_STATUS, sess_event_names[wd->ev],
+                (unsigned long long)wd->cid);
+        log_gen = 0;
+    } else if (WEXITSTATUS(st) == CONN_WD_STATUS &&
+               wd->ev == CONN_WD_TOPLEVEL)
+        log_msg(LL_ERR, 0, NULL,
+                "worker %d exited with status %d: the script's top level ran "
+                "past --script-timeout and cannot be interrupted (a compiled "
+                "loop or a C call)",
+                (int)pid, CONN_WD_STATUS);
+    else
+        log_msg(LL_ERR, 0, NULL, "worker %d exited with status %d", (int)pid,
+                WEXITSTATUS(st));
+}
+
 static void on_child(struct ev_loop *loop, ev_child *w, int revents)
 {
     (void)revents;
     struct slot *sl = (struct slot *)((char *)w - offsetof(struct slot, child));
     int st = w->rstatus;
     ev_child_stop(loop, w);
+    ev_io_stop(loop, &sl->io);
+    ev_timer_stop(loop, &sl->again);
+    if (sl->ctl >= 0)
+        close(sl->ctl);
+    sl->ctl = -1;
     sl->pid = 0;
-    if (stopping) {
-        if (!live_workers())
+    /* A worker exits 0 only when it was told to stop. A SIGTERM to the
+     * whole process group reaches the workers as well as us, and their
+     * exits can be seen before our own signal (libev reaps children at a
+     * higher priority): that is a stop, not a death. */
+    int asked = WIFEXITED(st) && WEXITSTATUS(st) == 0;
+    if (stopping || (asked && (ev_is_pending(&sig_int) ||
+                               ev_is_pending(&sig_term)))) {
+        if (stopping && !live_workers())
             ev_break(loop, EVBREAK_ALL);
         return;
     }
-    if (WIFSIGNALED(st))
-        log_msg(LL_ERR, 0, NULL, "worker %d was killed by signal %d (%s)",
-                w->rpid, WTERMSIG(st), strsignal(WTERMSIG(st)));
+    if (asked)
+        log_msg(LL_WARN, 0, NULL, "worker %d was stopped by a signal of its "
+                "own", (int)w->rpid);
     else
-        log_msg(LL_ERR, 0, NULL, "worker %d exited with status %d", w->rpid,
-                WEXITSTATUS(st));
+        log_death((int)(sl - slots), w->rpid, st);
     /* a worker that dies at once would make us fork in a tight loop */
     double delay = ev_now(loop) - sl->started < 1.0 ? 1.0 : 0.0;
     log_msg(LL_INFO, 0, NULL, "starting a new worker%s",
@@ -234,8 +368,9 @@ static void spawn(struct ev_loop *loop, int i)
 {
     struct slot *sl = &slots[i];
     int sv[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+    if (ctl_pair(sv) < 0)
         sv[0] = sv[1] = -1;
+    shm->wd[i].ev = CONN_WD_NONE;
     pid_t pid = sv[0] < 0 ? -1 : fork();
     if (pid < 0) {
         log_msg(LL_ERR, 0, NULL, "cannot start a worker: %s: retrying in 1s",
@@ -250,48 +385,75 @@ static void spawn(struct ev_loop *loop, int i)
     }
     if (pid == 0) {
         close(sv[0]);
-        worker_run(sv[1]);
+        worker_run(i, sv[1]);
     }
     close(sv[1]);
     if (sl->ctl >= 0)
         close(sl->ctl);
     sl->ctl = sv[0];
+    sl->owed = 0; /* it loads the current generation itself */
     sl->pid = pid;
     sl->started = ev_now(loop);
     ev_child_set(&sl->child, pid, 0);
     ev_child_start(loop, &sl->child);
+    ev_io_set(&sl->io, sl->ctl, EV_READ);
+    ev_io_start(loop, &sl->io);
 }
 
-/* Hands every worker the checked script (see worker_control). */
-static void send_script(const char *src, size_t len, uint32_t gen)
+/* A memfd holding src (what workers load), or -1 with errno set. */
+static int script_memfd(const char *src, size_t len)
 {
     int fd = memfd_create("luamilter-script", MFD_CLOEXEC);
-    if (fd < 0 || write(fd, src, len) != (ssize_t)len) {
-        log_msg(LL_ERR, 0, NULL, "cannot pass the script to the workers: %s",
-                strerror(errno));
-        if (fd >= 0)
-            close(fd);
-        return;
+    if (fd >= 0 && write(fd, src, len) != (ssize_t)len) {
+        close(fd);
+        return -1;
     }
-    for (int i = 0; i < O->workers; i++) {
-        if (slots[i].pid <= 0 || slots[i].ctl < 0)
-            continue;
-        char cbuf[CMSG_SPACE(sizeof(int))];
-        memset(cbuf, 0, sizeof cbuf);
-        struct iovec iov = {&gen, sizeof gen};
-        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1,
-                            .msg_control = cbuf,
-                            .msg_controllen = sizeof cbuf};
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(cm), &fd, sizeof fd);
-        if (sendmsg(slots[i].ctl, &mh, MSG_NOSIGNAL) < 0)
-            log_msg(LL_WARN, 0, NULL, "worker %d missed the reload: %s",
-                    (int)slots[i].pid, strerror(errno));
+    return fd;
+}
+
+static void start_check(struct ev_loop *loop);
+
+/* The child's verdict on the script SIGHUP read (see reload.h). */
+static void on_checked(struct reload *r, const char *src, size_t len,
+                       const char *err)
+{
+    (void)r;
+    int fd = err ? -1 : script_memfd(src, len);
+    if (err || fd < 0) {
+        log_msg(LL_ERR, 0, NULL,
+                "reload failed, generation %u keeps serving: %s", shm->gen,
+                err ? err : "cannot pass the script to the workers");
+    } else {
+        close(script_fd); /* queued copies live on in the sockets */
+        script_fd = fd;
+        S->gen = ++shm->gen;
+        for (int i = 0; i < O->workers; i++) {
+            if (slots[i].pid > 0) {
+                slots[i].owed = 1;
+                send_owed(S->loop, &slots[i]); /* before we announce it */
+            }
+        }
+        log_msg(LL_INFO, 0, NULL, "reloaded %s: generation %u", O->script,
+                shm->gen);
     }
-    close(fd);
+    if (hup_again && !stopping) {
+        hup_again = 0;
+        start_check(S->loop);
+    }
+}
+
+/* Reads the script once and checks those bytes in a child process. */
+static void start_check(struct ev_loop *loop)
+{
+    char err[1024];
+    size_t len;
+    char *src = lb_read_file(O->script, &len, err, sizeof err);
+    if (!src || reload_start(loop, &check, O->script, src, len,
+                             O->script_timeout, on_checked, err,
+                             sizeof err) < 0)
+        log_msg(LL_ERR, 0, NULL,
+                "reload failed, generation %u keeps serving: %s", shm->gen,
+                err);
 }
 
 static void signal_workers(int sig)
@@ -303,29 +465,12 @@ static void signal_workers(int sig)
 
 static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 {
-    (void)loop;
     (void)w;
     (void)revents;
-    char err[1024];
-    size_t len;
-    char *src = lb_read_file(O->script, &len, err, sizeof err);
-    struct lb_state *st =
-        src ? lb_load_buffer(O->script, src, len, err, sizeof err) : NULL;
-    if (!st) {
-        log_msg(LL_ERR, 0, NULL,
-                "reload failed, generation %u keeps serving: %s", shm->gen,
-                err);
-        free(src);
-        return;
-    }
-    lb_state_release(S->script); /* a restarted worker inherits the new one */
-    S->script = st;
-    S->cfg.handlers = lb_handlers(st);
-    S->gen = ++shm->gen;
-    send_script(src, len, shm->gen); /* queued before we announce it */
-    log_msg(LL_INFO, 0, NULL, "reloaded %s: generation %u", O->script,
-            shm->gen);
-    free(src);
+    if (check.pid)
+        hup_again = 1; /* one more check, of the file as it is then */
+    else
+        start_check(loop);
 }
 
 static void cleanup(void)
@@ -356,8 +501,11 @@ static void on_stop(struct ev_loop *loop, ev_signal *w, int revents)
         exit(0);
     }
     stopping = 1;
-    for (int i = 0; i < O->workers; i++)
+    reload_cancel(loop, &check, 1);
+    for (int i = 0; i < O->workers; i++) {
         ev_timer_stop(loop, &slots[i].restart);
+        ev_timer_stop(loop, &slots[i].again);
+    }
     log_msg(LL_INFO, 0, NULL, "signal %d: stopping", w->signum);
     listen_close(&L); /* new MTA connections fail fast from now on */
     signal_workers(SIGTERM);
@@ -570,11 +718,20 @@ int super_run(const struct super_opts *o, struct server *srv)
         cleanup();
         return fail(report, err);
     }
-    S->script = lb_load(O->script, err, sizeof err);
-    if (!S->script) {
+    /* The supervisor never runs the script itself: a child checks the
+     * bytes (bounded by --script-timeout) and every worker loads them. */
+    size_t len;
+    char *src = lb_read_file(O->script, &len, err, sizeof err);
+    if (!src || reload_check_sync(O->script, src, len, O->script_timeout,
+                                  err, sizeof err) < 0 ||
+        (script_fd = script_memfd(src, len)) < 0) {
+        if (src && script_fd < 0 && !*err)
+            snprintf(err, sizeof err, "memfd: %s", strerror(errno));
+        free(src);
         cleanup();
         return fail(report, err);
     }
+    free(src);
     shm = mmap(NULL, sizeof *shm, PROT_READ | PROT_WRITE,
                MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (shm == MAP_FAILED) {
@@ -583,7 +740,6 @@ int super_run(const struct super_opts *o, struct server *srv)
     }
     shm->gen = S->gen = 1;
     S->next_id = &shm->next_id;
-    S->cfg.handlers = lb_handlers(S->script);
     if (report >= 0) {
         int fd = open("/dev/null", O_RDWR);
         if (fd >= 0) {
@@ -613,13 +769,15 @@ int super_run(const struct super_opts *o, struct server *srv)
     for (int i = 0; i < O->workers; i++) {
         ev_init(&slots[i].restart, on_restart);
         ev_init(&slots[i].child, on_child);
+        ev_init(&slots[i].io, on_ctl);
+        ev_init(&slots[i].again, on_again);
+        ev_timer_set(&slots[i].again, 1.0, 0);
         slots[i].ctl = -1;
     }
     for (int i = 0; i < O->workers; i++)
         spawn(loop, i);
     ev_run(loop, 0);
     cleanup();
-    lb_state_release(S->script);
     log_msg(LL_INFO, 0, NULL, "stopped");
     return 0;
 }

@@ -115,10 +115,11 @@ end
 function L.stat(pid)
   local s = L.read("/proc/" .. pid .. "/stat")
   if not s then return nil end
-  local rest = s:match("^%d+ %b() (.*)$")
+  local comm, rest = s:match("^%d+ (%b()) (.*)$")
   if not rest then return nil end
   local state, ppid, pgrp, sid = rest:match("^(%S) (%d+) (%d+) (%d+)")
-  return { state = state, ppid = tonumber(ppid), pgrp = tonumber(pgrp), sid = tonumber(sid) }
+  return { comm = comm:sub(2, -2), state = state, ppid = tonumber(ppid), pgrp = tonumber(pgrp),
+    sid = tonumber(sid) }
 end
 
 -- a process that exists and is not a zombie
@@ -131,14 +132,17 @@ function L.wait_dead(pid, timeout)
   return L.wait_until(function() return not L.alive(pid) end, timeout or 5)
 end
 
--- live child processes of pid, sorted
+-- live child processes of pid, sorted; the short-lived process that checks
+-- a script (named luamilter-check) is not a worker and not listed
 function L.children(pid)
   local out = {}
   for name in dirent.files("/proc") do
     local n = tonumber(name)
     if n then
       local st = L.stat(n)
-      if st and st.ppid == pid and st.state ~= "Z" and st.state ~= "X" then out[#out + 1] = n end
+      if st and st.ppid == pid and st.state ~= "Z" and st.state ~= "X" and st.comm ~= "luamilter-check" then
+        out[#out + 1] = n
+      end
     end
   end
   table.sort(out)
