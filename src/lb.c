@@ -53,7 +53,7 @@ static void *alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     }
     /* The cap binds handlers only: the bridge's own work outside a call
      * (errors, tracebacks, ctx) must not fail, or Lua would panic. */
-    if (nsize > osize && st->deadline > 0 &&
+    if (nsize > osize && st->in_call &&
         st->mem + (nsize - osize) > max_memory)
         return NULL;
     void *p = st->base_alloc(st->base_ud, ptr, osize, nsize);
@@ -68,7 +68,7 @@ static void hook(lua_State *L, lua_Debug *ar)
     (void)ar;
     struct lb_state *st;
     lua_getallocf(L, (void **)&st);
-    if (st->deadline > 0 && lb_now() > st->deadline) {
+    if (st->in_call && st->deadline > 0 && lb_now() > st->deadline) {
         st->deadline = 0; /* one error per call */
         luaL_error(L, "handler ran longer than --script-timeout (%gs)",
                    script_timeout);
@@ -428,7 +428,9 @@ int lb_call(struct lb_conn *lc, struct sess *s, int ev,
     double now = lb_now();
     lb_busy_since = now;
     st->deadline = now + script_timeout;
+    st->in_call = 1;
     int status = lua_resume(co, nargs);
+    st->in_call = 0;
     st->deadline = 0;
     lb_busy_since = 0;
     int rc = 0;

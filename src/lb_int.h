@@ -16,7 +16,8 @@ struct lb_state {
     size_t mem;             /* bytes allocated by this state */
     lua_Alloc base_alloc;   /* LuaJIT's allocator, which alloc() wraps */
     void *base_ud;
-    double deadline;        /* of the running handler; 0 when idle */
+    double deadline;        /* of the running handler call */
+    int in_call;            /* a handler runs: the memory cap binds */
     int refs;
     int handler[SE__COUNT]; /* registry refs, LUA_NOREF when undefined */
     unsigned handlers;      /* SE_BIT()s */

@@ -5,12 +5,18 @@ local mc = U.mc
 
 local SCRIPT = [[
 local milter = require "milter"
+local function slow()                                              -- stays interpreted
+  local x = 0
+  for i = 1, 1e12 do x = x + #tostring(i) end
+end
 return {
   envfrom = function(_, sender)
     if sender:find("spin") then while true do end end             -- compiled by the JIT
-    if sender:find("slow") then                                    -- stays interpreted
-      local x = 0
-      for i = 1, 1e12 do x = x + #tostring(i) end
+    if sender:find("slow") then slow() end
+    if sender:find("swallow") then
+      pcall(slow)                                  -- catches the timeout error
+      local big = ("x"):rep(100 * 2^20)            -- one C call, past the cap
+      if #big > 0 then return milter.accept() end
     end
     if sender:find("hog") then
       local t = {}
@@ -53,7 +59,7 @@ describe("runaway handlers", function()
     local open = assert(d:client({ timeout = 15 }))   -- another conversation on the same worker
     assert.is_table(open:optneg(mc.OFFER.postfix))
     tempfailed(session(d, "<slow@example.org>"))
-    assert.matches("handler envfrom failed: handler ran longer than %-%-script%-timeout", d:log())
+    assert.matches("handler envfrom failed: [^\n]-handler ran longer than %-%-script%-timeout", d:log())
     assert.is_nil(d:log():find("worker %d+ exited"))
     local r = open:session{ mail = "<ok@example.org>", rcpts = { "<a@example.org>" }, body = "b\r\n" }
     assert.are.equal("a", r.eom and r.eom.cmd, r.error)
@@ -69,6 +75,13 @@ describe("runaway handlers", function()
     assert.matches("handler envfrom on connection c=%d+ ran past %-%-script%-timeout and cannot be interrupted",
       d:log())
     assert.matches("worker %d+ exited with status 70", d:log())
+    served(d)
+  end)
+
+  it("the memory cap still holds after a handler swallowed the timeout error", function()
+    tempfailed(session(d, "<swallow@example.org>"))
+    assert.matches("handler envfrom failed: ", d:log())
+    assert.is_nil(d:log():find("worker %d+ exited"))
     served(d)
   end)
 
