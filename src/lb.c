@@ -62,17 +62,29 @@ static void *alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     return p;
 }
 
-/* Count hook: stops a handler past its deadline (interpreted code only). */
+#define HOOK_COUNT 10000 /* VM instructions between two clock reads */
+
+/*
+ * Count hook: stops a handler past its deadline (interpreted code only).
+ * Once past it, the error is raised again at every instruction until the
+ * call ends: a pcall that catches it returns into its caller's code, which
+ * raises again, so the error climbs past every pcall to lua_resume.
+ */
 static void hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
     struct lb_state *st;
     lua_getallocf(L, (void **)&st);
-    if (st->in_call && st->deadline > 0 && lb_now() > st->deadline) {
-        st->deadline = 0; /* one error per call */
-        luaL_error(L, "handler ran longer than --script-timeout (%gs)",
-                   script_timeout);
+    if (!st->in_call)
+        return;
+    if (!st->overdue) {
+        if (lb_now() <= st->deadline)
+            return;
+        st->overdue = 1;
+        lua_sethook(L, hook, LUA_MASKCOUNT, 1);
     }
+    luaL_error(L, "handler ran longer than --script-timeout (%gs)",
+               script_timeout);
 }
 
 static int panic(lua_State *L)
@@ -243,7 +255,7 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
     for (int i = 0; i < SE__COUNT; i++)
         st->handler[i] = LUA_NOREF;
     lua_atpanic(L, panic);
-    lua_sethook(L, hook, LUA_MASKCOUNT, 10000);
+    lua_sethook(L, hook, LUA_MASKCOUNT, HOOK_COUNT);
     luaL_openlibs(L);
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "preload");
@@ -431,7 +443,10 @@ int lb_call(struct lb_conn *lc, struct sess *s, int ev,
     st->in_call = 1;
     int status = lua_resume(co, nargs);
     st->in_call = 0;
-    st->deadline = 0;
+    if (st->overdue) {
+        st->overdue = 0;
+        lua_sethook(L, hook, LUA_MASKCOUNT, HOOK_COUNT);
+    }
     lb_busy_since = 0;
     int rc = 0;
     if (status == 0) {

@@ -18,6 +18,8 @@ struct lb_state {
     void *base_ud;
     double deadline;        /* of the running handler call */
     int in_call;            /* a handler runs: the memory cap binds */
+    int overdue;            /* past the deadline: the hook runs every
+                               instruction until the call ends */
     int refs;
     int handler[SE__COUNT]; /* registry refs, LUA_NOREF when undefined */
     unsigned handlers;      /* SE_BIT()s */

@@ -13,6 +13,14 @@ return {
   envfrom = function(_, sender)
     if sender:find("spin") then while true do end end             -- compiled by the JIT
     if sender:find("slow") then slow() end
+    if sender:find("stubborn") then              -- catches it again and again
+      while true do
+        pcall(pcall, function() while true do pcall(slow) end end)
+      end
+    end
+    if sender:find("resumer") then               -- coroutine.resume catches too
+      while true do coroutine.resume(coroutine.create(slow)) end
+    end
     if sender:find("swallow") then
       pcall(slow)                                  -- catches the timeout error
       local big = ("x"):rep(100 * 2^20)            -- one C call, past the cap
@@ -75,6 +83,17 @@ describe("runaway handlers", function()
     assert.matches("handler envfrom on connection c=%d+ ran past %-%-script%-timeout and cannot be interrupted",
       d:log())
     assert.matches("worker %d+ exited with status 70", d:log())
+    served(d)
+  end)
+
+  it("a handler that keeps catching the timeout error still ends with on-error", function()
+    tempfailed(session(d, "<stubborn@example.org>"))
+    assert.matches("handler envfrom failed: [^\n]-handler ran longer than %-%-script%-timeout", d:log())
+    tempfailed(session(d, "<resumer@example.org>"))
+    local _, n = d:log():gsub("handler envfrom failed: [^\n]-handler ran longer", "")
+    assert.are.equal(2, n)
+    assert.is_nil(d:log():find("cannot be interrupted"))
+    assert.is_nil(d:log():find("worker %d+ exited"))
     served(d)
   end)
 
