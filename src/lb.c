@@ -41,6 +41,38 @@ double lb_now(void)
 }
 
 /*
+ * The cap counts garbage not yet collected too, and LuaJIT's incremental
+ * collector, paced to let the heap grow to twice its live data, can lag far
+ * behind a handler that makes big temporaries. The allocator must not
+ * collect by itself: LuaJIT calls it where a compiled trace or a half-built
+ * object holds pointers the collector does not see. So once the state
+ * passes half the cap (or, after that, each further eighth of it),
+ * collect_soon() only writes two numbers of LuaJIT's: the collector's
+ * threshold, lowered to the bytes in use, so that LuaJIT's next check (at
+ * the safe points it chooses itself, in the interpreter and in compiled
+ * traces) runs a step; and the step multiplier, set to 0, which makes that
+ * step finish the whole cycle. lua_gc's LUA_GCRESTART and LUA_GCSETSTEPMUL
+ * do these writes and nothing else (lj_api.c). lb_call restores the
+ * multiplier when the call ends.
+ */
+#define GC_SOFT(cap) ((cap) / 2)
+#define GC_GAP(cap) ((cap) / 8)
+
+static void collect_soon(struct lb_state *st)
+{
+    st->gc_at = st->mem + GC_GAP(max_memory);
+    /* LuaJIT stops its collector while a __gc finalizer runs, so that its
+     * steps do not nest; leave it stopped then (and when a script did) */
+    if (!lua_gc(st->L, LUA_GCISRUNNING, 0))
+        return;
+    int mul = lua_gc(st->L, LUA_GCSETSTEPMUL, 0);
+    if (!st->gc_forced)
+        st->gc_stepmul = mul;
+    st->gc_forced = 1;
+    lua_gc(st->L, LUA_GCRESTART, 0);
+}
+
+/*
  * The state's allocator: LuaJIT's own (fast) allocator underneath, with the
  * bytes counted so that a handler cannot pass the cap.
  */
@@ -49,8 +81,15 @@ static void *alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     struct lb_state *st = ud;
     if (nsize == 0) {
         st->mem -= osize;
+        /* collected: ask again at the next gap, but not below half the cap */
+        if (st->mem + GC_GAP(max_memory) < st->gc_at)
+            st->gc_at = st->mem + GC_GAP(max_memory) > GC_SOFT(max_memory)
+                            ? st->mem + GC_GAP(max_memory)
+                            : GC_SOFT(max_memory);
         return st->base_alloc(st->base_ud, ptr, osize, 0);
     }
+    if (nsize > osize && st->mem + (nsize - osize) > st->gc_at)
+        collect_soon(st);
     /* The cap binds handlers only: the bridge's own work outside a call
      * (errors, tracebacks, ctx) must not fail, or Lua would panic. */
     if (nsize > osize && st->in_call &&
@@ -240,9 +279,11 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
     struct lb_state *st = calloc(1, sizeof *st);
     lua_State *L = st ? luaL_newstate() : NULL;
     if (L) {
+        st->L = L;
         st->base_alloc = lua_getallocf(L, &st->base_ud);
         st->mem = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 +
                   (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
+        st->gc_at = GC_SOFT(max_memory);
         lua_setallocf(L, alloc, st);
     }
     if (!L) {
@@ -446,6 +487,10 @@ int lb_call(struct lb_conn *lc, struct sess *s, int ev,
     if (st->overdue) {
         st->overdue = 0;
         lua_sethook(L, hook, LUA_MASKCOUNT, HOOK_COUNT);
+    }
+    if (st->gc_forced) { /* back to LuaJIT's incremental pace */
+        st->gc_forced = 0;
+        lua_gc(L, LUA_GCSETSTEPMUL, st->gc_stepmul);
     }
     lb_busy_since = 0;
     int rc = 0;

@@ -14,6 +14,9 @@
 struct lb_state {
     lua_State *L;
     size_t mem;             /* bytes allocated by this state */
+    size_t gc_at;           /* mem that has alloc() ask for a collection */
+    int gc_forced;          /* it did: LuaJIT's step multiplier is 0 */
+    int gc_stepmul;         /* the multiplier to restore after the call */
     lua_Alloc base_alloc;   /* LuaJIT's allocator, which alloc() wraps */
     void *base_ud;
     double deadline;        /* of the running handler call */

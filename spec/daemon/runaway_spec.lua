@@ -113,3 +113,84 @@ describe("runaway handlers", function()
     served(d)
   end)
 end)
+
+-- The cap counts garbage not yet collected: a handler that keeps 40% of the
+-- cap live and churns 1 MiB temporaries must not run out of memory, whether
+-- its loop is compiled or interpreted.  More live data than the cap fails.
+local CHURN = [[
+local milter = require "milter"
+local CAP = %d
+local function churn(n)                            -- compiled by the JIT
+  local len = 0
+  for i = 1, n do len = len + #(("t"):rep(2^20 + i)) end
+  return len
+end
+local function churn_interpreted(n)
+  local len = 0
+  for i = 1, n do len = len + #(("t"):rep(2^20 + i)) end
+  return len
+end
+jit.off(churn_interpreted)
+local function hold(ctx, share)                    -- live data: 64 KiB strings
+  local live = {}
+  for i = 1, math.floor(CAP * share / 65536) do live[i] = ("L"):rep(65500) .. i end
+  ctx.conn.live = live
+end
+return {
+  envfrom = function(ctx, sender)
+    if sender:find("jit") then hold(ctx, 0.4); churn(300) end
+    if sender:find("interp") then hold(ctx, 0.4); churn_interpreted(300) end
+    if sender:find("both") then churn(200); churn_interpreted(200); churn(200) end
+    if sender:find("toomuch") then hold(ctx, 1.2) end
+  end,
+  eom = function() return milter.accept{ add_header = { { "X-Served", "yes" } } } end,
+}
+]]
+
+for _, mib in ipairs({ 32, 64 }) do
+  describe("garbage under --script-memory " .. mib .. " MiB", function()
+    local d
+    before_each(function()
+      d = assert(U.D.start(CHURN:format(mib * 2^20),
+        { args = { "--workers", "1", "--script-timeout", "30",
+                   "--script-memory", tostring(mib * 2^20) } }))
+    end)
+    after_each(function() d:stop() end)
+
+    local function accepted(sender)
+      local c = assert(d:client({ timeout = 60 }))
+      local r = c:session{ mail = sender, rcpts = { "<a@example.org>" },
+                           headers = { { "Subject", "s" } }, body = "b\r\n" }
+      c:close()
+      assert.are.equal("a", r.eom and r.eom.cmd, tostring(r.error) .. "\n" .. d:log())
+      assert.are.equal("X-Served", r.eom.mods[1].name)
+    end
+
+    it("40% live, 1 MiB temporaries in a compiled loop: served", function()
+      accepted("<jit@example.org>")
+      assert.is_nil(d:log():find("ERROR"))
+    end)
+
+    it("40% live, 1 MiB temporaries in an interpreted loop: served", function()
+      accepted("<interp@example.org>")
+      assert.is_nil(d:log():find("ERROR"))
+    end)
+
+    it("the collector keeps up across calls and connections", function()
+      for _ = 1, 3 do accepted("<jit-interp@example.org>") end
+      accepted("<both@example.org>")
+      assert.is_nil(d:log():find("ERROR"))
+    end)
+
+    it("more live data than the cap still fails, and the worker serves on", function()
+      local c = assert(d:client({ timeout = 60 }))
+      local r = c:session{ mail = "<toomuch@example.org>", rcpts = { "<a@example.org>" },
+                           body = "b\r\n" }
+      c:close()
+      assert.are.equal("y", r.mail and r.mail.cmd, r.error)
+      assert.matches("not enough memory", d:log())
+      assert.matches("reached %-%-script%-memory", d:log())
+      accepted("<ok@example.org>")
+    end)
+  end)
+end
