@@ -42,6 +42,38 @@ double lb_now(void)
 }
 
 /*
+ * The cap counts garbage not yet collected too, and LuaJIT's incremental
+ * collector, paced to let the heap grow to twice its live data, can lag far
+ * behind a handler that makes big temporaries. The allocator must not
+ * collect by itself: LuaJIT calls it where a compiled trace or a half-built
+ * object holds pointers the collector does not see. So once the state
+ * passes half the cap (or, after that, each further eighth of it),
+ * collect_soon() only writes two numbers of LuaJIT's: the collector's
+ * threshold, lowered to the bytes in use, so that LuaJIT's next check (at
+ * the safe points it chooses itself, in the interpreter and in compiled
+ * traces) runs a step; and the step multiplier, set to 0, which makes that
+ * step finish the whole cycle. lua_gc's LUA_GCRESTART and LUA_GCSETSTEPMUL
+ * do these writes and nothing else (lj_api.c). lb_call restores the
+ * multiplier when the call ends.
+ */
+#define GC_SOFT(cap) ((cap) / 2)
+#define GC_GAP(cap) ((cap) / 8)
+
+static void collect_soon(struct lb_state *st)
+{
+    st->gc_at = st->mem + GC_GAP(max_memory);
+    /* LuaJIT stops its collector while a __gc finalizer runs, so that its
+     * steps do not nest; leave it stopped then (and when a script did) */
+    if (!lua_gc(st->L, LUA_GCISRUNNING, 0))
+        return;
+    int mul = lua_gc(st->L, LUA_GCSETSTEPMUL, 0);
+    if (!st->gc_forced)
+        st->gc_stepmul = mul;
+    st->gc_forced = 1;
+    lua_gc(st->L, LUA_GCRESTART, 0);
+}
+
+/*
  * The state's allocator: LuaJIT's own (fast) allocator underneath, with the
  * bytes counted so that a handler cannot pass the cap.
  */
@@ -50,11 +82,18 @@ static void *alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     struct lb_state *st = ud;
     if (nsize == 0) {
         st->mem -= osize;
+        /* collected: ask again at the next gap, but not below half the cap */
+        if (st->mem + GC_GAP(max_memory) < st->gc_at)
+            st->gc_at = st->mem + GC_GAP(max_memory) > GC_SOFT(max_memory)
+                            ? st->mem + GC_GAP(max_memory)
+                            : GC_SOFT(max_memory);
         return st->base_alloc(st->base_ud, ptr, osize, 0);
     }
+    if (nsize > osize && st->mem + (nsize - osize) > st->gc_at)
+        collect_soon(st);
     /* The cap binds handlers only: the bridge's own work outside a call
      * (errors, tracebacks, ctx) must not fail, or Lua would panic. */
-    if (nsize > osize && st->deadline > 0 &&
+    if (nsize > osize && st->in_call &&
         st->mem + (nsize - osize) > max_memory)
         return NULL;
     void *p = st->base_alloc(st->base_ud, ptr, osize, nsize);
@@ -63,17 +102,43 @@ static void *alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     return p;
 }
 
-/* Count hook: stops a handler past its deadline (interpreted code only). */
+#define HOOK_COUNT 10000 /* VM instructions between two clock reads */
+
+/*
+ * Count hook: stops a handler past its deadline (interpreted code only).
+ * Once past it, the error is raised again at every instruction until the
+ * call ends: a pcall that catches it returns into its caller's code, which
+ * raises again, so the error climbs past every pcall to lua_resume.
+ */
 static void hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
     struct lb_state *st;
     lua_getallocf(L, (void **)&st);
-    if (st->deadline > 0 && lb_now() > st->deadline) {
-        st->deadline = 0; /* one error per call */
-        luaL_error(L, "%s ran longer than --script-timeout (%gs)",
-                   st->loading ? "the script's top level" : "handler",
-                   script_timeout);
+    if (!st->in_call)
+        return;
+    if (!st->overdue) {
+        if (lb_now() <= st->deadline)
+            return;
+        st->overdue = 1;
+        lua_sethook(L, hook, LUA_MASKCOUNT, 1);
+    }
+    luaL_error(L, "%s ran longer than --script-timeout (%gs)",
+               st->loading ? "the script's top level" : "handler",
+               script_timeout);
+}
+
+/* After a call (or the top level): the hook's pace and the collector's. */
+static void end_call(struct lb_state *st)
+{
+    st->in_call = 0;
+    if (st->overdue) {
+        st->overdue = 0;
+        lua_sethook(st->L, hook, LUA_MASKCOUNT, HOOK_COUNT);
+    }
+    if (st->gc_forced) { /* back to LuaJIT's incremental pace */
+        st->gc_forced = 0;
+        lua_gc(st->L, LUA_GCSETSTEPMUL, st->gc_stepmul);
     }
 }
 
@@ -248,9 +313,11 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
     struct lb_state *st = calloc(1, sizeof *st);
     lua_State *L = st ? luaL_newstate() : NULL;
     if (L) {
+        st->L = L;
         st->base_alloc = lua_getallocf(L, &st->base_ud);
         st->mem = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 +
                   (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
+        st->gc_at = GC_SOFT(max_memory);
         lua_setallocf(L, alloc, st);
     }
     if (!L) {
@@ -263,7 +330,7 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
     for (int i = 0; i < SE__COUNT; i++)
         st->handler[i] = LUA_NOREF;
     lua_atpanic(L, panic);
-    lua_sethook(L, hook, LUA_MASKCOUNT, 10000);
+    lua_sethook(L, hook, LUA_MASKCOUNT, HOOK_COUNT);
     luaL_openlibs(L);
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "preload");
@@ -284,10 +351,11 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
     /* The top level has the handlers' budget: the count hook stops an
      * interpreted loop, the watchdog (lb_busy_since) a compiled one. */
     st->loading = 1;
+    st->in_call = 1;
     lb_busy_since = lb_now();
     st->deadline = lb_busy_since + script_timeout;
     int failed = luaL_loadbuffer(L, src, len, chunk) || lua_pcall(L, 0, 1, -2);
-    st->deadline = 0;
+    end_call(st);
     lb_busy_since = 0;
     st->loading = 0;
     if (failed)
@@ -458,8 +526,9 @@ int lb_call(struct lb_conn *lc, struct sess *s, int ev,
     double now = lb_now();
     lb_busy_since = now;
     st->deadline = now + script_timeout;
+    st->in_call = 1;
     int status = lua_resume(co, nargs);
-    st->deadline = 0;
+    end_call(st);
     int rc = 0;
     if (status == 0) {
         const char *why = NULL;

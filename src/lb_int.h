@@ -14,9 +14,15 @@
 struct lb_state {
     lua_State *L;
     size_t mem;             /* bytes allocated by this state */
+    size_t gc_at;           /* mem that has alloc() ask for a collection */
+    int gc_forced;          /* it did: LuaJIT's step multiplier is 0 */
+    int gc_stepmul;         /* the multiplier to restore after the call */
     lua_Alloc base_alloc;   /* LuaJIT's allocator, which alloc() wraps */
     void *base_ud;
-    double deadline;        /* of the running handler; 0 when idle */
+    double deadline;        /* of the running handler call */
+    int in_call;            /* a handler runs: the memory cap binds */
+    int overdue;            /* past the deadline: the hook runs every
+                               instruction until the call ends */
     int loading;            /* the top level runs (for the hook's message) */
     int refs;
     int handler[SE__COUNT]; /* registry refs, LUA_NOREF when undefined */

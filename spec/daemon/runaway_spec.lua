@@ -5,12 +5,26 @@ local mc = U.mc
 
 local SCRIPT = [[
 local milter = require "milter"
+local function slow()                                              -- stays interpreted
+  local x = 0
+  for i = 1, 1e12 do x = x + #tostring(i) end
+end
 return {
   envfrom = function(_, sender)
     if sender:find("spin") then while true do end end             -- compiled by the JIT
-    if sender:find("slow") then                                    -- stays interpreted
-      local x = 0
-      for i = 1, 1e12 do x = x + #tostring(i) end
+    if sender:find("slow") then slow() end
+    if sender:find("stubborn") then              -- catches it again and again
+      while true do
+        pcall(pcall, function() while true do pcall(slow) end end)
+      end
+    end
+    if sender:find("resumer") then               -- coroutine.resume catches too
+      while true do coroutine.resume(coroutine.create(slow)) end
+    end
+    if sender:find("swallow") then
+      pcall(slow)                                  -- catches the timeout error
+      local big = ("x"):rep(100 * 2^20)            -- one C call, past the cap
+      if #big > 0 then return milter.accept() end
     end
     if sender:find("hog") then
       local t = {}
@@ -53,7 +67,7 @@ describe("runaway handlers", function()
     local open = assert(d:client({ timeout = 15 }))   -- another conversation on the same worker
     assert.is_table(open:optneg(mc.OFFER.postfix))
     tempfailed(session(d, "<slow@example.org>"))
-    assert.matches("handler envfrom failed: handler ran longer than %-%-script%-timeout", d:log())
+    assert.matches("handler envfrom failed: [^\n]-handler ran longer than %-%-script%-timeout", d:log())
     assert.is_nil(d:log():find("worker %d+ exited"))
     local r = open:session{ mail = "<ok@example.org>", rcpts = { "<a@example.org>" }, body = "b\r\n" }
     assert.are.equal("a", r.eom and r.eom.cmd, r.error)
@@ -72,6 +86,24 @@ describe("runaway handlers", function()
     served(d)
   end)
 
+  it("a handler that keeps catching the timeout error still ends with on-error", function()
+    tempfailed(session(d, "<stubborn@example.org>"))
+    assert.matches("handler envfrom failed: [^\n]-handler ran longer than %-%-script%-timeout", d:log())
+    tempfailed(session(d, "<resumer@example.org>"))
+    local _, n = d:log():gsub("handler envfrom failed: [^\n]-handler ran longer", "")
+    assert.are.equal(2, n)
+    assert.is_nil(d:log():find("cannot be interrupted"))
+    assert.is_nil(d:log():find("worker %d+ exited"))
+    served(d)
+  end)
+
+  it("the memory cap still holds after a handler swallowed the timeout error", function()
+    tempfailed(session(d, "<swallow@example.org>"))
+    assert.matches("handler envfrom failed: ", d:log())
+    assert.is_nil(d:log():find("worker %d+ exited"))
+    served(d)
+  end)
+
   it("a memory hog hits --script-memory: on-error, memory given back", function()
     tempfailed(session(d, "<hog@example.org>"))
     assert.matches("reached %-%-script%-memory", d:log())
@@ -81,3 +113,84 @@ describe("runaway handlers", function()
     served(d)
   end)
 end)
+
+-- The cap counts garbage not yet collected: a handler that keeps 40% of the
+-- cap live and churns 1 MiB temporaries must not run out of memory, whether
+-- its loop is compiled or interpreted.  More live data than the cap fails.
+local CHURN = [[
+local milter = require "milter"
+local CAP = %d
+local function churn(n)                            -- compiled by the JIT
+  local len = 0
+  for i = 1, n do len = len + #(("t"):rep(2^20 + i)) end
+  return len
+end
+local function churn_interpreted(n)
+  local len = 0
+  for i = 1, n do len = len + #(("t"):rep(2^20 + i)) end
+  return len
+end
+jit.off(churn_interpreted)
+local function hold(ctx, share)                    -- live data: 64 KiB strings
+  local live = {}
+  for i = 1, math.floor(CAP * share / 65536) do live[i] = ("L"):rep(65500) .. i end
+  ctx.conn.live = live
+end
+return {
+  envfrom = function(ctx, sender)
+    if sender:find("jit") then hold(ctx, 0.4); churn(300) end
+    if sender:find("interp") then hold(ctx, 0.4); churn_interpreted(300) end
+    if sender:find("both") then churn(200); churn_interpreted(200); churn(200) end
+    if sender:find("toomuch") then hold(ctx, 1.2) end
+  end,
+  eom = function() return milter.accept{ add_header = { { "X-Served", "yes" } } } end,
+}
+]]
+
+for _, mib in ipairs({ 32, 64 }) do
+  describe("garbage under --script-memory " .. mib .. " MiB", function()
+    local d
+    before_each(function()
+      d = assert(U.D.start(CHURN:format(mib * 2^20),
+        { args = { "--workers", "1", "--script-timeout", "30",
+                   "--script-memory", tostring(mib * 2^20) } }))
+    end)
+    after_each(function() d:stop() end)
+
+    local function accepted(sender)
+      local c = assert(d:client({ timeout = 60 }))
+      local r = c:session{ mail = sender, rcpts = { "<a@example.org>" },
+                           headers = { { "Subject", "s" } }, body = "b\r\n" }
+      c:close()
+      assert.are.equal("a", r.eom and r.eom.cmd, tostring(r.error) .. "\n" .. d:log())
+      assert.are.equal("X-Served", r.eom.mods[1].name)
+    end
+
+    it("40% live, 1 MiB temporaries in a compiled loop: served", function()
+      accepted("<jit@example.org>")
+      assert.is_nil(d:log():find("ERROR"))
+    end)
+
+    it("40% live, 1 MiB temporaries in an interpreted loop: served", function()
+      accepted("<interp@example.org>")
+      assert.is_nil(d:log():find("ERROR"))
+    end)
+
+    it("the collector keeps up across calls and connections", function()
+      for _ = 1, 3 do accepted("<jit-interp@example.org>") end
+      accepted("<both@example.org>")
+      assert.is_nil(d:log():find("ERROR"))
+    end)
+
+    it("more live data than the cap still fails, and the worker serves on", function()
+      local c = assert(d:client({ timeout = 60 }))
+      local r = c:session{ mail = "<toomuch@example.org>", rcpts = { "<a@example.org>" },
+                           body = "b\r\n" }
+      c:close()
+      assert.are.equal("y", r.mail and r.mail.cmd, r.error)
+      assert.matches("not enough memory", d:log())
+      assert.matches("reached %-%-script%-memory", d:log())
+      accepted("<ok@example.org>")
+    end)
+  end)
+end
