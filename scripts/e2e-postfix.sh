@@ -14,6 +14,8 @@
 # prints one PASS/FAIL line per case and exits non-zero on any failure.
 # Everything started here is stopped by pid on exit; the temp dir is
 # removed unless E2E_KEEP=1.  E2E_TRANSPORTS=unix or =inet runs one phase.
+# A CASE-PREFIX runs the cases whose names start with it; 'NAME$' (a
+# trailing $) runs the case of exactly that name.
 set -eu
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)

@@ -4,6 +4,10 @@ scripts/e2e-postfix.sh, which sets up Postfix and the sink first.
 
     run.py [CASE-PREFIX ...]     E2E_TRANSPORTS="unix inet" (default)
 
+A CASE-PREFIX runs every case whose name starts with it; one ending in $
+runs the case of exactly that name ('accept$' runs accept, not
+accept-connect).
+
 Each case is run once with Postfix talking to luamilter over a unix socket
 and once over TCP.  A case writes a policy and starts a fresh luamilter on
 it (the reload cases also use SIGHUP), sends mail with swaks (or a raw SMTP
@@ -240,12 +244,19 @@ def show_diag(run):
             print("    | " + line)
 
 
+def selected(name, only):
+    """no CASE given: every case; CASE: the cases whose name starts with
+    it; CASE$ (a trailing $): the case of exactly that name"""
+    return not only or any(name == o[:-1] if o.endswith("$") else name.startswith(o)
+                           for o in only)
+
+
 def run_all(only, transports, results):
     for tp in transports:
         lm = h.Luamilter(tp, daemon_args())
         try:
             for name, fn, tps in CASES:
-                if tp not in tps or (only and not any(name.startswith(o) for o in only)):
+                if tp not in tps or not selected(name, only):
                     continue
                 t0 = time.monotonic()
                 run = Run(name, tp, lm)
