@@ -991,6 +991,83 @@ function H.envrcpt(ctx, rcpt) return V[rcpt] end
     run.eq(d.rcpt_addrs(), ["<rcpt1@example.test>"], "envelope recipients")
 
 
+RCPTS_AT_EOM = r'''
+function H.eom(ctx)
+  return milter.accept{ add_header = { {"X-Rcpts", table.concat(ctx.rcpts, ",")} } }
+end
+'''
+
+
+@case("reply-digit-text")
+def _(run):
+    """reply texts that begin with a digit, without xcode: Postfix reads a
+    digit in a reply's fifth byte as an enhanced status code and refuses
+    the reply when its class differs from the code's (malformed reply:
+    451 4.3.5 to that command and the rest of the session).  luamilter
+    adds the default enhanced code to every line, so the client gets the
+    text, and a recipient after the rejected one is taken, with the
+    milter still filtering (it sees that recipient, eom adds a header)"""
+    run.policy(r'''
+function H.envrcpt(ctx, rcpt)
+  if rcpt == "<twofa@example.test>" then
+    return milter.reject{ reason = "2FA required" }
+  elseif rcpt == "<twoline@example.test>" then
+    return milter.tempfail{ reason = { "first", "2nd line" } }
+  end
+end
+''' + RCPTS_AT_EOM)
+    tr = run.swaks(SENDER, ["twoline@example.test", RCPT], simple(run, "reply-digit-ml"))
+    run.reply(tr, "RCPT TO:<twoline", ["451-4.7.1 first", "451 4.7.1 2nd line"])
+    run.reply_code(tr, "RCPT TO:<rcpt1", "250")
+    run.reply_code(tr, ".", "250")
+    (d,) = run.delivered(1)
+    run.eq(d.rcpt_addrs(), ["<rcpt1@example.test>"], "envelope recipients")
+    run.eq(d.values("X-Rcpts"), [" <rcpt1@example.test>"], "ctx.rcpts at eom")
+    tr = run.swaks(SENDER, [RCPT, "twofa@example.test", "rcpt2@example.test"],
+                   simple(run, "reply-digit"))
+    run.reply_code(tr, "RCPT TO:<rcpt1", "250")
+    run.reply(tr, "RCPT TO:<twofa", ["550 5.7.1 2FA required"])
+    run.reply_code(tr, "RCPT TO:<rcpt2", "250")
+    run.reply_code(tr, ".", "250")
+    (d,) = run.delivered(1)
+    run.eq(sorted(d.rcpt_addrs()), ["<rcpt1@example.test>", "<rcpt2@example.test>"],
+           "envelope recipients")
+    run.eq(d.values("X-Rcpts"), [" <rcpt1@example.test>,<rcpt2@example.test>"],
+           "ctx.rcpts at eom (the milter saw the recipient after the reject)")
+
+
+@case("on-error-accept-envrcpt")
+def _(run):
+    """--on-error accept and a handler that raises at RCPT: that recipient
+    is let through (continue), the message is not accepted unfiltered: a
+    later recipient's reject still applies and eom still runs"""
+    run.policy(r'''
+function H.envrcpt(ctx, rcpt)
+  if rcpt == "<boom@example.test>" then error("boom for " .. rcpt) end
+  if rcpt == "<rej@example.test>" then
+    return milter.reject{ code = 550, xcode = "5.1.1", reason = "no such user here" }
+  end
+end
+''' + RCPTS_AT_EOM, args={"--on-error": "accept"})
+    run.allow_lm.append(r"ERROR .*boom for <boom@example.test>")
+    run.allow_lm.append(r"ERROR .*(traceback|policy-\w+\.lua:\d+)")
+    tr = run.swaks(SENDER, [RCPT, "boom@example.test", "rej@example.test", "rcpt2@example.test"],
+                   simple(run, "on-error-accept"))
+    run.reply_code(tr, "RCPT TO:<rcpt1", "250")
+    run.reply_code(tr, "RCPT TO:<boom", "250")
+    run.reply(tr, "RCPT TO:<rej", ["550 5.1.1 no such user here"])
+    run.reply_code(tr, "RCPT TO:<rcpt2", "250")
+    run.reply_code(tr, ".", "250")
+    (d,) = run.delivered(1)
+    run.eq(sorted(d.rcpt_addrs()), ["<boom@example.test>", "<rcpt1@example.test>",
+                                    "<rcpt2@example.test>"], "envelope recipients")
+    run.eq(d.values("X-Rcpts"),
+           [" <rcpt1@example.test>,<boom@example.test>,<rcpt2@example.test>"],
+           "ctx.rcpts at eom (eom ran, with every recipient Postfix took)")
+    run.check(re.search(r"ERROR .*boom for <boom@example.test>", run.lm.log_since(run.lm_off)),
+              "the handler's error was not logged")
+
+
 @case("tempfail-421")
 def _(run):
     """a 421 reply at envrcpt: the client gets the text, then Postfix
