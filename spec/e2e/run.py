@@ -526,7 +526,7 @@ end
     tr = run.swaks("data@example.test", [RCPT], simple(run, "data"))
     run.reply(tr, "DATA", ["554 5.7.1 no DATA for you"])
     tr = run.swaks(SENDER, [RCPT], simple(run, "header", extra=["X-Bad: evil"]))
-    run.reply(tr, ".", ["550 bad header evil"])
+    run.reply(tr, ".", ["550 5.7.1 bad header evil"])
     tr = run.swaks(SENDER, [RCPT], simple(run, "body", body=b"x\r\nTEMPFAIL-ME\r\n"))
     run.reply(tr, ".", ["451 4.7.0 body says later"])
     run.delivered(0)
@@ -964,7 +964,8 @@ end
 @case("default-replies")
 def _(run):
     """reject{}/tempfail{} without text give Postfix's default replies; code
-    and xcode alone get the generic text; a reason alone gets 550"""
+    and xcode alone get the generic text; a reason alone gets 550 5.7.1
+    (451 4.7.1: luamilter always sends an enhanced status code)"""
     run.policy(r'''
 local V = {
   ["<r-plain@example.test>"] = milter.reject{},
@@ -982,8 +983,8 @@ function H.envrcpt(ctx, rcpt) return V[rcpt] end
             "t-plain": ["451 4.7.1 Service unavailable - try again later"],
             "r-code": ["554 5.7.0 Command rejected"],
             "t-code": ["450 4.2.0 Service unavailable - try again later"],
-            "r-reason": ["550 just a reason"],
-            "t-reason": ["451 later, please"]}
+            "r-reason": ["550 5.7.1 just a reason"],
+            "t-reason": ["451 4.7.1 later, please"]}
     for r in rc:
         run.reply(tr, "RCPT TO:<%s@" % r, want[r])
     run.reply_code(tr, ".", "250")
