@@ -505,6 +505,26 @@ def postqueue():
     return out
 
 
+_barriers = [0]
+
+
+def maillog_barrier(timeout=5):
+    """waits until every line Postfix logged before the call is in MAILLOG;
+    returns False after timeout seconds.  Postfix's programs send their
+    log lines to postlogd as datagrams and postlogd writes them in the
+    order they arrived, a little later: a line sent now with postlog(1)
+    is written after all of them."""
+    _barriers[0] += 1
+    mark = "e2e log barrier %d.%d" % (os.getpid(), _barriers[0])
+    off = size_of(MAILLOG)
+    try:
+        subprocess.run(["postlog", "-c", CONF, "-t", "e2e-barrier", "-p", "info", mark],
+                       capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return bool(poll(lambda: mark in read_from(MAILLOG, off), timeout, 0.01))
+
+
 def postsuper(*args):
     subprocess.run(["postsuper", "-c", CONF] + list(args), capture_output=True,
                    timeout=15)

@@ -194,6 +194,8 @@ class Run:
         for line in h.lines_matching(lm_log, r"^\S+ (WARN|ERROR) "):
             if not any(re.search(a, line) for a in self.allow_lm):
                 self.fails.append("unexpected luamilter log line: " + line)
+        if not h.maillog_barrier():
+            self.fails.append("postlog(1)'s line did not reach Postfix's log within 5 s")
         pf_log = h.read_from(h.MAILLOG, self.pf_off)
         for line in pf_clock_noise(h.lines_matching(pf_log, r"(warning|error|fatal|panic):")):
             if not any(re.search(a, line) for a in self.allow_pf):
