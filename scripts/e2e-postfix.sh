@@ -92,7 +92,7 @@ cleanup() {
   # and any luamilter process serving a policy from this temp dir (workers
   # the driver never saw)
   for d in /proc/[0-9]*; do
-    if tr '\0' ' ' < "$d/cmdline" 2>/dev/null | grep -q "luamilter.* $T/work/policy-"; then
+    if tr '\0' ' ' 2>/dev/null < "$d/cmdline" | grep -q "luamilter.* $T/work/policy-"; then
       stop_pid "${d#/proc/}" luamilter
     fi
   done
