@@ -41,7 +41,7 @@ if [ -n "$missing" ]; then
   # shellcheck disable=SC2086
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
-for c in postfix postconf postqueue postsuper sendmail swaks; do
+for c in postfix postconf postlog postqueue postsuper sendmail swaks; do
   command -v "$c" >/dev/null || { echo "e2e: $c not found after install" >&2; exit 1; }
 done
 PY=/usr/bin/python3
