@@ -14,6 +14,8 @@
 # prints one PASS/FAIL line per case and exits non-zero on any failure.
 # Everything started here is stopped by pid on exit; the temp dir is
 # removed unless E2E_KEEP=1.  E2E_TRANSPORTS=unix or =inet runs one phase.
+# A CASE-PREFIX runs the cases whose names start with it; 'NAME$' (a
+# trailing $) runs the case of exactly that name.
 set -eu
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -39,7 +41,7 @@ if [ -n "$missing" ]; then
   # shellcheck disable=SC2086
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
-for c in postfix postconf postqueue postsuper sendmail swaks; do
+for c in postfix postconf postlog postqueue postsuper sendmail swaks; do
   command -v "$c" >/dev/null || { echo "e2e: $c not found after install" >&2; exit 1; }
 done
 PY=/usr/bin/python3
@@ -90,7 +92,7 @@ cleanup() {
   # and any luamilter process serving a policy from this temp dir (workers
   # the driver never saw)
   for d in /proc/[0-9]*; do
-    if tr '\0' ' ' < "$d/cmdline" 2>/dev/null | grep -q "luamilter.* $T/work/policy-"; then
+    if tr '\0' ' ' 2>/dev/null < "$d/cmdline" | grep -q "luamilter.* $T/work/policy-"; then
       stop_pid "${d#/proc/}" luamilter
     fi
   done

@@ -184,8 +184,11 @@ class Luamilter:
             argv += ["--group", "postfix"]
         argv += self.args + [self.script]
         logf = open(self.log_path, "ab")
+        # a process group of its own (its workers inherit it), so that
+        # signal_all can signal the whole daemon at once
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                     stderr=subprocess.STDOUT, cwd=WORK)
+                                     stderr=subprocess.STDOUT, cwd=WORK,
+                                     start_new_session=True)
         logf.close()
         self._remember([self.proc.pid])
         serving = re.compile(r"serving .*\(generation 1\b")
@@ -230,8 +233,22 @@ class Luamilter:
             self.proc.send_signal(sig)
 
     def signal_all(self, sig):
-        """sig to the supervisor and every worker"""
-        for p in self.pids():
+        """sig to the supervisor and every worker at once: to the daemon's
+        process group, in one kill(2).  One by one, whichever process got
+        it first could see the others go and act on it (a SIGKILLed
+        supervisor's workers log "the supervisor is gone", a supervisor
+        whose worker died logs it and forks another) before its own signal
+        arrived; the kernel also signals a worker forked meanwhile."""
+        self.workers()   # remembered for leftovers()
+        if self.alive():
+            # not reaped yet: the supervisor's pid, hence its group id,
+            # cannot have been reused
+            try:
+                os.killpg(self.proc.pid, sig)
+            except OSError:
+                pass
+            return
+        for p in self.leftovers():
             try:
                 os.kill(p, sig)
             except OSError:
@@ -486,6 +503,26 @@ def postqueue():
         if line.strip():
             out.append(json.loads(line))
     return out
+
+
+_barriers = [0]
+
+
+def maillog_barrier(timeout=5):
+    """waits until every line Postfix logged before the call is in MAILLOG;
+    returns False after timeout seconds.  Postfix's programs send their
+    log lines to postlogd as datagrams and postlogd writes them in the
+    order they arrived, a little later: a line sent now with postlog(1)
+    is written after all of them."""
+    _barriers[0] += 1
+    mark = "e2e log barrier %d.%d" % (os.getpid(), _barriers[0])
+    off = size_of(MAILLOG)
+    try:
+        subprocess.run(["postlog", "-c", CONF, "-t", "e2e-barrier", "-p", "info", mark],
+                       capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return bool(poll(lambda: mark in read_from(MAILLOG, off), timeout, 0.01))
 
 
 def postsuper(*args):
