@@ -968,12 +968,13 @@ static void test_planner_property(void)
      * (index 1) or at the top (0) are above it */
     const uint8_t *p = buf_head(&r.out) + buf_len(&r.out);
     size_t last = 5 + 4 + 6 + 2; /* the last CHGHEADER packet */
-    uint32_t idx = (uint32_t)p[-last + 5] << 24 | (uint32_t)p[-last + 6] << 16 |
-                   (uint32_t)p[-last + 7] << 8 | p[-last + 8];
+    const uint8_t *q = p - last;
+    uint32_t idx = (uint32_t)q[5] << 24 | (uint32_t)q[6] << 16 |
+                   (uint32_t)q[7] << 8 | q[8];
     uint32_t above = 0;
     for (size_t i = 0; i < big - 2; i++)
         above += i % 3 != 2;
-    CHECK(p[-last + 4] == 'm' && idx == above + 1,
+    CHECK(q[4] == 'm' && idx == above + 1,
           "change of the original X-Dup lands at %u", idx);
     free(bm);
     rig_free(&r);
