@@ -15,6 +15,9 @@
 #include "log.h"
 
 #define READ_CHUNK (64 * 1024)
+/* Seconds between progress packets while an eom handler waits: well
+ * below any MTA's content timeout (Postfix: 300 s, Sendmail: 5 min). */
+#define PROGRESS_EVERY 3.0
 
 /*
  * The watchdog: LuaJIT cannot interrupt compiled code or a long C call, so
@@ -93,19 +96,33 @@ void conn_watchdog_start(const struct sess_cfg *cfg, double script_timeout,
     setitimer(ITIMER_REAL, &it, NULL);
 }
 
-static int call_lua(void *ud, struct sess *s, int ev,
-                    const struct wire_cmd *cmd, struct verdict *v)
+/* What the watchdog writes if the handler about to run never returns. */
+static void watch_handler(struct conn *c, int ev)
 {
-    struct conn *c = ud;
     wd.pending = buf_head(&c->wbuf);
     wd.npending = buf_len(&c->wbuf);
     wd.reply = ev != SE_ABORT && ev != SE_CLOSE;
     wd.ev = ev;
     wd.cid = c->id;
     wd.gen = c->gen;
-    wd.fd = c->fd;
+    wd.fd = c->finishing ? -1 : c->fd;
+}
+
+static void start_progress(struct conn *c, int ev)
+{
+    if (ev == SE_EOM && !c->finishing)
+        ev_timer_again(c->srv->loop, &c->progress);
+}
+
+static int call_lua(void *ud, struct sess *s, int ev,
+                    const struct wire_cmd *cmd, struct verdict *v)
+{
+    struct conn *c = ud;
+    watch_handler(c, ev);
     int rc = lb_call(&c->lua, s, ev, cmd, v);
     wd.fd = -1;
+    if (rc == LB_WAIT)
+        start_progress(c, ev);
     return rc;
 }
 
@@ -117,7 +134,10 @@ static void conn_free(struct conn *c)
     log_gen = c->gen;
     ev_io_stop(srv->loop, &c->io);
     ev_timer_stop(srv->loop, &c->timer);
-    close(c->fd);
+    ev_timer_stop(srv->loop, &c->progress);
+    tmr_cancel(c->resume);
+    if (c->fd >= 0)
+        close(c->fd);
     log_msg(LL_INFO, c->id, sess_qid(&c->sess),
             "closed after %.3fs, %u message(s)",
             ev_now(srv->loop) - c->started, c->msgs);
@@ -137,16 +157,57 @@ static void conn_free(struct conn *c)
         ev_break(srv->loop, EVBREAK_ALL);
 }
 
+/* The handler that waits is one of the message's events, which the MTA
+ * may give up on (not abort or close, which the session needs done). */
+static int waits_on_event(const struct conn *c)
+{
+    return sess_waiting(&c->sess) && c->sess.wait.ev != SE_ABORT &&
+           c->sess.wait.ev != SE_CLOSE;
+}
+
+/* The MTA no longer waits for the handler: drop it, never resume it. */
+static void abandon(struct conn *c)
+{
+    ev_timer_stop(c->srv->loop, &c->progress);
+    tmr_cancel(c->resume);
+    c->resume = NULL;
+    lb_abandon(&c->lua);
+    sess_abandon(&c->sess);
+    log_msg(LL_DEBUG, c->id, sess_qid(&c->sess),
+            "the MTA gave up on a waiting handler: abandoned");
+}
+
+/*
+ * The connection is over: runs abort and close (once), then frees it. If
+ * one of them waits, the connection stays, without its socket, until it
+ * is done (conn_resume comes back here).
+ */
+static void conn_end(struct conn *c)
+{
+    if (sess_waiting(&c->sess) || sess_finish(&c->sess) == SESS_WAIT) {
+        c->finishing = 1;
+        ev_io_stop(c->srv->loop, &c->io);
+        ev_timer_stop(c->srv->loop, &c->timer);
+        ev_timer_stop(c->srv->loop, &c->progress);
+        if (c->fd >= 0)
+            close(c->fd);
+        c->fd = -1;
+        return;
+    }
+    conn_free(c);
+}
+
 void conn_drop(struct conn *c, const char *why)
 {
     log_gen = c->gen;
     if (why)
         log_msg(LL_INFO, c->id, sess_qid(&c->sess), "%s", why);
-    sess_finish(&c->sess);
+    if (waits_on_event(c))
+        abandon(c);
     c->closing = 1;
     buf_reset(&c->wbuf);
     if (!c->in_callback)
-        conn_free(c);
+        conn_end(c);
 }
 
 /* Writes what is queued; returns -1 when the peer is gone. */
@@ -167,7 +228,13 @@ static int flush(struct conn *c)
     }
     /* Strict request/reply: read the next command only once the replies
      * are out, so a peer that stops reading cannot make us buffer more. */
-    int want = buf_len(&c->wbuf) ? EV_WRITE : c->closing ? 0 : EV_READ;
+    /* While a handler waits, frames are kept, not handled: read on to see
+     * an ABORT or a hang-up, up to one more full frame. */
+    int full = sess_waiting(&c->sess) &&
+               buf_len(&c->rbuf) > c->srv->max_frame + 5;
+    int want = buf_len(&c->wbuf)       ? EV_WRITE
+               : c->closing || full     ? 0
+                                        : EV_READ;
     if (want != (c->io.events & (EV_READ | EV_WRITE))) {
         ev_io_stop(c->srv->loop, &c->io);
         ev_io_set(&c->io, c->fd, want);
@@ -183,10 +250,46 @@ static int flush(struct conn *c)
  * Decodes and handles every complete frame in p[0..n); returns the bytes
  * used (a partial frame at the end is left for the caller to keep).
  */
+/*
+ * While a handler waits, looks for the MTA giving up on it: an ABORT,
+ * QUIT or QUIT_NC among the frames that came meanwhile. Returns where it
+ * is (the handler is then abandoned and the frames before it, which
+ * belonged to the abandoned message, are dropped), or 0 to keep waiting.
+ */
+static size_t give_up_at(struct conn *c, const uint8_t *p, size_t n,
+                         int *found)
+{
+    size_t off = 0;
+    *found = 0;
+    if (!waits_on_event(c))
+        return 0;
+    for (;;) {
+        struct wire_frame f;
+        size_t used;
+        const char *err;
+        if (wire_next_frame(p + off, n - off, c->srv->max_frame, &f, &used,
+                            &err) != WIRE_FRAME)
+            return 0;
+        if (f.cmd == WIRE_ABORT || f.cmd == WIRE_QUIT ||
+            f.cmd == WIRE_QUIT_NC) {
+            *found = 1;
+            abandon(c);
+            return off;
+        }
+        off += used;
+    }
+}
+
 static size_t process(struct conn *c, const uint8_t *p, size_t n)
 {
     size_t done = 0;
-    while (!c->closing) {
+    if (sess_waiting(&c->sess)) {
+        int found;
+        done = give_up_at(c, p, n, &found);
+        if (!found)
+            return 0;
+    }
+    while (!c->closing && !sess_waiting(&c->sess)) {
         struct wire_frame f;
         struct wire_cmd cmd;
         size_t used;
@@ -223,9 +326,11 @@ static size_t process(struct conn *c, const uint8_t *p, size_t n)
             break;
         }
         rc = sess_handle(&c->sess, &cmd, &c->wbuf);
+        if (rc == SESS_RETRY)
+            break; /* its abort handler waits: this frame comes again */
         done += used;
         /* a message is one the MTA finished, whether or not eom is handled */
-        if (rc == SESS_OK && cmd.cmd == WIRE_BODYEOB)
+        if ((rc == SESS_OK || rc == SESS_WAIT) && cmd.cmd == WIRE_BODYEOB)
             c->msgs++;
         if (rc == SESS_CLOSE)
             c->closing = 1;
@@ -296,9 +401,9 @@ static void on_read(struct conn *c)
      * a frame must still be complete within --timeout of its own first
      * byte (a peer whose every read ends inside a packet is fine as long
      * as each packet completes in time). */
-    if (!buf_len(&c->rbuf)) {
-        c->partial_since = 0;
-    } else if (new_partial) {
+    if (!buf_len(&c->rbuf) || sess_waiting(&c->sess)) {
+        c->partial_since = 0; /* waiting: what is kept is not late */
+    } else if (new_partial || !c->partial_since) {
         c->partial_since = ev_now(c->srv->loop);
     } else if (!c->closing &&
                ev_now(c->srv->loop) - c->partial_since > c->srv->idle_timeout) {
@@ -322,8 +427,58 @@ static void on_io(struct ev_loop *loop, ev_io *w, int revents)
         conn_drop(c, "write failed: the peer is gone");
     c->in_callback = 0;
     if (c->closing && !buf_len(&c->wbuf))
-        conn_free(c);
+        conn_end(c);
     log_gen = 0;
+}
+
+/* A waiting handler's answer arrived: run it on, from the loop. */
+static void conn_resume(void *ud)
+{
+    struct conn *c = ud;
+    c->resume = NULL;
+    log_gen = c->gen;
+    c->in_callback = 1;
+    ev_timer_stop(c->srv->loop, &c->progress);
+    struct verdict v;
+    watch_handler(c, c->sess.wait.ev);
+    int rc = lb_resume(&c->lua, &c->sess, &v);
+    wd.fd = -1;
+    if (rc == LB_WAIT) { /* the next lookup */
+        start_progress(c, c->sess.wait.ev);
+    } else {
+        if (sess_resume(&c->sess, rc, &v, &c->wbuf) == SESS_CLOSE)
+            c->closing = 1;
+        if (!c->finishing && !c->closing && buf_len(&c->rbuf)) {
+            buf_consume(&c->rbuf,
+                        process(c, buf_head(&c->rbuf), buf_len(&c->rbuf)));
+            if (!buf_len(&c->rbuf))
+                buf_free(&c->rbuf);
+        }
+    }
+    if (!c->finishing && flush(c) < 0)
+        conn_drop(c, "write failed: the peer is gone");
+    c->in_callback = 0;
+    if (c->finishing ? !sess_waiting(&c->sess)
+                     : c->closing && !buf_len(&c->wbuf))
+        conn_end(c);
+    log_gen = 0;
+}
+
+static void conn_wake(void *ud)
+{
+    struct conn *c = ud;
+    if (!c->resume)
+        c->resume = tmr_start(0, conn_resume, c);
+}
+
+static void on_progress(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    struct conn *c =
+        (struct conn *)((char *)w - offsetof(struct conn, progress));
+    if (buf_append(&c->wbuf, "\0\0\0\1p", 5) == 0 && flush(c) < 0)
+        conn_drop(c, "write failed: the peer is gone");
 }
 
 static void on_timeout(struct ev_loop *loop, ev_timer *w, int revents)
@@ -331,6 +486,10 @@ static void on_timeout(struct ev_loop *loop, ev_timer *w, int revents)
     (void)loop;
     (void)revents;
     struct conn *c = (struct conn *)((char *)w - offsetof(struct conn, timer));
+    if (sess_waiting(&c->sess)) { /* the MTA waits on us, not idle */
+        ev_timer_again(loop, w);
+        return;
+    }
     log_gen = c->gen;
     log_msg(LL_WARN, c->id, sess_qid(&c->sess),
             "no command for %gs (--timeout): closing the connection",
@@ -368,6 +527,10 @@ void conn_new(struct server *srv, int fd, int is_tcp)
     buf_init(&c->wbuf, 0);
     sess_init(&c->sess, &c->cfg, &lua_ops, c, c->id);
     lb_conn_init(&c->lua, srv->script);
+    c->lua.wake = conn_wake;
+    c->lua.wake_ud = c;
+    ev_init(&c->progress, on_progress);
+    c->progress.repeat = PROGRESS_EVERY;
     c->next = srv->conns;
     if (c->next)
         c->next->prev = c;

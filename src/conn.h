@@ -12,6 +12,7 @@
 #include <ev.h>
 #include <stdint.h>
 
+#include "aio.h"
 #include "buf.h"
 #include "lb.h"
 #include "sess.h"
@@ -34,8 +35,11 @@ struct conn {
     ev_tstamp partial_since; /* when the pending partial frame began */
     uint32_t msgs;      /* end-of-message packets seen, for the close line */
     struct conn *prev, *next;
+    struct tmr *resume;  /* a waiting handler's answer came: resume it */
+    ev_timer progress;   /* while an eom handler waits: keep the MTA patient */
     unsigned closing : 1;     /* close when wbuf is flushed */
     unsigned in_callback : 1; /* free after the callback unwinds */
+    unsigned finishing : 1;   /* closed; abort/close handlers still wait */
 };
 
 /* Server-wide settings and state every connection reads. */

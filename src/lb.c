@@ -167,6 +167,9 @@ static int open_milter(lua_State *L)
     lua_call(L, 0, 1);
     lua_pushcfunction(L, l_milter_log);
     lua_setfield(L, -2, "log");
+    lwait_open(L);
+    ldns_open(L);
+    ltcp_open(L);
     return 1;
 }
 
@@ -511,24 +514,31 @@ static int prepare(struct lb_conn *lc, struct sess *s)
     return 0;
 }
 
-int lb_call(struct lb_conn *lc, struct sess *s, int ev,
-            const struct wire_cmd *cmd, struct verdict *v)
+/*
+ * Runs the connection's coroutine until the handler returns, fails or
+ * waits on a lookup; nargs values on co are its arguments (a new call) or
+ * the lookup's results (a resume). The one path of every handler's verdict.
+ */
+static int run_slice(struct lb_conn *lc, struct sess *s, int nargs,
+                     struct verdict *v)
 {
     struct lb_state *st = lc->st;
     lua_State *L = st->L;
-    prepare(lc, s);
     lua_State *co = lc->co;
-    lua_settop(co, 0);
-    lua_rawgeti(co, LUA_REGISTRYINDEX, st->handler[ev]);
-    lua_rawgeti(co, LUA_REGISTRYINDEX, lc->ctx_ref);
-    lctx_sync(co, 2, lc->ctx);
-    int nargs = 1 + (cmd ? push_args(co, ev, cmd) : 0);
-    double now = lb_now();
-    lb_busy_since = now;
-    st->deadline = now + script_timeout;
+    int ev = lc->ev;
+    lb_busy_since = lc->started; /* the budget counts the waits too */
+    st->deadline = lc->deadline;
     st->in_call = 1;
+    st->running = lc;
+    lc->suspended = 0;
     int status = lua_resume(co, nargs);
+    st->running = NULL;
     end_call(st);
+    if (status == LUA_YIELD && lc->wait.active) {
+        lc->suspended = 1;
+        lb_busy_since = 0; /* waiting is no runaway */
+        return LB_WAIT;
+    }
     int rc = 0;
     if (status == 0) {
         const char *why = NULL;
@@ -565,10 +575,49 @@ int lb_call(struct lb_conn *lc, struct sess *s, int ev,
         }
         rc = -1;
     }
+    ltcp_close_all(lc); /* a socket left open ends with its handler */
     /* the watchdog watched the verdict's reading too: a huge verdict
      * table is the handler's doing */
     lb_busy_since = 0;
     if (ev == SE_CLOSE)
         drop_ctx(lc);
     return rc;
+}
+
+int lb_call(struct lb_conn *lc, struct sess *s, int ev,
+            const struct wire_cmd *cmd, struct verdict *v)
+{
+    struct lb_state *st = lc->st;
+    prepare(lc, s);
+    lua_State *co = lc->co;
+    lua_settop(co, 0);
+    lua_rawgeti(co, LUA_REGISTRYINDEX, st->handler[ev]);
+    lua_rawgeti(co, LUA_REGISTRYINDEX, lc->ctx_ref);
+    lctx_sync(co, 2, lc->ctx);
+    int nargs = 1 + (cmd ? push_args(co, ev, cmd) : 0);
+    lc->ev = ev;
+    lc->started = lb_now();
+    lc->deadline = lc->started + script_timeout;
+    return run_slice(lc, s, nargs, v);
+}
+
+int lb_resume(struct lb_conn *lc, struct sess *s, struct verdict *v)
+{
+    if (!lc->suspended || lc->wait.active || !lc->co)
+        return -1; /* nothing to resume: the glue's bug, not the script's */
+    return run_slice(lc, s, lc->wait.nres, v);
+}
+
+void lb_abandon(struct lb_conn *lc)
+{
+    if (!lc->suspended)
+        return;
+    if (lc->wait.active && lc->wait.cancel)
+        lc->wait.cancel(lc->wait.op);
+    memset(&lc->wait, 0, sizeof lc->wait);
+    lc->suspended = 0;
+    ltcp_close_all(lc);
+    drop_thread(lc); /* never resumed: the next call gets a new one */
+    if (lc->ev == SE_CLOSE)
+        drop_ctx(lc);
 }

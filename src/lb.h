@@ -18,6 +18,16 @@
 struct lua_State;
 struct lb_state; /* one loaded script; refcounted */
 
+/* What a suspended handler waits on (lwait.c and the lookup bindings). */
+struct lb_wait {
+    void *op;                 /* the engine's operation, while active */
+    void (*cancel)(void *op); /* stops it: its callback never runs */
+    int nres;                 /* results its completion pushed onto co */
+    int flags, mx;            /* the binding's notes about the operation */
+    size_t count;
+    unsigned active : 1;      /* op is pending */
+};
+
 /* Per-connection Lua data, embedded in the connection. */
 struct lb_conn {
     struct lb_state *st;   /* holds a reference */
@@ -25,7 +35,18 @@ struct lb_conn {
     int co_ref;            /* registry anchor of co */
     int ctx_ref;           /* registry anchor of the ctx userdata */
     struct lctx *ctx;      /* its C block; detached when the session ends */
+    /* The handler call in progress, which may be suspended on a lookup. */
+    int ev;                /* its event */
+    double started, deadline; /* lb_now() at its start, and its budget */
+    int suspended;         /* yielded on a lookup, not yet resumed */
+    struct lb_wait wait;
+    struct lsock *socks;   /* sockets it opened: closed when it ends */
+    /* Set by the glue: resume me (lb_resume) from the loop, soon. */
+    void (*wake)(void *ud);
+    void *wake_ud;
 };
+
+enum { LB_WAIT = 1 }; /* lb_call/lb_resume: the handler waits (SESS_CALL_WAIT) */
 
 /*
  * Loads and checks a script: syntax, top-level errors, the returned table
@@ -53,11 +74,20 @@ void lb_conn_free(struct lb_conn *lc);
 /*
  * Runs the handler of ev with the arguments from cmd, reading session data
  * from s; fills *v (borrowing strings from the Lua state until the next
- * call). Returns 0, or -1 after logging a handler error or a bad verdict.
- * After SE_CLOSE the ctx is detached: using it raises an error.
+ * call). Returns 0, -1 after logging a handler error or a bad verdict, or
+ * LB_WAIT when the handler waits on a lookup: lc->wake is called once the
+ * answer is there, and lb_resume() then runs it on. After SE_CLOSE the ctx
+ * is detached: using it raises an error.
  */
 int lb_call(struct lb_conn *lc, struct sess *s, int ev,
             const struct wire_cmd *cmd, struct verdict *v);
+/* Runs a handler on after lc->wake; returns as lb_call does. */
+int lb_resume(struct lb_conn *lc, struct sess *s, struct verdict *v);
+/*
+ * The MTA gave up on the waiting handler: its lookup is cancelled, its
+ * sockets closed, its coroutine dropped, never resumed.
+ */
+void lb_abandon(struct lb_conn *lc);
 
 /*
  * Limits for every handler call from now on: wall-clock seconds (checked by

@@ -13,6 +13,7 @@
 
 struct lb_state {
     lua_State *L;
+    struct lb_conn *running; /* whose handler runs now, NULL otherwise */
     size_t mem;             /* bytes allocated by this state */
     size_t gc_at;           /* mem that has alloc() ask for a collection */
     int gc_forced;          /* it did: LuaJIT's step multiplier is 0 */
@@ -50,6 +51,30 @@ void lctx_sync(lua_State *L, int idx, struct lctx *x);
 void lctx_detach(lua_State *L, int idx, struct lctx *x);
 /* Implements ctx:log and milter.log; raises on a bad level. */
 int lctx_log(lua_State *L, uint64_t cid, const char *qid, int first);
+
+/* lwait.c: suspending a handler (see lb_wait in lb.h). */
+/* The connection whose handler calls; raises "<what>: only inside a
+ * handler" at the top level or from a coroutine of the script's own. */
+struct lb_conn *lwait_current(lua_State *L, const char *what);
+/* The timeout at idx: a number, {timeout = n} or nothing (dflt); raises
+ * for anything else. */
+double lwait_opt_timeout(lua_State *L, int idx, double dflt);
+/* t capped by what is left of the handler's --script-timeout. */
+double lwait_cap(const struct lb_conn *lc, double t);
+double lwait_timeout(lua_State *L, struct lb_conn *lc, int idx, double dflt);
+/* Records op and yields; the completion pushes results, lwait_complete. */
+int lwait_suspend(lua_State *L, struct lb_conn *lc, void *op,
+                  void (*cancel)(void *op));
+void lwait_complete(struct lb_conn *lc, int nres);
+/* Returns nil, err from a lookup's C function. */
+int lwait_fail(lua_State *L, const char *err);
+/* Adds milter.sleep to the table on top. */
+void lwait_open(lua_State *L);
+/* ldns.c, ltcp.c: add milter.dns and milter.tcp to the table on top. */
+void ldns_open(lua_State *L);
+void ltcp_open(lua_State *L);
+/* Closes every socket lc's handler left open. */
+void ltcp_close_all(struct lb_conn *lc);
 
 /* lverdict.c: reads the value at index idx of co; 0 or -1 with why set. */
 int lverdict_read(struct lb_state *st, lua_State *co, int idx, int ev,

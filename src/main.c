@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "conn.h"
+#include "dnsr.h"
 #include "lb.h"
 #include "log.h"
 #include "offline.h"
@@ -63,6 +64,7 @@ static void usage(FILE *f)
         "      --max-write-queue BYTES  replies queued for a peer that "
         "does not read;\n"
         "                              its next command closes it (4 MiB)\n"
+        "      --dns HOST[:PORT]       resolver for milter.dns (/etc/resolv.conf)\n"
         "      --log-level LEVEL       error|warn|info|debug (info)\n"
         "      --log-format FMT        text|json (text)\n"
         "      --shutdown-timeout SECONDS  wait for open conversations on "
@@ -121,7 +123,7 @@ int main(int argc, char **argv)
     enum { O_ONERR = 256, O_MAXBODY, O_TIMEOUT, O_LEVEL, O_FORMAT, O_SHUT,
            O_MODE, O_MAXCONN, O_VERSION, O_PIDFILE, O_USER,
            O_GROUP, O_DAEMON, O_STIMEOUT, O_SMEM, O_MAXFRAME, O_MAXHDRS,
-           O_MAXMACROS, O_MAXMSG, O_MAXCONNB, O_MAXWQ };
+           O_MAXMACROS, O_MAXMSG, O_MAXCONNB, O_MAXWQ, O_DNS };
     static const struct option longopts[] = {
         {"listen", required_argument, 0, 'l'},
         {"on-error", required_argument, 0, O_ONERR},
@@ -146,6 +148,7 @@ int main(int argc, char **argv)
         {"max-message-bytes", required_argument, 0, O_MAXMSG},
         {"max-connection-bytes", required_argument, 0, O_MAXCONNB},
         {"max-write-queue", required_argument, 0, O_MAXWQ},
+        {"dns", required_argument, 0, O_DNS},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     double v;
@@ -222,6 +225,7 @@ int main(int argc, char **argv)
             *(c == O_MAXMSG ? &srv.cfg.max_msg_bytes
                             : &srv.cfg.max_conn_bytes) = (size_t)v;
             break;
+        case O_DNS: dnsr_set_server(optarg); break;
         case O_PIDFILE: opt.pidfile = optarg; break;
         case O_USER: opt.user = optarg; break;
         case O_GROUP: opt.group = optarg; break;

@@ -18,6 +18,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "aio.h"
 #include "lb.h"
 #include "log.h"
 #include "pfsim.h"
@@ -42,12 +43,38 @@ struct run {
     int traced;       /* the MTA's trace header was added */
     const char *final_action;
     char final_reply[1024];
+    volatile int woken; /* a waiting handler's lookup is done */
 };
 
 struct reply {
     uint8_t cmd;      /* 0: the MTA was told not to wait for one */
     char text[1024];  /* REPLYCODE text */
 };
+
+static void woken(void *ud)
+{
+    struct run *r = ud;
+    r->woken = 1;
+}
+
+/*
+ * A handler waits on a lookup: runs the loop (real lookups, as the daemon
+ * does) until it is done; returns what sess_resume does.
+ */
+static int wait_handler(struct run *r)
+{
+    for (;;) {
+        r->woken = 0;
+        aio_run_until(&r->woken);
+        struct verdict v;
+        int rc = lb_resume(&r->lua, &r->s, &v);
+        if (rc == LB_WAIT)
+            continue;
+        if (rc < 0)
+            r->failed = 1;
+        return sess_resume(&r->s, rc, &v, &r->out);
+    }
+}
 
 static int call(void *ud, struct sess *s, int ev, const struct wire_cmd *cmd,
                 struct verdict *v)
@@ -218,6 +245,12 @@ static int exchange(struct run *r, uint8_t cmd, const void *p, size_t n,
         return -1;
     }
     int rc = sess_handle(&r->s, &c, &r->out);
+    while (rc == SESS_WAIT || rc == SESS_RETRY) {
+        int again = rc == SESS_RETRY; /* its abort handler waited first */
+        rc = wait_handler(r);
+        if (again && rc == SESS_OK)
+            rc = sess_handle(&r->s, &c, &r->out);
+    }
     while (buf_len(&r->out)) {
         struct wire_frame rf;
         size_t used;
@@ -652,6 +685,9 @@ int offline_main(int argc, char **argv, const struct sess_cfg *base)
     buf_init(&r.mods_text, 0);
     sess_init(&r.s, &r.cfg, &ops, &r, 1);
     lb_conn_init(&r.lua, r.st);
+    r.lua.wake = woken;
+    r.lua.wake_ud = &r;
+    aio_use_default_loop();
 
     struct reply rp;
     uint8_t neg[12] = {0, 0, 0, 6, 0, 0, 1, 0xff, 0, 0x1f, 0xff, 0xff};

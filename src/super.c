@@ -19,6 +19,7 @@
 
 #include "ctl.h"
 #include "lb.h"
+#include "aio.h"
 #include "listen.h"
 #include "log.h"
 #include "reload.h"
@@ -183,6 +184,7 @@ static void worker_run(int i, int ctl)
 {
     struct ev_loop *loop = S->loop;
     ev_loop_fork(loop);
+    aio_set_loop(loop); /* lookups of this worker */
     for (int k = 0; k < O->workers; k++) {
         ev_child_stop(loop, &slots[k].child);
         ev_timer_stop(loop, &slots[k].restart);

@@ -191,6 +191,10 @@ function Daemon:rewrite_script(src)
   assert(os.rename(tmp, self.script_path))
 end
 
+-- process helpers for the other servers the specs start (servers.lua)
+D.spawn, D.wait_pid, D.rmtree, D.read_file, D.write_file =
+  spawn, wait_pid, rmtree, read_file, write_file
+
 function D.stop_all()
   for _, d in pairs(live) do d:stop() end
 end

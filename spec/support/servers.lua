@@ -1,0 +1,128 @@
+-- The servers lookup specs talk to, started on loopback and stopped by pid:
+-- a real DNS server (dnsmasq, Debian's dnsmasq-base) serving a test zone,
+-- and the tests' own responders (spec/support/lookup_servers.py) for what
+-- no packaged server plays: TCP answers held back on demand, DNS failures.
+local socket = require "socket"
+local psignal = require "posix.signal"
+local stdlib = require "posix.stdlib"
+local D = require "spec.support.daemon"
+
+local S = {}
+
+local Server = {}
+Server.__index = Server
+
+function Server:stop()
+  if self.pid and not self.done then
+    psignal.kill(self.pid, psignal.SIGTERM)
+    if not D.wait_pid(self.pid, 5) then
+      psignal.kill(self.pid, psignal.SIGKILL)
+      D.wait_pid(self.pid, 5)
+    end
+    self.done = true
+  end
+  if self.dir then D.rmtree(self.dir); self.dir = nil end
+end
+
+-- waits (bounded) for a file the server writes once it listens
+local function wait_file(path, timeout)
+  local deadline = socket.gettime() + (timeout or 5)
+  repeat
+    local s = D.read_file(path)
+    if s ~= "" then return s end
+    socket.sleep(0.02)
+  until socket.gettime() > deadline
+  return nil
+end
+
+local function own(mode)
+  local dir = assert(stdlib.mkdtemp("/tmp/luamilter-srv-XXXXXX"))
+  local pf = dir .. "/port"
+  local pid = assert(D.spawn({ "python3", "spec/support/lookup_servers.py", mode, pf },
+    dir .. "/log", dir .. "/log"))
+  local srv = setmetatable({ pid = pid, dir = dir }, Server)
+  local port = wait_file(pf)
+  if not port then
+    local log = D.read_file(dir .. "/log")
+    srv:stop()
+    error(mode .. " responder did not start: " .. log)
+  end
+  srv.port = tonumber(port)
+  return srv
+end
+
+-- the TCP line server; srv:ask(line) sends one line on a connection of
+-- the test's own and returns the answer
+function S.tcp()
+  local srv = own("tcp")
+  function srv.ask(_, line)
+    local c = assert(socket.connect("127.0.0.1", srv.port))
+    c:settimeout(5)
+    assert(c:send(line .. "\r\n"))
+    local r, err = c:receive("*l")
+    c:close()
+    return r, err
+  end
+  return srv
+end
+
+function S.dns_failures() return own("dns") end
+
+S.ZONE = {
+  -- answered here, never forwarded: unknown names are NXDOMAIN
+  "local=/example.test/", "local=/2.0.192.in-addr.arpa/", "local=/8.b.d.0.1.0.0.2.ip6.arpa/",
+  "host-record=mail.example.test,192.0.2.7,2001:db8::7",
+  "host-record=mx1.example.test,192.0.2.10",
+  "mx-host=example.test,mx1.example.test,10",
+  "mx-host=example.test,mx2.example.test,20",
+  'txt-record=example.test,"v=spf1 -all"',
+  'txt-record=multi.example.test,"part one ","part two"',
+  "ptr-record=7.2.0.192.in-addr.arpa,mail.example.test",
+  "ptr-record=7.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa,mail6.example.test",
+  "cname=alias.example.test,mail.example.test",
+  -- a DNSBL: 192.0.2.66 and 127.0.0.1 are listed, nothing else
+  "host-record=66.2.0.192.zen.example.test,127.0.0.2",
+  "host-record=1.0.0.127.zen.example.test,127.0.0.2",
+  "txt-record=66.2.0.192.zen.example.test,\"listed\"",
+}
+
+-- dnsmasq on a free UDP port of 127.0.0.1 serving S.ZONE (and no upstream)
+function S.dnsmasq(extra)
+  local dir = assert(stdlib.mkdtemp("/tmp/luamilter-dns-XXXXXX"))
+  for _ = 1, 5 do -- another process may take the port we found free
+    local u = assert(socket.udp())
+    assert(u:setsockname("127.0.0.1", 0))
+    local _, port = u:getsockname()
+    u:close()
+    local conf = { "port=" .. port, "listen-address=127.0.0.1", "bind-interfaces",
+      "no-resolv", "no-hosts", "no-poll", "no-negcache", "log-facility=" .. dir .. "/log" }
+    for _, l in ipairs(S.ZONE) do conf[#conf + 1] = l end
+    for _, l in ipairs(extra or {}) do conf[#conf + 1] = l end
+    D.write_file(dir .. "/conf", table.concat(conf, "\n") .. "\n")
+    local pid = assert(D.spawn({ "dnsmasq", "-C", dir .. "/conf", "--keep-in-foreground",
+      "--pid-file=" .. dir .. "/pid" }, dir .. "/out", dir .. "/out"))
+    -- ready once it answers a query (bounded)
+    local q = "\18\52\1\0\0\1\0\0\0\0\0\0\4mail\7example\4test\0\0\1\0\1"
+    local c = assert(socket.udp())
+    c:settimeout(0.1)
+    c:setpeername("127.0.0.1", port)
+    local deadline = socket.gettime() + 5
+    local up = false
+    while socket.gettime() < deadline and D.wait_pid(pid, 0) == nil do
+      c:send(q)
+      if c:receive() then up = true; break end
+    end
+    c:close()
+    if up then
+      return setmetatable({ pid = pid, dir = dir, port = tonumber(port),
+        server = "127.0.0.1:" .. port }, Server)
+    end
+    psignal.kill(pid, psignal.SIGKILL)
+    D.wait_pid(pid, 5)
+  end
+  local out = D.read_file(dir .. "/out")
+  D.rmtree(dir)
+  error("dnsmasq did not start: " .. out)
+end
+
+return S
