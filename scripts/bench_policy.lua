@@ -3,6 +3,9 @@
 -- added at eom. build/bench/benchref (the C reference responder) adds the
 -- same header with the same value, so both servers send the same bytes.
 --
+-- With LUAMILTER_BENCH_DNSBL=1 (scripts/bench --dnsbl-delay) envfrom also
+-- asks a DNSBL, which must say "not listed".
+--
 -- With LUAMILTER_BENCH_BODY=1 in the environment the script also handles
 -- body (counting the bytes), so that luamilter asks the MTA for the body:
 -- scripts/bench --body-sweep uses it to measure the cost of body bytes.
@@ -12,8 +15,16 @@ local H = {}
 
 local BLOCKED = "<blocked@bench.invalid>"
 
+local DNSBL = os.getenv("LUAMILTER_BENCH_DNSBL") == "1"
+
 function H.envfrom(ctx, sender)
   ctx.msg.from = sender
+  if DNSBL then -- scripts/bench --dnsbl-delay: one lookup per message
+    local hit, err = milter.dns.rbl("192.0.2.1", "bl.bench.invalid", 2)
+    if hit or err then
+      return milter.tempfail{ reason = "dnsbl: " .. tostring(err or hit[1]) }
+    end
+  end
 end
 
 function H.envrcpt(ctx, rcpt)
