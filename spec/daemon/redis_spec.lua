@@ -271,13 +271,16 @@ return H
     local _, sport = silent:getsockname()
     start(([[
 local r = milter.redis.new("redis://127.0.0.1:%d")
+local URL_DB = "redis://127.0.0.1:%d/1"
 function H.envfrom(ctx)
   seen(ctx, "call", { r:call("GET", "k", { timeout = 0.3 }) })
   seen(ctx, "pipe", { r:pipeline({ { "GET", "k" } }, 0.3) })
+  -- behind a SELECT that is never answered
+  seen(ctx, "select", { milter.redis.new(URL_DB):call("GET", "k", { timeout = 0.3 }) })
 end
 function H.eom(ctx) return milter.accept{ add_header = { { "X-After", "yes" } } } end
 return H
-]]):format(sport))
+]]):format(sport, sport))
     local t0 = socket.gettime()
     local c = U.client(d)
     local res = c:session {}
@@ -285,6 +288,7 @@ return H
     assert.are.equal("c", res.mail.cmd, show(res.mail))
     assert.are.same({ { nil, "timeout" } }, U.seen(d, "call"))
     assert.are.same({ { nil, "timeout" } }, U.seen(d, "pipe"))
+    assert.are.same({ { nil, "timeout" } }, U.seen(d, "select"))
     assert.is_true(socket.gettime() - t0 < 4)
     assert.is_true(d:alive())
     local r2 = U.normal_session(d)
@@ -358,11 +362,12 @@ return H
     local _, sport = silent:getsockname()
     start(([[
 local never = milter.redis.new("redis://127.0.0.1:%d")
+local never_db = milter.redis.new("redis://127.0.0.1:%d/2") -- waits behind SELECT
 local r = milter.redis.new(URL)
 function H.envrcpt(ctx, rcpt)
   if rcpt ~= "<held@example.org>" then return end
   seen(ctx, "waiting", "rcpt")
-  never:call("GET", "k", { timeout = 30 })
+  never_db:call("GET", "k", { timeout = 30 })
   seen(ctx, "resumed", "rcpt")
 end
 function H.eom(ctx)
@@ -376,7 +381,7 @@ end
 function H.abort(ctx) seen(ctx, "abort", r:call("PING")) end
 function H.close(ctx) seen(ctx, "close", r:call("PING")) end
 return H
-]]):format(sport))
+]]):format(sport, sport))
     -- ABORT while eom waits
     local c = U.client(d)
     U.open(c)
