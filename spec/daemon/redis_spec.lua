@@ -411,6 +411,39 @@ return H
     assert.is_true(d:alive())
   end)
 
+  it("a reply that comes after its handler was abandoned is dropped; the connection serves on", function()
+    assert(srv:cmd("DEL", "blq"))
+    start [[
+local r = milter.redis.new(URL)
+function H.eom(ctx)
+  if ctx.sender == "<n@example.org>" then
+    return milter.accept{ add_header = { { "X-Redis", r:call("PING") } } }
+  end
+  seen(ctx, "waiting", true)
+  r:call("BLPOP", "blq", 0) -- the server answers once the test pushes
+  seen(ctx, "resumed", true)
+end
+function H.abort(ctx) seen(ctx, "abort", true) end
+return H
+]]
+    local c = U.client(d)
+    U.open(c)
+    assert(c:mail("<a@example.org>", {}))
+    assert(c:rcpt("<b@example.org>", {}))
+    assert(c:send("E", ""))
+    U.wait_seen(d, "waiting", 1)
+    assert(c:abort())
+    U.wait_seen(d, "abort", 1)
+    assert.are.equal(1, srv:cmd("RPUSH", "blq", "late")) -- BLPOP answers now
+    local r = U.message(c, { mail = "<n@example.org>" })
+    assert.are.equal("a", r.eom and r.eom.cmd, tostring(r.error))
+    assert.are.equal("PONG", r.eom.mods[1].value)
+    c:quit()
+    c:close()
+    assert.are.equal(false, srv:cmd("LPOP", "blq")) -- the late reply took it
+    assert.are.same({}, U.seen(d, "resumed"))
+  end)
+
   describe("the README's Redis counter", function()
     local SRC = "spec/cookbook/redis_counter.lua"
     it("is the README's text", function()
