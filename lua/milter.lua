@@ -28,4 +28,12 @@ M.tempfail = constructor("tempfail")
 M.discard = constructor("discard")
 M.skip = constructor("skip")
 
+-- What a nil reply from Redis becomes (a list keeps no holes): one value,
+-- compared with ==, which C pushes too.
+M.null = setmetatable({}, {
+  __tostring = function() return "milter.null" end,
+  __newindex = function() error("milter.null is read-only", 2) end,
+  __metatable = "milter.null",
+})
+
 return M

@@ -73,6 +73,9 @@ void lwait_open(lua_State *L);
 /* ldns.c, ltcp.c: add milter.dns and milter.tcp to the table on top. */
 void ldns_open(lua_State *L);
 void ltcp_open(lua_State *L);
+/* lredis.c: adds milter.redis to the milter table on top (reads its
+ * milter.null). */
+void lredis_open(lua_State *L);
 /* Closes every socket lc's handler left open. */
 void ltcp_close_all(struct lb_conn *lc);
 

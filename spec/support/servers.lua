@@ -1,7 +1,8 @@
 -- The servers lookup specs talk to, started on loopback and stopped by pid:
 -- a real DNS server (dnsmasq, Debian's dnsmasq-base) serving a test zone,
 -- and the tests' own responders (spec/support/lookup_servers.py) for what
--- no packaged server plays: TCP answers held back on demand, DNS failures.
+-- no packaged server plays: TCP answers held back on demand, DNS failures;
+-- and Debian's redis-server on a free loopback port and a unix socket.
 local socket = require "socket"
 local psignal = require "posix.signal"
 local stdlib = require "posix.stdlib"
@@ -124,6 +125,99 @@ function S.dnsmasq(extra)
   local out = D.read_file(dir .. "/out")
   D.rmtree(dir)
   error("dnsmasq did not start: " .. out)
+end
+
+-- A tiny RESP client of the tests' own (one connection per command):
+-- returns the reply (a string, a number, a list, false for nil) or nil, err.
+local function resp_read(c)
+  local line, err = c:receive("*l")
+  if not line then return nil, err end
+  local t, rest = line:sub(1, 1), line:sub(2)
+  if t == "+" then return rest end
+  if t == "-" then return nil, rest end
+  if t == ":" then return tonumber(rest) end
+  if t == "$" then
+    local n = tonumber(rest)
+    if n < 0 then return false end
+    local data = c:receive(n + 2)
+    return data and data:sub(1, n)
+  end
+  if t == "*" then
+    local n = tonumber(rest)
+    if n < 0 then return false end
+    local out = {}
+    for i = 1, n do out[i] = resp_read(c) end
+    return out
+  end
+  return nil, "bad reply: " .. line
+end
+
+local function resp(port, password, args)
+  local c = socket.tcp()
+  c:settimeout(5)
+  local ok, err = c:connect("127.0.0.1", port)
+  if not ok then c:close(); return nil, err end
+  local function send(a)
+    local parts = { "*" .. #a .. "\r\n" }
+    for _, x in ipairs(a) do
+      x = tostring(x)
+      parts[#parts + 1] = "$" .. #x .. "\r\n" .. x .. "\r\n"
+    end
+    return c:send(table.concat(parts))
+  end
+  if password then
+    send({ "AUTH", password })
+    resp_read(c)
+  end
+  send(args)
+  local r, e = resp_read(c)
+  c:close()
+  return r, e
+end
+
+-- redis-server (Debian's) on a free port of 127.0.0.1 (or opts.port) and
+-- on the unix socket srv.sock, with no persistence; opts.password sets
+-- --requirepass. srv:cmd(...) runs one command; srv.url is its redis://.
+function S.redis(opts)
+  opts = opts or {}
+  local dir = assert(stdlib.mkdtemp("/tmp/luamilter-redis-XXXXXX"))
+  for _ = 1, 5 do
+    local port = opts.port
+    if not port then
+      local s = assert(socket.bind("127.0.0.1", 0))
+      local _, p = s:getsockname()
+      s:close()
+      port = tonumber(p)
+    end
+    local argv = { "redis-server", "--port", tostring(port), "--bind", "127.0.0.1",
+      "--save", "", "--appendonly", "no", "--dir", dir, "--daemonize", "no",
+      "--unixsocket", dir .. "/redis.sock", "--unixsocketperm", "700",
+      "--logfile", dir .. "/log", "--databases", "4" }
+    if opts.password then
+      argv[#argv + 1] = "--requirepass"
+      argv[#argv + 1] = opts.password
+    end
+    local pid = assert(D.spawn(argv, dir .. "/out", dir .. "/out"))
+    local deadline = socket.gettime() + 5
+    local up = false
+    while socket.gettime() < deadline and D.wait_pid(pid, 0) == nil do
+      local r, err = resp(port, nil, { "PING" })
+      if r == "PONG" or (err and err:find("^NOAUTH")) then up = true; break end
+      socket.sleep(0.02)
+    end
+    if up then
+      local srv = setmetatable({ pid = pid, dir = dir, port = port, sock = dir .. "/redis.sock",
+        password = opts.password, url = "redis://127.0.0.1:" .. port }, Server)
+      function srv.cmd(self, ...) return resp(self.port, self.password, { ... }) end
+      return srv
+    end
+    psignal.kill(pid, psignal.SIGKILL)
+    D.wait_pid(pid, 5)
+    if opts.port then break end -- the port asked for is taken: no retry
+  end
+  local out = D.read_file(dir .. "/out") .. D.read_file(dir .. "/log")
+  D.rmtree(dir)
+  error("redis-server did not start: " .. out)
 end
 
 return S
