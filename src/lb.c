@@ -170,6 +170,7 @@ static int open_milter(lua_State *L)
     lwait_open(L);
     ldns_open(L);
     ltcp_open(L);
+    lhttp_open(L);
     return 1;
 }
 

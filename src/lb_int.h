@@ -73,6 +73,8 @@ void lwait_open(lua_State *L);
 /* ldns.c, ltcp.c: add milter.dns and milter.tcp to the table on top. */
 void ldns_open(lua_State *L);
 void ltcp_open(lua_State *L);
+/* lhttp.c: adds milter.http to the table on top. */
+void lhttp_open(lua_State *L);
 /* Closes every socket lc's handler left open. */
 void ltcp_close_all(struct lb_conn *lc);
 
