@@ -173,7 +173,7 @@ milter_protocol = 6
 milter_default_action = tempfail
 milter_connect_timeout = 5s
 milter_command_timeout = 5s
-milter_content_timeout = 30s
+milter_content_timeout = 10s
 CF
 
 cat > "$T/etc/master.cf" <<CF

@@ -247,10 +247,6 @@ static int flush(struct conn *c)
 }
 
 /*
- * Decodes and handles every complete frame in p[0..n); returns the bytes
- * used (a partial frame at the end is left for the caller to keep).
- */
-/*
  * While a handler waits, looks for the MTA giving up on it: an ABORT,
  * QUIT or QUIT_NC among the frames that came meanwhile. Returns where it
  * is (the handler is then abandoned and the frames before it, which
@@ -280,15 +276,11 @@ static size_t give_up_at(struct conn *c, const uint8_t *p, size_t n,
     }
 }
 
-static size_t process(struct conn *c, const uint8_t *p, size_t n)
+/* Handles frames from p + done until one waits, the connection closes or
+ * a frame is incomplete; returns the new done. */
+static size_t handle_frames(struct conn *c, const uint8_t *p, size_t n,
+                            size_t done)
 {
-    size_t done = 0;
-    if (sess_waiting(&c->sess)) {
-        int found;
-        done = give_up_at(c, p, n, &found);
-        if (!found)
-            return 0;
-    }
     while (!c->closing && !sess_waiting(&c->sess)) {
         struct wire_frame f;
         struct wire_cmd cmd;
@@ -336,6 +328,29 @@ static size_t process(struct conn *c, const uint8_t *p, size_t n)
             c->closing = 1;
     }
     return done;
+}
+
+/*
+ * Decodes and handles every complete frame in p[0..n); returns the bytes
+ * used (what is left, a partial frame or frames kept while a handler
+ * waits, is for the caller to keep). Frames that came with or after the
+ * one whose handler waits are looked at for the MTA giving up on it.
+ */
+static size_t process(struct conn *c, const uint8_t *p, size_t n)
+{
+    size_t done = 0;
+    for (;;) {
+        if (sess_waiting(&c->sess)) {
+            int found;
+            size_t off = give_up_at(c, p + done, n - done, &found);
+            if (!found)
+                return done;
+            done += off; /* the abandoned message's frames are dropped */
+        }
+        done = handle_frames(c, p, n, done);
+        if (c->closing || !sess_waiting(&c->sess))
+            return done;
+    }
 }
 
 /*

@@ -312,6 +312,29 @@ return H
     assert.are.same({}, U.seen(d, "resumed"))
   end)
 
+  it("an ABORT in the same read as the EOM it abandons is seen at once", function()
+    start [[
+function H.eom(ctx)
+  if ctx.sender ~= "<a@example.org>" then return end
+  milter.sleep(30)
+  seen(ctx, "resumed", true)
+end
+function H.abort(ctx) seen(ctx, "abort", true) end
+return H
+]]
+    local c = U.client(d)
+    U.open(c)
+    assert(c:mail("<a@example.org>", {}))
+    assert(c:rcpt("<b@example.org>", {}))
+    -- EOM and ABORT in one write: both arrive in one read
+    assert(c:send_raw("\0\0\0\1E\0\0\0\1A"))
+    assert.are.same({ true }, U.wait_seen(d, "abort", 1, 5))
+    local r = U.message(c, {})
+    assert.are.equal("c", r.eom and r.eom.cmd, tostring(r.error))
+    c:close()
+    assert.are.same({}, U.seen(d, "resumed"))
+  end)
+
   it("the MTA hanging up mid-wait: close runs, the handler is never resumed", function()
     start [[
 function H.envrcpt(ctx, rcpt)

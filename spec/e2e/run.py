@@ -1001,6 +1001,120 @@ end
 '''
 
 
+class Dnsmasq:
+    """Debian's dnsmasq on a free loopback UDP port, serving a DNSBL zone
+    in which 127.0.0.1 (the e2e client) is listed; stopped by pid"""
+
+    def __init__(self):
+        import socket
+        self.dir = os.path.join(h.WORK, "dnsmasq")
+        os.makedirs(self.dir, exist_ok=True)
+        for _ in range(5):  # another process may take the port found free
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.bind(("127.0.0.1", 0))
+            self.port = u.getsockname()[1]
+            u.close()
+            conf = os.path.join(self.dir, "conf")
+            with open(conf, "w") as f:
+                f.write("\n".join([
+                    "port=%d" % self.port, "listen-address=127.0.0.1", "bind-interfaces",
+                    "no-resolv", "no-hosts", "no-poll", "local=/zen.e2e.test/",
+                    "host-record=1.0.0.127.zen.e2e.test,127.0.0.2", ""]))
+            self.proc = subprocess.Popen(["dnsmasq", "-C", conf, "--keep-in-foreground"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if h.poll(lambda: self.proc.poll() is not None or self._answers(), 5) and \
+                    self.proc.poll() is None:
+                return
+            self.stop()
+        raise Abort("dnsmasq did not start")
+
+    def _answers(self):
+        import socket
+        q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + \
+            b"\x01\x31\x01\x30\x01\x30\x03\x31\x32\x37\x03zen\x03e2e\x04test\x00\x00\x01\x00\x01"
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        c.settimeout(0.1)
+        try:
+            c.sendto(q, ("127.0.0.1", self.port))
+            return bool(c.recv(512))
+        except OSError:
+            return False
+        finally:
+            c.close()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@case("dnsbl-connect")
+def _(run):
+    """a DNSBL policy with a real, non-blocking lookup (dnsmasq): the
+    listed client (127.0.0.1) is refused at connect; an unlisted zone lets
+    it through, filtered"""
+    dns = Dnsmasq()
+    try:
+        run.policy(r'''
+function H.connect(ctx, host, addr)
+  local hit, err = milter.dns.rbl(addr.address, ctx.conn.zone or "zen.e2e.test", 2)
+  if hit then
+    return milter.reject{ code = 554, xcode = "5.7.1", reason = "listed at zen: " .. hit[1] }
+  end
+end
+function H.helo(ctx) end
+function H.eom(ctx)
+  local clean = milter.dns.rbl(ctx.client.address, "clean.zen.e2e.test", 2)
+  return milter.accept{ add_header = { {"X-DNSBL", tostring(clean)} } }
+end
+''', args={"--dns": "127.0.0.1:%d" % dns.port})
+        s = run.smtp()
+        s.cmd("EHLO client.e2e.test")
+        s.cmd("MAIL FROM:<%s>" % SENDER)
+        tr = run.record(s.close())
+        run.reply(tr, "", ["554 mta.e2e.test ESMTP not accepting connections"])
+        run.reply(tr, "MAIL", ["554 5.7.1 listed at zen: 127.0.0.2"])
+        run.delivered(0)
+        run.policy(r'''
+function H.connect(ctx, host, addr)
+  local hit = milter.dns.rbl(addr.address, "other.e2e.test", 2)
+  if hit then return milter.reject{} end
+end
+function H.eom(ctx)
+  local hit = milter.dns.rbl(ctx.client.address, "zen.e2e.test", 2)
+  return milter.accept{ add_header = { {"X-DNSBL", hit and hit[1] or "clean"} } }
+end
+''', args={"--dns": "127.0.0.1:%d" % dns.port})
+        tr = run.swaks(SENDER, [RCPT], simple(run, "dnsbl-eom"))
+        expect_accepted(run, tr)
+        (d,) = run.delivered(1)
+        run.eq(d.values("X-DNSBL"), [" 127.0.0.2"], "the eom lookup's answer")
+    finally:
+        dns.stop()
+
+
+@case("eom-waits-past-content-timeout")
+def _(run):
+    """an eom handler that waits (milter.sleep) longer than Postfix's
+    milter_content_timeout (10 s here): luamilter's progress packets keep
+    Postfix waiting, and the message is delivered with the handler's
+    header"""
+    run.policy(r'''
+function H.eom(ctx)
+  milter.sleep(12)
+  return milter.accept{ add_header = { {"X-Waited", "12s"} } }
+end
+''', args={"--script-timeout": "20"})
+    tr = run.swaks(SENDER, [RCPT], simple(run, "eom-progress"), timeout=60)
+    expect_accepted(run, tr)
+    (d,) = run.delivered(1)
+    run.eq(d.values("X-Waited"), [" 12s"], "the waiting handler's header")
+
+
 @case("reply-digit-text")
 def _(run):
     """reply texts that begin with a digit, without xcode: Postfix reads a

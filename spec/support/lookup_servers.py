@@ -6,6 +6,10 @@ late answer). Stdlib only; started and stopped by pid by the specs.
 
   lookup_servers.py tcp PORTFILE     line server; prints its port to PORTFILE
   lookup_servers.py dns PORTFILE     UDP DNS responder
+  lookup_servers.py clamd PORTFILE   clamd's INSTREAM and PING, for a scanner
+                                     whose signatures cannot be fetched here:
+                                     data holding the EICAR test string is
+                                     "Eicar-Test-Signature FOUND", else OK
 
 TCP commands (one line each, answers end with CRLF):
   ECHO text        -> text
@@ -17,9 +21,9 @@ TCP commands (one line each, answers end with CRLF):
   ALL text         -> text, then the server closes
   OPENED           -> how many connections were accepted so far
   CLOSED           -> how many were closed by the peer so far
-DNS names (any type is answered for A; the zone is irrelevant):
-  servfail.*  SERVFAIL     refused.*  REFUSED     silent.*  no answer
-  slow.*      A 192.0.2.1 after 0.3 s               ns.*  NS ns1., ns2.
+DNS names (any type is answered for A; a keyword may be any label):
+  servfail  SERVFAIL     refused  REFUSED     silent  no answer
+  slow      A 192.0.2.1 after 0.3 s           ns.*  NS ns1., ns2.
   anything else: NXDOMAIN
 """
 import os
@@ -121,7 +125,9 @@ def serve_dns(portfile):
         while q[i] != 0:
             labels.append(q[i + 1:i + 1 + q[i]].decode("latin-1").lower())
             i += q[i] + 1
-        first = labels[0] if labels else ""
+        # a keyword anywhere in the name (DNSBL queries prefix the zone)
+        kinds = [l for l in labels if l in ("silent", "servfail", "refused", "slow")]
+        first = kinds[0] if kinds else (labels[0] if labels else "")
         if first == "silent":
             continue
         if first == "servfail":
@@ -140,6 +146,54 @@ def serve_dns(portfile):
         s.sendto(out, peer)
 
 
+EICAR = b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE"
+
+
+def read_exact(f, n):
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError
+    return data
+
+
+def clamd_client(conn):
+    f = conn.makefile("rb")
+    try:
+        cmd = b""
+        while not cmd.endswith(b"\0") and len(cmd) < 64:
+            cmd += read_exact(f, 1)
+        if cmd == b"zPING\0":
+            conn.sendall(b"PONG\0")
+        elif cmd == b"zINSTREAM\0":
+            data = b""
+            while True:
+                n = struct.unpack(">I", read_exact(f, 4))[0]
+                if n == 0:
+                    break
+                data += read_exact(f, n)
+            if EICAR in data:
+                conn.sendall(b"stream: Eicar-Test-Signature FOUND\0")
+            else:
+                conn.sendall(b"stream: OK\0")
+        else:
+            conn.sendall(b"UNKNOWN COMMAND\0")
+    except (OSError, EOFError):
+        pass
+    finally:
+        conn.close()
+
+
+def serve_clamd(portfile):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+    write_port(portfile, s.getsockname()[1])
+    while True:
+        conn, _ = s.accept()
+        threading.Thread(target=clamd_client, args=(conn,), daemon=True).start()
+
+
 def write_port(path, port):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -149,4 +203,4 @@ def write_port(path, port):
 
 if __name__ == "__main__":
     mode, portfile = sys.argv[1], sys.argv[2]
-    (serve_tcp if mode == "tcp" else serve_dns)(portfile)
+    {"tcp": serve_tcp, "dns": serve_dns, "clamd": serve_clamd}[mode](portfile)

@@ -67,6 +67,7 @@ function S.tcp()
 end
 
 function S.dns_failures() return own("dns") end
+function S.clamd() return own("clamd") end
 
 S.ZONE = {
   -- answered here, never forwarded: unknown names are NXDOMAIN
