@@ -103,52 +103,74 @@ static int is_token(const char *s, size_t n)
     return 1;
 }
 
+/* Appends "name: value" for the value on top (popped) to the lines
+ * table at index lines; raises for a bad value. */
+static void add_line(lua_State *L, int lines, const char *name, size_t *n)
+{
+    size_t vl;
+    int t = lua_type(L, -1);
+    if (t != LUA_TSTRING && t != LUA_TNUMBER)
+        luaL_error(L, WHAT ": header %s: a value must be a string, a number "
+                      "or a list of them", name);
+    const char *v = lua_tolstring(L, -1, &vl);
+    if (strlen(v) != vl || strpbrk(v, "\r\n"))
+        luaL_error(L, WHAT ": header %s: a value may not contain CR, LF or "
+                      "NUL", name);
+    /* "Name;" is libcurl's spelling of a header with no value ("Name:"
+     * would remove it) */
+    if (vl)
+        lua_pushfstring(L, "%s: %s", name, v);
+    else
+        lua_pushfstring(L, "%s;", name);
+    lua_rawseti(L, lines, (int)++*n);
+    lua_pop(L, 1);
+}
+
 /*
- * headers = {Name = value, ...}: pushes a table of "Name: value" lines
- * (anchoring them) and a userdata array of pointers to them; raises for a
- * bad name or value. Returns the count.
+ * headers = {Name = value or {value, ...}}: pushes a table of "Name:
+ * value" lines (anchoring them) and a userdata array of pointers to them;
+ * a list gives the header once per value. Raises for a bad name or value.
+ * Returns the count.
  */
-static size_t push_headers(lua_State *L, const char ***lines)
+static size_t push_headers(lua_State *L, const char ***out)
 {
     lua_getfield(L, 1, "headers");
-    if (!lua_isnil(L, -1) && !lua_istable(L, -1))
+    int given = lua_gettop(L);
+    if (!lua_isnil(L, given) && !lua_istable(L, given))
         luaL_error(L, WHAT ": headers must be a table of name = value");
-    lua_newtable(L); /* the lines */
+    lua_newtable(L);
+    int lines = lua_gettop(L);
     size_t n = 0;
-    if (lua_istable(L, -2)) {
+    if (lua_istable(L, given)) {
         lua_pushnil(L);
-        while (lua_next(L, -3)) {
-            size_t nl, vl;
-            if (lua_type(L, -2) != LUA_TSTRING ||
-                (lua_type(L, -1) != LUA_TSTRING &&
-                 lua_type(L, -1) != LUA_TNUMBER))
+        while (lua_next(L, given)) {
+            size_t nl;
+            if (lua_type(L, -2) != LUA_TSTRING)
                 luaL_error(L, WHAT ": headers must be a table of name = "
-                              "value (strings)");
+                              "value");
             const char *name = lua_tolstring(L, -2, &nl);
-            const char *v = lua_tolstring(L, -1, &vl);
             if (!is_token(name, nl))
                 luaL_error(L, WHAT ": bad header name '%s'", name);
-            if (strlen(v) != vl || strpbrk(v, "\r\n"))
-                luaL_error(L, WHAT ": header %s: a value may not contain CR, "
-                              "LF or NUL", name);
-            /* "Name;" is libcurl's spelling of a header with no value
-             * ("Name:" would remove it) */
-            if (vl)
-                lua_pushfstring(L, "%s: %s", name, v);
-            else
-                lua_pushfstring(L, "%s;", name);
-            lua_rawseti(L, -4, (int)++n);
-            lua_pop(L, 1);
+            if (lua_istable(L, -1)) {
+                int k = (int)lua_objlen(L, -1);
+                for (int i = 1; i <= k; i++) {
+                    lua_rawgeti(L, -1, i);
+                    add_line(L, lines, name, &n);
+                }
+                lua_pop(L, 1);
+            } else {
+                add_line(L, lines, name, &n);
+            }
         }
     }
-    lua_remove(L, -2); /* the headers table: the lines table stays */
+    lua_remove(L, given); /* the lines table stays */
     const char **a = lua_newuserdata(L, (n ? n : 1) * sizeof *a);
     for (size_t i = 0; i < n; i++) {
         lua_rawgeti(L, -2, (int)i + 1);
         a[i] = lua_tostring(L, -1);
         lua_pop(L, 1);
     }
-    *lines = a;
+    *out = a;
     return n;
 }
 
