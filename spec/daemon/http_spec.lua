@@ -126,7 +126,7 @@ return H
     assert.are.same({ true }, U.seen(d, "upper"))
   end)
 
-  it("HTTPS: works with cafile, fails with an ssl error against the system store, verify = false skips the check", function()
+  it("HTTPS: cafile works, the system store refuses the throwaway CA, verify = false skips the check", function()
     start [[
 function H.envfrom(ctx)
   local r, err = milter.http.request{ url = TLS .. "/echo", cafile = CA, body = "secret" }
@@ -145,7 +145,7 @@ return H
     assert.are.same({ { nil, "ssl ca file problem" } }, U.seen(d, "badca"))
   end)
 
-  it("failures are nil, err: connection refused; a silent server times out, the fail-open branch runs and the worker stays", function()
+  it("nil, err: connection refused; a silent server times out, the fail-open branch runs, the worker stays", function()
     start [[
 function H.envfrom(ctx)
   seen(ctx, "refused", { milter.http.request{ url = "http://127.0.0.1:1/" } })
@@ -217,7 +217,7 @@ return H
     assert.are.same({ "http://proxied.example.test/echo" }, U.seen(d, "proxy"))
   end)
 
-  it("misuse raises: no url, a bad url, a non-string body, an unknown key, bad headers; the top level raises", function()
+  it("misuse raises: no url, bad url, non-string body, unknown key, bad headers; so does the top level", function()
     start [[
 local function try(tag, opts)
   local ok, err = pcall(milter.http.request, opts)
