@@ -46,10 +46,15 @@ $(B)/test_sess: spec/c/test_sess.c spec/c/fixture.c spec/c/*.h $(CORE:%=$(B)/%.o
 $(B)/test_pfsim: spec/c/test_pfsim.c spec/c/fixture.c spec/c/*.h $(CORE:%=$(B)/%.o)
 	$(CC) $(WARN) $(DEFS) $(CFLAGS) -Isrc -o $@ spec/c/test_pfsim.c spec/c/fixture.c $(CORE:%=$(B)/%.o)
 
-check-c: $(B)/test_wire $(B)/test_sess $(B)/test_pfsim
+# The HTTP engine on a loop of its own against a server in the same loop.
+$(B)/test_httpc: spec/c/test_httpc.c spec/c/t.h src/httpc.h src/aio.h $(B)/httpc.o $(B)/aio.o
+	$(CC) $(WARN) $(DEFS) $(CFLAGS) $(LDFLAGS) -Isrc -o $@ spec/c/test_httpc.c $(B)/httpc.o $(B)/aio.o -lev -lcurl -lm
+
+check-c: $(B)/test_wire $(B)/test_sess $(B)/test_pfsim $(B)/test_httpc
 	$(B)/test_wire ../shared/fixtures
 	$(B)/test_sess ../shared/fixtures
 	$(B)/test_pfsim ../shared/fixtures
+	$(B)/test_httpc
 
 lint:
 	scripts/check-layers.sh
