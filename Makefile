@@ -7,11 +7,11 @@ WARN    := -std=c11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes
 DEFS    := -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE
 LUAJIT_CFLAGS := $(or $(shell pkg-config --cflags luajit 2>/dev/null),-I/usr/include/luajit-2.1)
 LUAJIT_LIBS   := $(or $(shell pkg-config --libs luajit 2>/dev/null),-lluajit-5.1)
-LIBS    := $(LUAJIT_LIBS) -lev -lcares -lhiredis -lm
+LIBS    := $(LUAJIT_LIBS) -lev -lcares -lhiredis -lcurl -lm
 
 B       ?= build
-SRCS    := log buf wire sess mods pfsim lb lctx lverdict lwait ldns ltcp lredis offline \
-           aio dnsr tcpc rds conn listen ctl reload super main
+SRCS    := log buf wire sess mods pfsim lb lctx lverdict lwait ldns ltcp lredis \
+           lhttp offline aio dnsr tcpc rds httpc conn listen ctl reload super main
 CORE    := log buf wire sess mods pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted
@@ -46,10 +46,15 @@ $(B)/test_sess: spec/c/test_sess.c spec/c/fixture.c spec/c/*.h $(CORE:%=$(B)/%.o
 $(B)/test_pfsim: spec/c/test_pfsim.c spec/c/fixture.c spec/c/*.h $(CORE:%=$(B)/%.o)
 	$(CC) $(WARN) $(DEFS) $(CFLAGS) -Isrc -o $@ spec/c/test_pfsim.c spec/c/fixture.c $(CORE:%=$(B)/%.o)
 
-check-c: $(B)/test_wire $(B)/test_sess $(B)/test_pfsim
+# The HTTP engine on a loop of its own against a server in the same loop.
+$(B)/test_httpc: spec/c/test_httpc.c spec/c/t.h src/httpc.h src/aio.h $(B)/httpc.o $(B)/aio.o
+	$(CC) $(WARN) $(DEFS) $(CFLAGS) $(LDFLAGS) -Isrc -o $@ spec/c/test_httpc.c $(B)/httpc.o $(B)/aio.o -lev -lcurl -lm
+
+check-c: $(B)/test_wire $(B)/test_sess $(B)/test_pfsim $(B)/test_httpc
 	$(B)/test_wire ../shared/fixtures
 	$(B)/test_sess ../shared/fixtures
 	$(B)/test_pfsim ../shared/fixtures
+	$(B)/test_httpc
 
 lint:
 	scripts/check-layers.sh

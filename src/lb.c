@@ -171,6 +171,7 @@ static int open_milter(lua_State *L)
     ldns_open(L);
     ltcp_open(L);
     lredis_open(L);
+    lhttp_open(L);
     return 1;
 }
 

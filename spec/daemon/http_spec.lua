@@ -1,0 +1,455 @@
+-- luacheck: std +busted
+-- milter.http.request against the tests' own HTTP(S) server on loopback
+-- (spec/support/http_server.py; HTTPS with a throwaway CA made by the
+-- openssl CLI), and the README's rspamd recipe against its rspamd-like
+-- /checkv2 responder. The handler waits; the worker does not.
+package.path = "./?.lua;" .. package.path
+local U = require "spec.daemon.util"
+local HS = require "spec.support.http_servers"
+local cjson = require "cjson"
+local socket = require "socket"
+local stdlib = require "posix.stdlib"
+
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+local function show(r)
+  if type(r) ~= "table" then return tostring(r) end
+  return r.cmd .. (r.text and (" " .. r.text) or "")
+end
+
+-- the header values of name in an echoed request, in order
+local function got(echo, name)
+  local out = {}
+  for _, h in ipairs(echo.headers) do
+    if h[1]:lower() == name:lower() then out[#out + 1] = h[2] end
+  end
+  return out
+end
+
+describe("milter.http.request", function()
+  local d, srv, tls
+  setup(function()
+    srv = HS.start()
+    tls = HS.start(true)
+  end)
+  teardown(function()
+    if srv then srv:stop() end
+    if tls then tls:stop() end
+  end)
+  after_each(function()
+    if d then d:stop(); d = nil end
+  end)
+
+  local function start(body, args)
+    d = U.start(U.script(("local BASE, TLS, CA = %q, %q, %q\n"):format(srv.base, tls.base,
+      tls.cafile) .. body), { args = args })
+    return d
+  end
+
+  -- runs a default session; returns it after checking the log has no error
+  local function session(opts)
+    local c = U.client(d)
+    local res = c:session(opts or {})
+    c:close()
+    return res
+  end
+
+  it("GET and POST: method, headers and body arrive; status, headers and body come back", function()
+    start [[
+function H.envfrom(ctx)
+  local r = milter.http.request{ url = BASE .. "/echo?q=1" }
+  seen(ctx, "get", { r.status, r.headers["content-type"], r.body })
+  r = milter.http.request{ url = BASE .. "/echo", headers = { ["X-Test"] = "one",
+    ["Content-Type"] = "message/rfc822", Rcpt = { "<a@x>", "<b@x>" }, ["X-Empty"] = "",
+    ["X-Num"] = 42 }, body = "raw\r\nbytes\0here" }
+  seen(ctx, "post", r.body)
+  r = milter.http.request{ url = BASE .. "/echo", method = "put", body = "" }
+  seen(ctx, "put", r.body)
+  r = milter.http.request{ url = BASE .. "/echo", method = "DELETE" }
+  seen(ctx, "delete", r.body)
+  r = milter.http.request{ url = BASE .. "/big/10", method = "HEAD" }
+  seen(ctx, "head", { r.status, r.headers["content-length"], r.body })
+end
+return H
+]]
+    local res = session()
+    assert.are.equal("c", res.mail.cmd, show(res.mail))
+    local g = U.seen(d, "get")[1]
+    assert.are.equal(200, g[1])
+    assert.are.equal("application/json", g[2])
+    local e = cjson.decode(g[3])
+    assert.are.equal("GET", e.method)
+    assert.are.equal("/echo?q=1", e.path)
+    assert.are.equal("", e.body)
+    assert.are.same({ "luamilter" }, got(e, "User-Agent"))
+    e = cjson.decode(U.seen(d, "post")[1])
+    assert.are.equal("POST", e.method) -- a body makes the default POST
+    assert.are.equal("raw\r\nbytes\0here", e.body)
+    assert.are.same({ "one" }, got(e, "X-Test"))
+    assert.are.same({ "message/rfc822" }, got(e, "Content-Type"))
+    assert.are.same({ "<a@x>", "<b@x>" }, got(e, "Rcpt"))
+    assert.are.same({ "" }, got(e, "X-Empty"))
+    assert.are.same({ "42" }, got(e, "X-Num"))
+    assert.are.same({}, got(e, "Expect"))
+    e = cjson.decode(U.seen(d, "put")[1])
+    assert.are.equal("PUT", e.method)
+    assert.are.same({ "application/octet-stream" }, got(e, "Content-Type"))
+    assert.are.same({ "0" }, got(e, "Content-Length"))
+    assert.are.equal("DELETE", cjson.decode(U.seen(d, "delete")[1]).method)
+    assert.are.same({ { 200, "10", "" } }, U.seen(d, "head"))
+  end)
+
+  it("404 and 500 are results, not errors; header names are lower-cased, repeats joined", function()
+    start [[
+function H.envfrom(ctx)
+  for _, n in ipairs{ 200, 404, 500 } do
+    local r, err = milter.http.request{ url = BASE .. "/status/" .. n }
+    seen(ctx, "status", { r and r.status, r and r.body, err })
+  end
+  local r = milter.http.request{ url = BASE .. "/headers" }
+  seen(ctx, "multi", r.headers["x-multi"])
+  seen(ctx, "mixed", r.headers["x-mixed-case"])
+  seen(ctx, "upper", r.headers["X-Multi"] == nil)
+end
+return H
+]]
+    session()
+    assert.are.same({ { 200, "status 200" }, { 404, "status 404" }, { 500, "status 500" } },
+      U.seen(d, "status"))
+    assert.are.same({ "a, b" }, U.seen(d, "multi"))
+    assert.are.same({ "padded" }, U.seen(d, "mixed"))
+    assert.are.same({ true }, U.seen(d, "upper"))
+  end)
+
+  it("HTTPS: cafile works, the system store refuses the throwaway CA, verify = false skips the check", function()
+    start [[
+function H.envfrom(ctx)
+  local r, err = milter.http.request{ url = TLS .. "/echo", cafile = CA, body = "secret" }
+  seen(ctx, "ca", { r and r.status, r and r.body:match('"body": "(%w+)"'), err })
+  seen(ctx, "system", { milter.http.request{ url = TLS .. "/status/200" } })
+  r, err = milter.http.request{ url = TLS .. "/status/201", verify = false }
+  seen(ctx, "noverify", { r and r.status, err })
+  seen(ctx, "badca", { milter.http.request{ url = TLS .. "/", cafile = "/nonexistent/ca.pem" } })
+end
+return H
+]]
+    session()
+    assert.are.same({ { 200, "secret" } }, U.seen(d, "ca"))
+    assert.are.same({ { nil, "ssl certificate problem" } }, U.seen(d, "system"))
+    assert.are.same({ { 201 } }, U.seen(d, "noverify"))
+    assert.are.same({ { nil, "ssl ca file problem" } }, U.seen(d, "badca"))
+  end)
+
+  it("nil, err: connection refused; a silent server times out, the fail-open branch runs, the worker stays", function()
+    start [[
+function H.envfrom(ctx)
+  seen(ctx, "refused", { milter.http.request{ url = "http://127.0.0.1:1/" } })
+  local r, err = milter.http.request{ url = BASE .. "/never", timeout = 0.5 }
+  seen(ctx, "never", { r, err })
+  if not r then return nil end -- fail open
+  return milter.reject{}
+end
+return H
+]]
+    local t0 = socket.gettime()
+    local res = session()
+    assert.are.equal("c", res.mail.cmd, show(res.mail))
+    assert.is_true(socket.gettime() - t0 < 4)
+    assert.are.same({ { nil, "connection refused" } }, U.seen(d, "refused"))
+    assert.are.same({ { nil, "timeout" } }, U.seen(d, "never"))
+    assert.is_true(d:alive())
+    assert.are.equal("c", U.normal_session(d).eom.cmd)
+  end)
+
+  it("the handler's --script-timeout caps the request's timeout", function()
+    start([[
+function H.envfrom(ctx)
+  local r, err = milter.http.request{ url = BASE .. "/never", timeout = 30 }
+  seen(ctx, "never", { r, err })
+  return milter.reject{ reason = "after " .. tostring(err) }
+end
+return H
+]], { "--script-timeout", "1" })
+    local t0 = socket.gettime()
+    local res = session()
+    assert.are.equal("550 5.7.1 after timeout", res.mail and res.mail.text, show(res.mail))
+    assert.is_true(socket.gettime() - t0 < 5)
+  end)
+
+  it("a response body above the cap is nil, 'response too large' (16 MiB by default, max_body)", function()
+    start [[
+function H.envfrom(ctx)
+  seen(ctx, "default", { milter.http.request{ url = BASE .. "/big/" .. (16 * 1024 * 1024 + 1) } })
+  local r = milter.http.request{ url = BASE .. "/big/1000", max_body = 1000 }
+  seen(ctx, "at", #r.body)
+  seen(ctx, "known", { milter.http.request{ url = BASE .. "/big/1001", max_body = 1000 } })
+  seen(ctx, "stream", { milter.http.request{ url = BASE .. "/stream/200000", max_body = 1000 } })
+end
+return H
+]]
+    session()
+    assert.are.same({ { nil, "response too large" } }, U.seen(d, "default"))
+    assert.are.same({ 1000 }, U.seen(d, "at"))
+    assert.are.same({ { nil, "response too large" } }, U.seen(d, "known"))
+    assert.are.same({ { nil, "response too large" } }, U.seen(d, "stream"))
+  end)
+
+  it("redirects are followed only when asked; a proxy only when named", function()
+    start [[
+function H.envfrom(ctx)
+  local r = milter.http.request{ url = BASE .. "/redirect" }
+  seen(ctx, "plain", { r.status, r.headers.location })
+  r = milter.http.request{ url = BASE .. "/redirect", follow = true }
+  seen(ctx, "follow", { r.status, r.body:match('"path": "([^"]+)"') })
+  r = milter.http.request{ url = "http://proxied.example.test/echo", proxy = BASE }
+  seen(ctx, "proxy", r.body:match('"path": "([^"]+)"'))
+end
+return H
+]]
+    session()
+    assert.are.same({ { 302, "/echo" } }, U.seen(d, "plain"))
+    assert.are.same({ { 200, "/echo" } }, U.seen(d, "follow"))
+    assert.are.same({ "http://proxied.example.test/echo" }, U.seen(d, "proxy"))
+  end)
+
+  it("misuse raises: no url, bad url, non-string body, unknown key, bad headers; so does the top level", function()
+    start [[
+local function try(tag, opts)
+  local ok, err = pcall(milter.http.request, opts)
+  seen(H.ctx, tag, { ok, (tostring(err):gsub("^.-milter%.http%.request", "milter.http.request")) })
+end
+function H.envfrom(ctx)
+  H.ctx = ctx
+  try("nourl", {})
+  try("notable", nil)
+  try("scheme", { url = "ftp://127.0.0.1/x" })
+  try("badurl", { url = "not a url" })
+  try("body", { url = BASE, body = 42 })
+  try("key", { url = BASE, bdy = "x" })
+  try("hdr", { url = BASE, headers = { ["Bad Name"] = "x" } })
+  try("crlf", { url = BASE, headers = { X = "a\r\nInjected: yes" } })
+  try("method", { url = BASE, method = "GE T" })
+  try("timeout", { url = BASE, timeout = "5" })
+  try("head", { url = BASE, method = "HEAD", body = "x" })
+end
+return H
+]]
+    session()
+    local function err_of(tag)
+      local v = U.seen(d, tag)[1]
+      assert.is_false(v[1], tag .. " did not raise")
+      return v[2]
+    end
+    assert.are.equal("milter.http.request: url is required", err_of("nourl"))
+    assert.is_truthy(err_of("notable"):find("table expected", 1, true))
+    assert.is_truthy(err_of("scheme"):find("url must be http:// or https://", 1, true))
+    assert.is_truthy(err_of("badurl"):find("bad url", 1, true))
+    assert.are.equal("milter.http.request: body must be a string", err_of("body"))
+    assert.are.equal("milter.http.request: unknown option bdy", err_of("key"))
+    assert.is_truthy(err_of("hdr"):find("bad header name", 1, true))
+    assert.is_truthy(err_of("crlf"):find("may not contain CR", 1, true))
+    assert.is_truthy(err_of("method"):find("bad method", 1, true))
+    assert.is_truthy(err_of("timeout"):find("timeout", 1, true))
+    assert.is_truthy(err_of("head"):find("HEAD request has no body", 1, true))
+    d:stop()
+    d = nil
+    local path = os.tmpname()
+    local f = assert(io.open(path, "w"))
+    f:write(('local milter = require "milter"\nmilter.http.request{ url = %q }\nreturn {}\n')
+      :format(srv.base))
+    f:close()
+    local r = U.D.run({ "check", path })
+    os.remove(path)
+    assert.are.equal(1, r.status)
+    assert.is_truthy(r.stderr:find("only inside a handler", 1, true), r.stderr)
+    assert.is_truthy(r.stderr:find(":2:", 1, true), r.stderr)
+  end)
+
+  it("a waiting handler does not block the worker: B's whole session completes while A waits", function()
+    start [[
+function H.envfrom(ctx, sender)
+  if sender == "<a@example.org>" then
+    local r, err = milter.http.request{ url = BASE .. "/hold/ka" }
+    seen(ctx, "a", { r and r.body, err })
+    return milter.reject{ reason = "held: " .. tostring(r and r.body) }
+  end
+end
+function H.eom(ctx)
+  local r = milter.http.request{ url = BASE .. "/status/200" }
+  return milter.accept{ add_header = { { "X-B", r.body } } }
+end
+return H
+]]
+    local a = U.client(d)
+    U.open(a)
+    assert(a:send("M", "<a@example.org>\0"))
+    -- A's handler now waits on the server, which answers when told
+    local b = U.client(d)
+    local res = b:session { mail = "<b@example.org>" }
+    b:close()
+    assert.are.equal("a", res.eom and res.eom.cmd, tostring(res.error))
+    assert.are.equal("status 200", res.eom.mods[1].value)
+    assert.are.same({}, U.seen(d, "a"), "A resumed before its answer")
+    assert.are.same({ 200, "ok" }, { srv:get("/release/ka") })
+    local r = assert(a:read_reply(5))
+    assert.are.equal("y", r.cmd)
+    assert.are.equal("550 5.7.1 held: released ka", r.text)
+    a:close()
+  end)
+
+  it("the MTA's ABORT mid-wait abandons the request: abort runs, the handler is never resumed", function()
+    start [[
+function H.eom(ctx)
+  if ctx.sender == "<n@example.org>" then
+    milter.http.request{ url = BASE .. "/status/200" }
+    return
+  end
+  seen(ctx, "waiting", true)
+  milter.http.request{ url = BASE .. "/hold/kb" }
+  seen(ctx, "resumed", true)
+end
+function H.abort(ctx) seen(ctx, "abort", true) end
+function H.close(ctx) seen(ctx, "close", true) end
+return H
+]]
+    local c = U.client(d)
+    U.open(c)
+    assert(c:mail("<a@example.org>", {}))
+    assert(c:rcpt("<b@example.org>", {}))
+    assert(c:send("E", ""))
+    U.wait_seen(d, "waiting", 1)
+    assert(c:abort())
+    U.wait_seen(d, "abort", 1)
+    srv:get("/release/kb")
+    local r = U.message(c, { mail = "<n@example.org>" })
+    assert.are.equal("c", r.eom and r.eom.cmd, tostring(r.error))
+    c:quit()
+    c:close()
+    U.wait_seen(d, "close", 1)
+    assert.are.same({}, U.seen(d, "resumed"))
+    assert.is_true(d:alive())
+  end)
+
+  it("the MTA hanging up mid-wait: close runs, the handler is never resumed", function()
+    start [[
+function H.envrcpt(ctx, rcpt)
+  if rcpt ~= "<held@example.org>" then return end
+  seen(ctx, "waiting", true)
+  milter.http.request{ url = BASE .. "/hold/kc" }
+  seen(ctx, "resumed", true)
+end
+function H.close(ctx)
+  seen(ctx, "close", (milter.http.request{ url = BASE .. "/status/204" }).status)
+end
+return H
+]]
+    local c = U.client(d)
+    U.open(c)
+    assert(c:mail("<a@example.org>", {}))
+    assert(c:send("R", "<held@example.org>\0"))
+    U.wait_seen(d, "waiting", 1)
+    c:close()
+    assert.are.same({ 204 }, U.wait_seen(d, "close", 1))
+    srv:get("/release/kc")
+    assert.is_true(U.normal_session(d).eom ~= nil)
+    assert.are.same({}, U.seen(d, "resumed"))
+  end)
+
+  it("works in luamilter test too", function()
+    local dir = assert(stdlib.mkdtemp("/tmp/luamilter-httpt-XXXXXX"))
+    local script = dir .. "/p.lua"
+    U.D.write_file(script, ([[
+local milter = require "milter"
+return { eom = function()
+  local r = assert(milter.http.request{ url = %q, body = "x" })
+  local n, err = milter.http.request{ url = %q, timeout = 0.2 }
+  return milter.accept{ add_header = { { "X-Status", r.status .. " " .. tostring(n) .. " " .. err } } }
+end }
+]]):format(srv.base .. "/status/202", srv.base .. "/never"))
+    local r = U.D.run({ "test", script, "spec/eml/plain-lf.eml" })
+    os.remove(script)
+    U.D.rmtree(dir)
+    assert.are.equal(0, r.status, r.stderr)
+    assert.is_truthy(r.stdout:find("X-Status: 202 nil timeout", 1, true), r.stdout)
+  end)
+end)
+
+describe("cookbook: rspamd /checkv2 at end of message", function()
+  local SRC = "spec/cookbook/rspamd.lua"
+  local d, srv
+  setup(function() srv = HS.start() end)
+  teardown(function() if srv then srv:stop() end end)
+  after_each(function()
+    if d then d:stop(); d = nil end
+  end)
+
+  it("is the README's text", function()
+    local readme = read("README.md")
+    assert.is_true(readme:find("```lua\n" .. read(SRC) .. "```", 1, true) ~= nil,
+      SRC .. " differs from the README's recipe")
+  end)
+
+  local function run(body)
+    local c = U.client(d)
+    U.open(c, { addr = "192.0.2.9" })
+    local res = U.message(c, { mail = "<alice@example.org>",
+      rcpts = { "<bob@example.org>", "<carol@example.org>" },
+      headers = { { "From", "Alice <alice@example.org>" }, { "Subject", "hi" } },
+      body = body })
+    c:quit()
+    c:close()
+    return res
+  end
+
+  local function added(res)
+    local out = {}
+    for _, m in ipairs(res.eom.mods) do
+      if m.op == "addheader" then out[m.name] = m.value end
+    end
+    return out
+  end
+
+  it("POSTs the message with rspamd's headers and adds score and action", function()
+    stdlib.setenv("RSPAMD_URL", srv.base .. "/checkv2")
+    d = U.start(read(SRC))
+    local res = run("Buy viagra now.\r\n")
+    assert.are.equal("a", res.eom and res.eom.cmd, tostring(res.error))
+    assert.are.same({ ["X-Spam-Score"] = "6.50 / 15.00", ["X-Spam-Action"] = "add header" }, added(res))
+    local _, body = srv:get("/last")
+    local last = cjson.decode(body)
+    local h = {}
+    for _, kv in ipairs(last.headers) do
+      h[kv[1]] = h[kv[1]] and (h[kv[1]] .. "," .. kv[2]) or kv[2]
+    end
+    assert.are.equal("<alice@example.org>", h.From)
+    assert.are.equal("<bob@example.org>,<carol@example.org>", h.Rcpt)
+    assert.are.equal("192.0.2.9", h.IP)
+    assert.are.equal("client.example.org", h.Helo)
+    assert.are.equal("message/rfc822", h["Content-Type"])
+    assert.is_truthy(h["Queue-Id"])
+    assert.is_truthy(last.body:find("^From: Alice <alice@example.org>\r\nSubject: hi\r\n\r\nBuy viagra now"),
+      last.body)
+    local gtube = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\r\n"
+    d:stop()
+    d = U.start(read(SRC))
+    res = run(gtube)
+    assert.are.same({ ["X-Spam-Score"] = "15.00 / 15.00", ["X-Spam-Action"] = "reject" }, added(res))
+  end)
+
+  it("fails open: rspamd down, or a reply that is not rspamd's, delivers unscored", function()
+    for _, url in ipairs { "http://127.0.0.1:1/checkv2", srv.base .. "/status/500", srv.base .. "/echo" } do
+      stdlib.setenv("RSPAMD_URL", url)
+      d = U.start(read(SRC))
+      local res = run("Hello.\r\n")
+      assert.are.equal("c", res.eom and res.eom.cmd, url .. ": " .. show(res.eom))
+      assert.is_truthy(U.wait_log(d, "delivering unscored"):find("delivering unscored", 1, true))
+      d:stop()
+      d = nil
+    end
+  end)
+end)
