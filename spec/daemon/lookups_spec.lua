@@ -242,6 +242,39 @@ return H
     assert.is_true(after > before, "the server never saw the close")
   end)
 
+  it("luamilter test performs the same real lookups", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    local f = assert(io.open(dir .. ".lua", "w"))
+    f:write(([[
+local milter = require "milter"
+return {
+  connect = function(ctx, host, addr)
+    local hit = milter.dns.rbl(addr.address, "zen.example.test")
+    if hit then return milter.reject{ reason = "listed: " .. hit[1] } end
+  end,
+  eom = function(ctx)
+    local s = milter.tcp.connect("127.0.0.1", %d)
+    s:send("ECHO pong\r\n")
+    local a = milter.dns.query("mail.example.test", "A")
+    return milter.accept{ add_header = { { "X-Lookups", s:receive("*l") .. " " .. a[1] } } }
+  end,
+}
+]]):format(tcp.port))
+    f:close()
+    local m = assert(io.open(dir .. ".eml", "w"))
+    m:write("From: a@example.org\r\nTo: b@example.org\r\nSubject: s\r\n\r\nbody\r\n")
+    m:close()
+    local ok = U.D.run({ "--dns", dns.server, "test", dir .. ".lua", dir .. ".eml", "--client", "192.0.2.9" })
+    local listed = U.D.run({ "--dns", dns.server, "test", dir .. ".lua", dir .. ".eml", "--client", "192.0.2.66" })
+    os.remove(dir .. ".lua")
+    os.remove(dir .. ".eml")
+    assert.are.equal(0, ok.status, ok.stderr)
+    assert.is_truthy(ok.stdout:find("X-Lookups: pong 192.0.2.7", 1, true), ok.stdout)
+    assert.are.equal(1, listed.status, listed.stderr)
+    assert.is_truthy(listed.stdout:find("listed: 127.0.0.2", 1, true), listed.stdout)
+  end)
+
   it("misuse raises: at the top level, a bad type, an unknown record type", function()
     local r = U.D.run({ "check", "/dev/stdin" })
     assert.is_not_nil(r)
