@@ -5,7 +5,22 @@ set -u
 cd "$(dirname "$0")/.."
 bin=${1:-build/luamilter}
 dir=$(mktemp -d /tmp/luamilter-vg.XXXXXX)
-trap 'kill -KILL "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
+pid="" silent=""
+trap 'kill -KILL $pid $silent 2>/dev/null; rm -rf "$dir"' EXIT
+# A TCP port that accepts (in the kernel's backlog) and never answers, and a
+# UDP port that never answers: lookups that wait until they are abandoned.
+python3 -c '
+import socket, sys, time
+t = socket.socket(); t.bind(("127.0.0.1", 0)); t.listen(4096)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("127.0.0.1", 0))
+open(sys.argv[1] + ".tmp", "w").write("%d %d\n" % (t.getsockname()[1], u.getsockname()[1]))
+import os; os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(900)' "$dir/silent" &
+silent=$!
+i=0
+while [ ! -s "$dir/silent" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+read -r tcp_port udp_port <"$dir/silent" || { echo "valgrind-check: no silent ports"; exit 1; }
+export VG_TCP_PORT=$tcp_port
 cat >"$dir/policy.lua" <<'LUA'
 local milter = require "milter"
 return {
@@ -17,8 +32,22 @@ return {
     if rcpt:find("bad") then return milter.reject{ xcode = "5.1.1", reason = { "no such", "user" } } end
   end,
   header = function(ctx, name, value) ctx.msg.n = (ctx.msg.n or 0) + 1 end,
+  -- lookups that never get an answer: the MTA gives up (ABORT, hang-up)
+  abort = function(ctx) ctx.conn.aborted = true end,
   body = function(ctx, chunk) ctx.msg.bytes = (ctx.msg.bytes or 0) + #chunk end,
   eom = function(ctx)
+    local wait = ctx.sender:match("^<wait%-(%a+)@")
+    local port = tonumber(os.getenv("VG_TCP_PORT"))
+    if wait == "sleep" then milter.sleep(60)
+    elseif wait == "tcp" then
+      local s = milter.tcp.connect("127.0.0.1", port, 60)
+      if s then s:send("hello\r\n", 60); s:receive("*l", 60) end
+    elseif wait == "dns" then milter.dns.query("never.answered.test", "TXT", 60)
+    elseif wait == "redis" then
+      milter.redis.new("redis://127.0.0.1:" .. port .. "/0"):call("GET", "k", 60)
+    elseif wait == "http" then
+      milter.http.request{ url = "http://127.0.0.1:" .. port .. "/", timeout = 60 }
+    end
     return milter.accept{
       add_header = { { "X-Count", tostring(ctx.msg.n) } },
       insert_header = { { 0, "X-Top", "1" } },
@@ -31,7 +60,8 @@ return {
 }
 LUA
 valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite \
-  --log-file="$dir/vg.%p.log" "$bin" --workers 1 -l "unix:$dir/s.sock" "$dir/policy.lua" \
+  --log-file="$dir/vg.%p.log" "$bin" --workers 1 --script-timeout 120 --dns "127.0.0.1:$udp_port" \
+  -l "unix:$dir/s.sock" "$dir/policy.lua" \
   2>"$dir/daemon.log" &
 pid=$!
 luajit scripts/valgrind-sessions.lua "unix:$dir/s.sock"

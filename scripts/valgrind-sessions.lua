@@ -49,4 +49,28 @@ for _, junk in ipairs({ "GET / HTTP/1.1\r\nHost: x\r\n\r\n", "\22\3\1\0\200\1\0\
   check(f == nil and err, "junk must close the connection")
   j:close()
 end
+-- 1000 sessions whose eom handler waits on a lookup that never answers
+-- (sleep, TCP, DNS, Redis, HTTP), abandoned by the MTA: an ABORT then
+-- QUIT, or a hang-up. Nothing may leak, nothing be resumed.
+local kinds = { "sleep", "tcp", "dns", "redis", "http" }
+for i = 1, 1000 do
+  local w = client()
+  check(w:optneg(mc.OFFER.postfix), "optneg")
+  w:connect_ev("w.example.org", "4", 4000, "192.0.2.9", {})
+  w:helo("w.example.org", {})
+  w:mail("<wait-" .. kinds[i % #kinds + 1] .. "@example.org>", {})
+  w:rcpt("<a@example.org>", {})
+  w:send("E", "")
+  if i % 2 == 0 then
+    w:abort()
+    w:quit()
+  end
+  w:close()
+end
+-- the worker still serves, promptly
+local last = client()
+r = last:session{ rcpts = { "<a@example.org>" }, body = "x\r\n" }
+check(r.eom and r.eom.cmd == "a", "a session after 1000 abandoned waits: " .. tostring(r.error))
+last:quit()
+last:close()
 print("valgrind-sessions: ok")

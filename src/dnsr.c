@@ -400,3 +400,16 @@ int dnsr_reverse(const char *addr, const char *zone, char *out, size_t n)
         w += (size_t)snprintf(out + w, n > w ? n - w : 0, ".%s", zone);
     return w < n ? 0 : -1;
 }
+
+void dnsr_shutdown(void)
+{
+    if (!R.ch || R.pid != getpid())
+        return;
+    ev_timer_stop(aio_loop(), &R.timer);
+    ares_destroy(R.ch); /* pending queries end (ARES_EDESTRUCTION), freed */
+    R.ch = NULL;
+    for (int i = 0; i < R.nio; i++)
+        ev_io_stop(aio_loop(), &R.io[i]);
+    R.nio = 0;
+    ares_library_cleanup();
+}

@@ -41,6 +41,8 @@ struct dnsr_req *dnsr_query(const char *name, int type, double timeout,
                             dnsr_cb cb, void *ud, const char **err);
 /* cb will not run; the handle is invalid afterwards. */
 void dnsr_cancel(struct dnsr_req *r);
+/* At exit: ends every query still inside c-ares and frees the resolver. */
+void dnsr_shutdown(void);
 
 /* Writes the reverse name of an IPv4 or IPv6 address (PTR, DNSBL) into
  * out, followed by "." zone when zone is set; -1 if addr is no address. */

@@ -610,3 +610,14 @@ struct rds *rds_get(const char *url, const char **err)
     nservers++;
     return r;
 }
+
+void rds_shutdown(void)
+{
+    while (servers) {
+        struct rds *r = servers;
+        servers = r->next;
+        drop(r); /* what is still queued or sent fails with "closed" */
+        free_server(r);
+    }
+    nservers = 0;
+}

@@ -61,5 +61,7 @@ int rds_start(struct rds *r, struct rds_req *q, double timeout, rds_cb cb,
 /* cb will not run; the handle is invalid afterwards (the engine frees
  * it once hiredis is done with it). */
 void rds_cancel(struct rds_req *q);
+/* At exit: closes every connection; requests still pending fail. */
+void rds_shutdown(void);
 
 #endif

@@ -20,6 +20,8 @@
 #include "ctl.h"
 #include "lb.h"
 #include "aio.h"
+#include "dnsr.h"
+#include "rds.h"
 #include "listen.h"
 #include "log.h"
 #include "reload.h"
@@ -225,6 +227,8 @@ static void worker_run(int i, int ctl)
     control_drain(); /* a reload may have come while we loaded */
     ev_run(loop, 0);
     lb_state_release(S->script);
+    dnsr_shutdown(); /* what the lookup engines still hold */
+    rds_shutdown();
     _exit(0);
 }
 
