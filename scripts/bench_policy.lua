@@ -4,7 +4,8 @@
 -- same header with the same value, so both servers send the same bytes.
 --
 -- With LUAMILTER_BENCH_DNSBL=1 (scripts/bench --dnsbl-delay) envfrom also
--- asks a DNSBL, which must say "not listed".
+-- asks a DNSBL, which must say "not listed"; with LUAMILTER_BENCH_REDIS set
+-- to a URL (scripts/bench --redis) it counts the message in Redis.
 --
 -- With LUAMILTER_BENCH_BODY=1 in the environment the script also handles
 -- body (counting the bytes), so that luamilter asks the MTA for the body:
@@ -16,6 +17,8 @@ local H = {}
 local BLOCKED = "<blocked@bench.invalid>"
 
 local DNSBL = os.getenv("LUAMILTER_BENCH_DNSBL") == "1"
+local REDIS = os.getenv("LUAMILTER_BENCH_REDIS")
+local redis = REDIS and milter.redis.new(REDIS)
 
 function H.envfrom(ctx, sender)
   ctx.msg.from = sender
@@ -24,6 +27,10 @@ function H.envfrom(ctx, sender)
     if hit or err then
       return milter.tempfail{ reason = "dnsbl: " .. tostring(err or hit[1]) }
     end
+  end
+  if redis then -- scripts/bench --redis: a counter per message
+    local res, err = redis:pipeline{ { "INCR", "bench:count" }, { "EXPIRE", "bench:count", 60 } }
+    if not res then return milter.tempfail{ reason = "redis: " .. tostring(err) } end
   end
 end
 
