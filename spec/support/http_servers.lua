@@ -3,26 +3,14 @@
 -- a throwaway CA with a server certificate for 127.0.0.1 and localhost,
 -- made by the openssl CLI in a temp dir.
 local socket = require "socket"
-local psignal = require "posix.signal"
 local stdlib = require "posix.stdlib"
 local D = require "spec.support.daemon"
+local S = require "spec.support.servers"
 
 local H = {}
 
-local Server = {}
+local Server = setmetatable({}, { __index = S.Server }) -- stop() by pid
 Server.__index = Server
-
-function Server:stop()
-  if self.pid and not self.done then
-    psignal.kill(self.pid, psignal.SIGTERM)
-    if not D.wait_pid(self.pid, 5) then
-      psignal.kill(self.pid, psignal.SIGKILL)
-      D.wait_pid(self.pid, 5)
-    end
-    self.done = true
-  end
-  if self.dir then D.rmtree(self.dir); self.dir = nil end
-end
 
 -- GET path on the server from the test itself; returns status, body
 function Server:get(path)

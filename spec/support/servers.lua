@@ -12,6 +12,7 @@ local S = {}
 
 local Server = {}
 Server.__index = Server
+S.Server = Server -- a started process, stopped by pid (http_servers.lua extends it)
 
 function Server:stop()
   if self.pid and not self.done then
