@@ -172,6 +172,7 @@ static int open_milter(lua_State *L)
     ltcp_open(L);
     lredis_open(L);
     lhttp_open(L);
+    lstore_open(L);
     return 1;
 }
 

@@ -76,6 +76,8 @@ void ltcp_open(lua_State *L);
 /* lredis.c: adds milter.redis to the milter table on top (reads its
  * milter.null). */
 void lredis_open(lua_State *L);
+/* lstore.c: adds milter.store to the table on top. */
+void lstore_open(lua_State *L);
 /* lhttp.c: adds milter.http to the table on top. */
 void lhttp_open(lua_State *L);
 /* Closes every socket lc's handler left open. */

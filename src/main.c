@@ -19,6 +19,7 @@
 #include "lb.h"
 #include "log.h"
 #include "offline.h"
+#include "store.h"
 #include "super.h"
 
 #define VERSION "0.1.0"
@@ -65,6 +66,11 @@ static void usage(FILE *f)
         "does not read;\n"
         "                              its next command closes it (4 MiB)\n"
         "      --dns HOST[:PORT]       resolver for milter.dns (/etc/resolv.conf)\n"
+        "      --store SPEC            lmdb:PATH for milter.store (an LMDB file "
+        "at a\n"
+        "                              default path: see README)\n"
+        "      --store-map-size BYTES  largest size of the LMDB store (64 "
+        "MiB)\n"
         "      --log-level LEVEL       error|warn|info|debug (info)\n"
         "      --log-format FMT        text|json (text)\n"
         "      --shutdown-timeout SECONDS  wait for open conversations on "
@@ -123,7 +129,8 @@ int main(int argc, char **argv)
     enum { O_ONERR = 256, O_MAXBODY, O_TIMEOUT, O_LEVEL, O_FORMAT, O_SHUT,
            O_MODE, O_MAXCONN, O_VERSION, O_PIDFILE, O_USER,
            O_GROUP, O_DAEMON, O_STIMEOUT, O_SMEM, O_MAXFRAME, O_MAXHDRS,
-           O_MAXMACROS, O_MAXMSG, O_MAXCONNB, O_MAXWQ, O_DNS };
+           O_MAXMACROS, O_MAXMSG, O_MAXCONNB, O_MAXWQ, O_DNS, O_STORE,
+           O_STOREMAP };
     static const struct option longopts[] = {
         {"listen", required_argument, 0, 'l'},
         {"on-error", required_argument, 0, O_ONERR},
@@ -149,6 +156,8 @@ int main(int argc, char **argv)
         {"max-connection-bytes", required_argument, 0, O_MAXCONNB},
         {"max-write-queue", required_argument, 0, O_MAXWQ},
         {"dns", required_argument, 0, O_DNS},
+        {"store", required_argument, 0, O_STORE},
+        {"store-map-size", required_argument, 0, O_STOREMAP},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     double v;
@@ -169,6 +178,8 @@ int main(int argc, char **argv)
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     opt.workers = ncpu > 0 ? (int)(ncpu < 64 ? ncpu : 64) : 1;
     srv.max_conns = 10000;
+    const char *store_spec = NULL;
+    size_t store_map = 0;
     int c;
     while ((c = getopt_long(argc, argv, "+l:w:h", longopts, NULL)) != -1) {
         switch (c) {
@@ -226,6 +237,14 @@ int main(int argc, char **argv)
                             : &srv.cfg.max_conn_bytes) = (size_t)v;
             break;
         case O_DNS: dnsr_set_server(optarg); break;
+        case O_STORE: store_spec = optarg; break;
+        case O_STOREMAP:
+            if (parse_num(optarg, (double)STORE_MIN_MAP, 1e13, &v) < 0)
+                return die_usage("--store-map-size: bad byte count '%s' (at "
+                                 "least 32 KiB)",
+                                 optarg);
+            store_map = (size_t)v;
+            break;
         case O_PIDFILE: opt.pidfile = optarg; break;
         case O_USER: opt.user = optarg; break;
         case O_GROUP: opt.group = optarg; break;
@@ -288,6 +307,9 @@ int main(int argc, char **argv)
         }
     }
     lb_set_limits(opt.script_timeout, opt.script_memory);
+    char serr[4200];
+    if (store_config(store_spec, store_map, serr, sizeof serr) < 0)
+        return die_usage("%s", serr);
     if (optind < argc && strcmp(argv[optind], "test") == 0)
         return offline_main(argc - optind, argv + optind, &srv.cfg);
     if (optind < argc && strcmp(argv[optind], "check") == 0) {

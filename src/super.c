@@ -22,6 +22,7 @@
 #include "aio.h"
 #include "dnsr.h"
 #include "rds.h"
+#include "store.h"
 #include "listen.h"
 #include "log.h"
 #include "reload.h"
@@ -227,6 +228,7 @@ static void worker_run(int i, int ctl)
     control_drain(); /* a reload may have come while we loaded */
     ev_run(loop, 0);
     lb_state_release(S->script);
+    store_close();
     dnsr_shutdown(); /* what the lookup engines still hold */
     rds_shutdown();
     _exit(0);
@@ -721,6 +723,13 @@ int super_run(const struct super_opts *o, struct server *srv)
     }
     if ((O->pidfile && pidfile_write(err, sizeof err) < 0) ||
         drop_privileges(&id, err, sizeof err) < 0) {
+        cleanup();
+        return fail(report, err);
+    }
+    /* The store opens (and is created) as the run-time identity, once
+     * here and closed again before any fork: an unusable path fails the
+     * start rather than every call of every worker. */
+    if (store_check(err, sizeof err) < 0) {
         cleanup();
         return fail(report, err);
     }

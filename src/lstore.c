@@ -1,0 +1,158 @@
+/*
+ * lstore: milter.store and its methods get, set, del and incr (part of
+ * the Lua bridge), on the store engine. The calls are short local
+ * transactions that never wait, but they are allowed inside handlers only
+ * (a coroutine of the script's own included): a write at the top level
+ * would run in the supervisor's check and again in every worker at every
+ * reload. Misuse (a bad key, value or ttl, a call outside a handler)
+ * raises; a failing store ("store full", an I/O error) is nil, err.
+ */
+#include "lb_int.h"
+
+#include <math.h>
+
+#include "store.h"
+
+#define STORE_MT "milter.store"
+#define MAX_TTL 1e9 /* seconds: about 31 years */
+
+/* raises unless a handler runs; returns the key at index 2 */
+static const char *check_call(lua_State *L, const char *what, size_t *klen)
+{
+    struct lb_state *st;
+    luaL_checkudata(L, 1, STORE_MT);
+    lua_getallocf(L, (void **)&st);
+    if (!st->running)
+        luaL_error(L, "milter.store:%s: only inside a handler (not at the "
+                      "script's top level)",
+                   what);
+    if (lua_type(L, 2) != LUA_TSTRING)
+        luaL_argerror(L, 2, "key must be a string");
+    const char *k = lua_tolstring(L, 2, klen);
+    if (*klen == 0 || *klen > STORE_MAX_KEY)
+        luaL_argerror(L, 2, "key must be 1 to 511 bytes");
+    return k;
+}
+
+/* the ttl at idx: none (0) or seconds > 0, rounded up; raises otherwise */
+static double check_ttl(lua_State *L, int idx)
+{
+    if (lua_isnoneornil(L, idx))
+        return 0;
+    if (lua_type(L, idx) != LUA_TNUMBER)
+        luaL_argerror(L, idx, "ttl must be a number of seconds");
+    double t = lua_tonumber(L, idx);
+    if (!(t > 0) || t > MAX_TTL)
+        luaL_argerror(L, idx, "ttl must be a number of seconds > 0");
+    return ceil(t);
+}
+
+static int failed(lua_State *L, const char *err)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+}
+
+/* store:get(key) -> value | nil  (nil, err on failure) */
+static int lstore_get(lua_State *L)
+{
+    size_t klen;
+    const char *k = check_call(L, "get", &klen);
+    struct store_val v;
+    const char *err;
+    int r = store_get(k, klen, &v, &err);
+    if (r < 0)
+        return failed(L, err);
+    if (r == 0)
+        lua_pushnil(L);
+    else if (v.type == STORE_NUMBER)
+        lua_pushnumber(L, v.num);
+    else
+        lua_pushlstring(L, v.str, v.len);
+    return 1;
+}
+
+/* store:set(key, value [, ttl]) -> true */
+static int lstore_set(lua_State *L)
+{
+    size_t klen;
+    const char *k = check_call(L, "set", &klen);
+    struct store_val v = {0};
+    if (lua_type(L, 3) == LUA_TNUMBER) {
+        v.type = STORE_NUMBER;
+        v.num = lua_tonumber(L, 3);
+        if (!isfinite(v.num))
+            return luaL_argerror(L, 3, "value must be a finite number");
+    } else if (lua_type(L, 3) == LUA_TSTRING) {
+        v.type = STORE_STRING;
+        v.str = lua_tolstring(L, 3, &v.len);
+    } else {
+        return luaL_argerror(L, 3, "value must be a string or a number "
+                                   "(store:del removes a key)");
+    }
+    double ttl = check_ttl(L, 4);
+    const char *err;
+    if (store_set(k, klen, &v, ttl, &err) < 0)
+        return failed(L, err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* store:del(key) -> true (an absent key too) */
+static int lstore_del(lua_State *L)
+{
+    size_t klen;
+    const char *k = check_call(L, "del", &klen);
+    const char *err;
+    if (store_del(k, klen, &err) < 0)
+        return failed(L, err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* store:incr(key [, by [, ttl]]) -> the new value */
+static int lstore_incr(lua_State *L)
+{
+    size_t klen;
+    const char *k = check_call(L, "incr", &klen);
+    double by = 1;
+    if (!lua_isnoneornil(L, 3)) {
+        if (lua_type(L, 3) != LUA_TNUMBER || !isfinite(lua_tonumber(L, 3)))
+            return luaL_argerror(L, 3, "increment must be a finite number");
+        by = lua_tonumber(L, 3);
+    }
+    double ttl = check_ttl(L, 4), n;
+    const char *err;
+    if (store_incr(k, klen, by, ttl, &n, &err) < 0)
+        return failed(L, err);
+    lua_pushnumber(L, n);
+    return 1;
+}
+
+static int lstore_tostring(lua_State *L)
+{
+    lua_pushliteral(L, "milter.store");
+    return 1;
+}
+
+void lstore_open(lua_State *L)
+{
+    static const luaL_Reg methods[] = {{"get", lstore_get},
+                                       {"set", lstore_set},
+                                       {"del", lstore_del},
+                                       {"incr", lstore_incr},
+                                       {NULL, NULL}};
+    lua_newuserdata(L, 1);
+    if (luaL_newmetatable(L, STORE_MT)) {
+        lua_createtable(L, 0, 4);
+        luaL_register(L, NULL, methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, lstore_tostring);
+        lua_setfield(L, -2, "__tostring");
+        lua_pushliteral(L, "milter.store");
+        lua_setfield(L, -2, "__metatable");
+    }
+    lua_setmetatable(L, -2);
+    lua_setfield(L, -2, "store");
+}

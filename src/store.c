@@ -1,0 +1,534 @@
+/* store: see store.h. */
+#include "store.h"
+
+#include <errno.h>
+#include <lmdb.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SWEEP_EVERY 32 /* writes between two sweeps */
+#define SWEEP_SCAN 64  /* entries a sweep looks at */
+#define FULL_SCAN 4096 /* entries looked at before "store full" */
+#define HDR 9          /* type byte + int64 expiry (unix ms, 0 = none) */
+#define NOTHING (-2)   /* a write_fn found nothing to write */
+
+static char spec_path[4096];   /* from --store, absolute; "" = default */
+static char path[4096];        /* resolved on open */
+static int subdir;             /* path is a directory */
+static size_t map_size = STORE_DEFAULT_MAP;
+static MDB_env *env;
+static MDB_dbi dbi;
+static pid_t env_pid;          /* the process that opened env */
+static unsigned writes;        /* since the last sweep */
+static char sweep_key[STORE_MAX_KEY];
+static size_t sweep_klen;      /* where the next sweep resumes */
+static char *vbuf;             /* a string get returned */
+static size_t vcap;
+static char errbuf[256];
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* mkdir -p of dir (modified in place and restored); 0 or -1 with errno */
+static int mkdirs(char *dir)
+{
+    for (char *p = dir + 1;; p++) {
+        if (*p != '/' && *p != '\0')
+            continue;
+        char c = *p;
+        *p = '\0';
+        int r = mkdir(dir, 0750);
+        *p = c;
+        if (r < 0 && errno != EEXIST)
+            return -1;
+        if (c == '\0')
+            break;
+    }
+    struct stat sb;
+    if (stat(dir, &sb) < 0)
+        return -1;
+    if (!S_ISDIR(sb.st_mode)) {
+        errno = ENOTDIR;
+        return -1;
+    }
+    return 0;
+}
+
+/* dir exists (created if need be), is ours or writable: path = dir/file */
+static int try_dir(const char *dir, const char *file, int private_tmp)
+{
+    char d[sizeof path];
+    if (snprintf(d, sizeof d, "%s", dir) >= (int)sizeof d || mkdirs(d) < 0)
+        return -1;
+    struct stat sb;
+    if (private_tmp && (lstat(d, &sb) < 0 || !S_ISDIR(sb.st_mode) ||
+                        sb.st_uid != geteuid()))
+        return -1; /* /tmp/luamilter-UID made by someone else */
+    if (access(d, W_OK | X_OK) < 0)
+        return -1;
+    if (snprintf(path, sizeof path, "%s/%s", d, file) >= (int)sizeof path)
+        return -1;
+    return 0;
+}
+
+/* The default path: see README "Shared state: milter.store". */
+static void default_path(void)
+{
+    char d[sizeof path];
+    const char *xdg = getenv("XDG_STATE_HOME"), *home = getenv("HOME");
+    subdir = 0;
+    if (geteuid() == 0 && try_dir("/var/lib/luamilter", "store.mdb", 0) == 0)
+        return;
+    if (xdg && xdg[0] == '/' &&
+        snprintf(d, sizeof d, "%s/luamilter", xdg) < (int)sizeof d &&
+        try_dir(d, "store.mdb", 0) == 0)
+        return;
+    if (home && home[0] == '/' &&
+        snprintf(d, sizeof d, "%s/.local/state/luamilter", home) <
+            (int)sizeof d &&
+        try_dir(d, "store.mdb", 0) == 0)
+        return;
+    snprintf(d, sizeof d, "/tmp/luamilter-%u", (unsigned)geteuid());
+    if (try_dir(d, "store.mdb", 1) < 0) /* the open fails, naming it */
+        snprintf(path, sizeof path, "/tmp/luamilter-%u/store.mdb",
+                 (unsigned)geteuid());
+}
+
+int store_config(const char *spec, size_t msize, char *err, size_t n)
+{
+    if (msize)
+        map_size = msize;
+    if (!spec)
+        return 0;
+    if (strncmp(spec, "lmdb:", 5) != 0) {
+        snprintf(err, n,
+                 strncmp(spec, "redis", 5) == 0 || strncmp(spec, "unix:", 5) == 0
+                     ? "--store %s: the Redis backend is not built yet (use "
+                       "lmdb:PATH)"
+                     : "--store %s: expected lmdb:PATH",
+                 spec);
+        return -1;
+    }
+    const char *p = spec + 5;
+    char cwd[2048];
+    int w;
+    if (!*p) {
+        snprintf(err, n, "--store %s: the path is empty", spec);
+        return -1;
+    }
+    if (p[0] == '/')
+        w = snprintf(spec_path, sizeof spec_path, "%s", p);
+    else if (getcwd(cwd, sizeof cwd))
+        w = snprintf(spec_path, sizeof spec_path, "%s/%s", cwd, p);
+    else
+        w = -1;
+    if (w < 0 || (size_t)w >= sizeof spec_path - 16) {
+        snprintf(err, n, "--store %s: path too long", spec);
+        spec_path[0] = '\0';
+        return -1;
+    }
+    return 0;
+}
+
+const char *store_path(void) { return path; }
+
+/* path and subdir from --store, creating the directories */
+static int resolve(void)
+{
+    if (!spec_path[0]) {
+        default_path();
+        return 0;
+    }
+    size_t len = strlen(spec_path);
+    struct stat sb;
+    subdir = spec_path[len - 1] == '/' ||
+             (stat(spec_path, &sb) == 0 && S_ISDIR(sb.st_mode));
+    snprintf(path, sizeof path, "%s", spec_path);
+    while (len > 1 && path[len - 1] == '/')
+        path[--len] = '\0';
+    if (subdir)
+        return mkdirs(path);
+    char *slash = strrchr(path, '/');
+    if (slash == path)
+        return 0;
+    *slash = '\0';
+    int r = mkdirs(path);
+    *slash = '/';
+    return r;
+}
+
+static const char *fail_text(int rc)
+{
+    if (rc == MDB_MAP_FULL)
+        return "store full";
+    snprintf(errbuf, sizeof errbuf, "store: %s", mdb_strerror(rc));
+    for (char *p = errbuf; *p; p++)
+        if (*p >= 'A' && *p <= 'Z')
+            *p = (char)(*p - 'A' + 'a');
+    return errbuf;
+}
+
+/* This process's environment, opened now if need be; NULL with *err. */
+static MDB_env *open_env(const char **err)
+{
+    if (env && env_pid == getpid())
+        return env;
+    env = NULL; /* a parent's, inherited across fork: left alone */
+    if (resolve() < 0) {
+        snprintf(errbuf, sizeof errbuf, "store: %s", strerror(errno));
+        *err = errbuf;
+        return NULL;
+    }
+    MDB_env *e;
+    MDB_txn *txn;
+    int rc = mdb_env_create(&e);
+    if (rc) {
+        *err = fail_text(rc);
+        return NULL;
+    }
+    unsigned flags = MDB_NOSYNC | (subdir ? 0 : MDB_NOSUBDIR);
+    if ((rc = mdb_env_set_mapsize(e, map_size)) ||
+        (rc = mdb_env_open(e, path, flags, 0640)) ||
+        (rc = mdb_txn_begin(e, NULL, 0, &txn))) {
+        mdb_env_close(e);
+        *err = fail_text(rc);
+        return NULL;
+    }
+    if ((rc = mdb_dbi_open(txn, NULL, 0, &dbi))) {
+        mdb_txn_abort(txn);
+        mdb_env_close(e);
+        *err = fail_text(rc);
+        return NULL;
+    }
+    if ((rc = mdb_txn_commit(txn))) {
+        mdb_env_close(e);
+        *err = fail_text(rc);
+        return NULL;
+    }
+    int dead = 0;
+    mdb_reader_check(e, &dead); /* slots of workers that were killed */
+    env = e;
+    env_pid = getpid();
+    return env;
+}
+
+int store_check(char *err, size_t n)
+{
+    const char *why;
+    if (!open_env(&why)) {
+        snprintf(err, n, "cannot open the store at %s: %s", path, why);
+        return -1;
+    }
+    store_close();
+    return 0;
+}
+
+void store_close(void)
+{
+    if (env && env_pid == getpid()) {
+        mdb_env_sync(env, 1);
+        mdb_env_close(env);
+    }
+    env = NULL;
+}
+
+/* ---- values ---------------------------------------------------------- */
+
+static int64_t expiry_of(const MDB_val *v)
+{
+    int64_t x;
+    memcpy(&x, (const char *)v->mv_data + 1, 8);
+    return x;
+}
+
+static int expired(const MDB_val *v, int64_t now)
+{
+    int64_t x = expiry_of(v);
+    return v->mv_size < HDR || (x != 0 && x <= now);
+}
+
+static int64_t expiry_for(double ttl, int64_t now)
+{
+    return ttl > 0 ? now + (int64_t)ceil(ttl) * 1000 : 0;
+}
+
+/* Writes type, expiry and payload into a value of the right size. */
+static int put(MDB_txn *txn, const MDB_val *k, int type, int64_t exp,
+               const void *data, size_t len)
+{
+    MDB_val v = {.mv_size = HDR + len, .mv_data = NULL};
+    int rc = mdb_put(txn, dbi, (MDB_val *)k, &v, MDB_RESERVE);
+    if (rc)
+        return rc;
+    char *p = v.mv_data;
+    p[0] = (char)type;
+    memcpy(p + 1, &exp, 8);
+    if (len)
+        memcpy(p + HDR, data, len);
+    return 0;
+}
+
+/*
+ * Deletes up to scan expired entries from where the last sweep stopped
+ * (wrapping at the end). Its own write transaction: a failure here never
+ * undoes a caller's write. Returns the number deleted.
+ */
+static int sweep(size_t scan)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    if (mdb_txn_begin(env, NULL, 0, &txn))
+        return 0;
+    if (mdb_cursor_open(txn, dbi, &cur)) {
+        mdb_txn_abort(txn);
+        return 0;
+    }
+    int64_t now = now_ms();
+    MDB_val k = {.mv_size = sweep_klen, .mv_data = sweep_key}, v;
+    int rc = sweep_klen ? mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE)
+                        : mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+    int deleted = 0, bad = 0;
+    size_t seen = 0;
+    for (; rc == 0 && seen < scan; seen++) {
+        if (expired(&v, now)) {
+            if (mdb_cursor_del(cur, 0)) {
+                bad = 1;
+                break;
+            }
+            deleted++;
+        }
+        rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+    }
+    if (rc == 0 && !bad && k.mv_size <= sizeof sweep_key) {
+        memcpy(sweep_key, k.mv_data, k.mv_size); /* the next one to look at */
+        sweep_klen = k.mv_size;
+    } else {
+        sweep_klen = 0; /* the end: start again from the first */
+    }
+    mdb_cursor_close(cur);
+    if (bad || !deleted) {
+        mdb_txn_abort(txn);
+        return 0;
+    }
+    return mdb_txn_commit(txn) ? 0 : deleted;
+}
+
+static void after_write(void)
+{
+    if (++writes >= SWEEP_EVERY) {
+        writes = 0;
+        sweep(SWEEP_SCAN);
+    }
+}
+
+/*
+ * One write: fn runs in a write transaction and returns an LMDB code,
+ * NOTHING when there is nothing to commit, or -1 with *err set for a
+ * refusal of its own. A full map is retried once
+ * after sweeping more expired entries: "store full" means full of live
+ * data, as far as FULL_SCAN entries tell.
+ */
+typedef int (*write_fn)(MDB_txn *txn, void *arg, const char **err);
+
+static int write_txn(write_fn fn, void *arg, const char **err)
+{
+    if (!open_env(err))
+        return -1;
+    for (int attempt = 0;; attempt++) {
+        MDB_txn *txn;
+        int rc = mdb_txn_begin(env, NULL, 0, &txn);
+        if (rc) {
+            *err = fail_text(rc);
+            return -1;
+        }
+        rc = fn(txn, arg, err);
+        if (rc == -1 || rc == NOTHING) {
+            mdb_txn_abort(txn);
+            return rc == -1 ? -1 : 0;
+        }
+        if (rc == 0)
+            rc = mdb_txn_commit(txn);
+        else
+            mdb_txn_abort(txn);
+        if (rc == 0) {
+            after_write();
+            return 0;
+        }
+        if (rc == MDB_MAP_FULL && attempt == 0) {
+            sweep_klen = 0;
+            if (sweep(FULL_SCAN) > 0)
+                continue;
+        }
+        *err = fail_text(rc);
+        return -1;
+    }
+}
+
+struct op {
+    MDB_val k;
+    const struct store_val *v;
+    double ttl, by, result;
+};
+
+static int do_set(MDB_txn *txn, void *arg, const char **err)
+{
+    (void)err;
+    struct op *o = arg;
+    int64_t exp = expiry_for(o->ttl, now_ms());
+    if (o->v->type == STORE_NUMBER)
+        return put(txn, &o->k, STORE_NUMBER, exp, &o->v->num, 8);
+    return put(txn, &o->k, STORE_STRING, exp, o->v->str, o->v->len);
+}
+
+static int do_del(MDB_txn *txn, void *arg, const char **err)
+{
+    (void)err;
+    struct op *o = arg;
+    int rc = mdb_del(txn, dbi, &o->k, NULL);
+    return rc == MDB_NOTFOUND ? NOTHING : rc;
+}
+
+/* the number in a stored string, or -1 */
+static int parse_number(const char *s, size_t len, double *out)
+{
+    char tmp[64];
+    if (len == 0 || len >= sizeof tmp)
+        return -1;
+    memcpy(tmp, s, len);
+    tmp[len] = '\0';
+    char *end;
+    errno = 0;
+    double d = strtod(tmp, &end);
+    if (errno || *end || !isfinite(d) || tmp[0] == ' ')
+        return -1;
+    *out = d;
+    return 0;
+}
+
+static int do_incr(MDB_txn *txn, void *arg, const char **err)
+{
+    struct op *o = arg;
+    int64_t now = now_ms();
+    MDB_val v;
+    int rc = mdb_get(txn, dbi, &o->k, &v);
+    if (rc && rc != MDB_NOTFOUND)
+        return rc;
+    double cur = 0;
+    int64_t exp = expiry_for(o->ttl, now);
+    if (rc == 0 && !expired(&v, now)) {
+        const char *p = v.mv_data;
+        exp = expiry_of(&v);
+        if (p[0] == STORE_NUMBER && v.mv_size == HDR + 8) {
+            memcpy(&cur, p + HDR, 8);
+        } else if (p[0] != STORE_STRING ||
+                   parse_number(p + HDR, v.mv_size - HDR, &cur) < 0) {
+            *err = "not a number";
+            return -1;
+        }
+    }
+    o->result = cur + o->by;
+    if (!isfinite(o->result)) {
+        *err = "not a number";
+        return -1;
+    }
+    return put(txn, &o->k, STORE_NUMBER, exp, &o->result, 8);
+}
+
+int store_set(const char *key, size_t klen, const struct store_val *v,
+              double ttl, const char **err)
+{
+    struct op o = {.k = {klen, (void *)key}, .v = v, .ttl = ttl};
+    return write_txn(do_set, &o, err);
+}
+
+int store_del(const char *key, size_t klen, const char **err)
+{
+    struct op o = {.k = {klen, (void *)key}};
+    return write_txn(do_del, &o, err);
+}
+
+int store_incr(const char *key, size_t klen, double by, double ttl,
+               double *out, const char **err)
+{
+    struct op o = {.k = {klen, (void *)key}, .ttl = ttl, .by = by};
+    if (write_txn(do_incr, &o, err) < 0)
+        return -1;
+    *out = o.result;
+    return 0;
+}
+
+/* Deletes key if it is (still) expired: the reader met it. */
+static int del_expired(MDB_txn *txn, void *arg, const char **err)
+{
+    (void)err;
+    struct op *o = arg;
+    MDB_val v;
+    int rc = mdb_get(txn, dbi, &o->k, &v);
+    if (rc)
+        return rc == MDB_NOTFOUND ? NOTHING : rc;
+    if (!expired(&v, now_ms()))
+        return NOTHING; /* set again meanwhile */
+    return mdb_del(txn, dbi, &o->k, NULL);
+}
+
+int store_get(const char *key, size_t klen, struct store_val *out,
+              const char **err)
+{
+    if (!open_env(err))
+        return -1;
+    MDB_txn *txn;
+    MDB_val k = {klen, (void *)key}, v;
+    int rc = mdb_txn_begin(env, NULL, MDB_RDONLY, &txn);
+    if (rc) {
+        *err = fail_text(rc);
+        return -1;
+    }
+    rc = mdb_get(txn, dbi, &k, &v);
+    if (rc) {
+        mdb_txn_abort(txn);
+        if (rc == MDB_NOTFOUND)
+            return 0;
+        *err = fail_text(rc);
+        return -1;
+    }
+    if (expired(&v, now_ms())) {
+        mdb_txn_abort(txn);
+        struct op o = {.k = k};
+        const char *ignored;
+        write_txn(del_expired, &o, &ignored); /* absent either way */
+        return 0;
+    }
+    const char *p = v.mv_data;
+    size_t len = v.mv_size - HDR;
+    if (p[0] == STORE_NUMBER && len == 8) {
+        out->type = STORE_NUMBER;
+        memcpy(&out->num, p + HDR, 8);
+    } else {
+        if (len + 1 > vcap) {
+            char *nb = realloc(vbuf, len + 1);
+            if (!nb) {
+                mdb_txn_abort(txn);
+                *err = "out of memory";
+                return -1;
+            }
+            vbuf = nb;
+            vcap = len + 1;
+        }
+        memcpy(vbuf, p + HDR, len);
+        out->type = STORE_STRING;
+        out->str = vbuf;
+        out->len = len;
+    }
+    mdb_txn_abort(txn);
+    return 1;
+}
