@@ -167,15 +167,19 @@ static int resolve(void)
     return r;
 }
 
-static const char *fail_text(int rc)
+/* "store: why", lowercase (errors are short lowercase strings) */
+static const char *text(const char *why)
 {
-    if (rc == MDB_MAP_FULL)
-        return "store full";
-    snprintf(errbuf, sizeof errbuf, "store: %s", mdb_strerror(rc));
+    snprintf(errbuf, sizeof errbuf, "store: %s", why);
     for (char *p = errbuf; *p; p++)
         if (*p >= 'A' && *p <= 'Z')
             *p = (char)(*p - 'A' + 'a');
     return errbuf;
+}
+
+static const char *fail_text(int rc)
+{
+    return rc == MDB_MAP_FULL ? "store full" : text(mdb_strerror(rc));
 }
 
 /* This process's environment, opened now if need be; NULL with *err. */
@@ -185,8 +189,7 @@ static MDB_env *open_env(const char **err)
         return env;
     env = NULL; /* a parent's, inherited across fork: left alone */
     if (resolve() < 0) {
-        snprintf(errbuf, sizeof errbuf, "store: %s", strerror(errno));
-        *err = errbuf;
+        *err = text(strerror(errno));
         return NULL;
     }
     MDB_env *e;
@@ -226,7 +229,8 @@ int store_check(char *err, size_t n)
 {
     const char *why;
     if (!open_env(&why)) {
-        snprintf(err, n, "cannot open the store at %s: %s", path, why);
+        snprintf(err, n, "cannot open the store at %s: %s", path,
+                 why + (strncmp(why, "store: ", 7) == 0 ? 7 : 0));
         return -1;
     }
     store_close();

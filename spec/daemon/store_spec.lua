@@ -1,0 +1,307 @@
+-- luacheck: std +busted
+-- milter.store on its LMDB backend, against the real binary with --store
+-- lmdb:<a temp path>: get/set/del/incr with and without a ttl, values come
+-- back with the type they were stored with, expiry, incr atomic across 4
+-- workers, values kept across a reload and a restart, a full map, an
+-- unusable path at start, misuse, and `luamilter test` on the same store.
+package.path = "./?.lua;" .. package.path
+local U = require "spec.daemon.util"
+local L = require "spec.daemon.lifecycle_util"
+local socket = require "socket"
+local stdlib = require "posix.stdlib"
+
+local D = U.D
+
+-- a session whose envelope sender is `op` ("<set>", "<get>"...): the
+-- scripts below branch on it; returns the MAIL reply
+local function op(d, sender)
+  local c = U.client(d)
+  U.open(c)
+  local res = U.message(c, { mail = sender })
+  c:quit()
+  c:close()
+  return res.mail
+end
+
+describe("milter.store (lmdb)", function()
+  local d, dir, store
+  before_each(function()
+    dir = assert(stdlib.mkdtemp("/tmp/luamilter-store-XXXXXX"))
+    store = dir .. "/store.mdb"
+  end)
+  after_each(function()
+    if d then d:stop(); d = nil end
+    D.rmtree(dir)
+  end)
+
+  local function start(body, args)
+    local a = { "--store", "lmdb:" .. store }
+    for _, x in ipairs(args or {}) do a[#a + 1] = x end
+    d = U.start(U.script("local store = milter.store\n" .. body), { args = a })
+    return d
+  end
+
+  it("get, set, del, incr: values come back as stored (strings stay strings), binary-safe", function()
+    start [[
+function H.envfrom(ctx)
+  seen(ctx, "absent", { store:get("nothing") })
+  seen(ctx, "set", { store:set("s", "1"), store:set("n", 1), store:set("f", 0.25) })
+  local s, n, f = store:get("s"), store:get("n"), store:get("f")
+  seen(ctx, "types", { type(s), s, type(n), n, type(f), f })
+  seen(ctx, "bin", { store:set("b\0k", "a\0b\r\nc"), store:get("b\0k") })
+  seen(ctx, "empty", { store:set("e", ""), store:get("e") })
+  seen(ctx, "incr", { store:incr("c", 1), store:incr("c", 41), store:incr("c", -0.5), store:incr("c") })
+  seen(ctx, "incrstr", { store:incr("s", 2), type(store:get("s")) })
+  store:set("word", "abc")
+  seen(ctx, "incrword", { store:incr("word", 1) })
+  seen(ctx, "replace", { store:set("n", "now a string"), store:get("n") })
+  seen(ctx, "del", { store:del("n"), store:get("n"), store:del("n") })
+  local big = string.rep("x", 100000)
+  seen(ctx, "big", { store:set("big", big), store:get("big") == big })
+  local k = string.rep("k", 511)
+  seen(ctx, "maxkey", { store:set(k, 5), store:get(k) })
+  seen(ctx, "tostring", { tostring(store) })
+end
+return H
+]]
+    assert.are.equal("c", op(d, "<x@example.org>").cmd)
+    assert.are.same({ {} }, U.seen(d, "absent"))
+    assert.are.same({ { true, true, true } }, U.seen(d, "set"))
+    assert.are.same({ { "string", "1", "number", 1, "number", 0.25 } }, U.seen(d, "types"))
+    assert.are.same({ { true, "a\0b\r\nc" } }, U.seen(d, "bin"))
+    assert.are.same({ { true, "" } }, U.seen(d, "empty"))
+    assert.are.same({ { 1, 42, 41.5, 42.5 } }, U.seen(d, "incr"))
+    assert.are.same({ { 3, "number" } }, U.seen(d, "incrstr"))
+    assert.are.same({ { nil, "not a number" } }, U.seen(d, "incrword"))
+    assert.are.same({ { true, "now a string" } }, U.seen(d, "replace"))
+    assert.are.same({ { true, nil, true } }, U.seen(d, "del"))
+    assert.are.same({ { true, true } }, U.seen(d, "big"))
+    assert.are.same({ { true, 5 } }, U.seen(d, "maxkey"))
+    assert.are.same({ { "milter.store" } }, U.seen(d, "tostring"))
+    assert.are.equal(0, U.count(d:log(), "ERROR"), d:log())
+  end)
+
+  it("a ttl: the key is there right after, gone for every reader once it ran out; " ..
+      "incr sets it only when it creates the key", function()
+    start([[
+function H.envfrom(ctx, from)
+  if from == "<set>" then
+    seen(ctx, "set", { store:set("t", "v", 1), store:get("t"), store:incr("c", 1, 1), store:incr("c", 1, 1000),
+                       store:set("long", "v", 1000), store:set("frac", 1, 0.2) })
+  else
+    seen(ctx, "poll", { store:get("t"), store:get("c"), store:get("long"), store:get("frac") })
+  end
+end
+return H
+]], { "--workers", "2" })
+    local t0 = socket.gettime()
+    assert.are.equal("c", op(d, "<set>").cmd)
+    local set = U.seen(d, "set")[1]
+    assert.are.same({ true, "v", 1, 2, true, true }, set)
+    -- right after (well within the second): still there
+    assert.are.equal("c", op(d, "<poll>").cmd)
+    if socket.gettime() - t0 < 0.8 then
+      assert.are.same({ "v", 2, "v", 1 }, U.seen(d, "poll")[1])
+    end
+    -- gone after a second (fractions round up: "frac" lives 1 s too);
+    -- poll with a generous bound, from both workers
+    local gone
+    local deadline = t0 + 15
+    repeat
+      socket.sleep(0.2)
+      op(d, "<poll>")
+      local p = U.seen(d, "poll")
+      gone = p[#p]
+    until (gone[1] == nil and gone[2] == nil and gone[4] == nil) or socket.gettime() > deadline
+    assert.are.same({ [3] = "v" }, gone)
+    assert.is_true(socket.gettime() - t0 >= 1, "expired before its second")
+    -- every later reader sees it gone
+    for _ = 1, 4 do op(d, "<poll>") end
+    local p = U.seen(d, "poll")
+    for i = #p - 3, #p do assert.are.same({ [3] = "v" }, p[i]) end
+  end)
+
+  it("incr is atomic across 4 workers: 16 connections x 50 messages end at exactly 800", function()
+    start([[
+function H.envfrom(ctx, from)
+  if from == "<count>" then
+    local n, err = store:incr("hits", 1, 3600)
+    if not n then error("incr failed: " .. tostring(err)) end
+  else
+    seen(ctx, "total", { store:get("hits") })
+  end
+end
+return H
+]], { "--workers", "4" })
+    local kids = {}
+    for k = 1, 16 do
+      local out = dir .. "/client" .. k
+      kids[k] = { out = out, pid = L.fork(function()
+        local c = U.client(d)
+        U.open(c)
+        for _ = 1, 50 do
+          local res = U.message(c, { mail = "<count>" })
+          if type(res.mail) ~= "table" or res.mail.cmd ~= "c" then
+            error("mail reply: " .. tostring(type(res.mail) == "table" and res.mail.cmd or res.mail))
+          end
+        end
+        c:quit()
+        c:close()
+      end, out) }
+    end
+    for _, kid in ipairs(kids) do
+      local code = L.wait_child(kid.pid, 60)
+      if not code then L.kill(kid.pid, "KILL"); L.wait_child(kid.pid, 5) end
+      assert.are.equal(0, code, "client failed: " .. tostring(L.exists(kid.out) and L.read(kid.out)))
+    end
+    op(d, "<total>")
+    assert.are.same({ { 800 } }, U.seen(d, "total"))
+    assert.are.equal(0, U.count(d:log(), "ERROR"), d:log())
+  end)
+
+  local KEEP = [[
+function H.envfrom(ctx, from)
+  if from == "<set>" then
+    seen(ctx, "set", { store:set("kept", "yes"), store:incr("n", 5), store:set("ttl", "t", 3600) })
+  else
+    seen(ctx, "get", { store:get("kept"), store:get("n"), store:get("ttl") })
+  end
+end
+return H
+]]
+
+  it("values are kept across a reload (SIGHUP) and a restart on the same path", function()
+    start(KEEP, { "--workers", "2" })
+    op(d, "<set>")
+    assert.are.same({ { true, 5, true } }, U.seen(d, "set"))
+    d:rewrite_script(U.script("local store = milter.store\n-- generation 2\n" .. KEEP))
+    assert(d:signal("HUP"))
+    U.wait_log(d, "generation 2", 10)
+    assert.is_truthy(d:log():find("generation 2", 1, true), d:log())
+    socket.sleep(0.3) -- both workers switched (each serves either way)
+    op(d, "<get>")
+    assert.are.same({ "yes", 5, "t" }, U.seen(d, "get")[1])
+    assert.are.equal(0, (d:stop()))
+    d = nil
+    start(KEEP)
+    op(d, "<get>")
+    assert.are.same({ { "yes", 5, "t" } }, U.seen(d, "get"))
+  end)
+
+  it("a directory path holds data.mdb and lock.mdb", function()
+    store = dir .. "/st/"
+    start(KEEP)
+    op(d, "<set>")
+    assert.are.same({ { true, 5, true } }, U.seen(d, "set"))
+    assert.is_true(L.exists(dir .. "/st/data.mdb"))
+    assert.is_true(L.exists(dir .. "/st/lock.mdb"))
+  end)
+
+  it("a full map is nil, \"store full\"; the worker keeps serving and reading", function()
+    start([[
+function H.envfrom(ctx, from)
+  if from == "<fill>" then
+    store:set("small", "s")
+    local chunk = string.rep("z", 4000)
+    for i = 1, 1000 do
+      local ok, err = store:set("k" .. i, chunk)
+      if not ok then seen(ctx, "full", { i > 1, err }); break end
+    end
+    seen(ctx, "incr", { store:incr("brandnew" .. string.rep("q", 400), 1) ~= 0 })
+  else
+    seen(ctx, "after", { store:get("small"), #store:get("k1") })
+  end
+end
+return H
+]], { "--store-map-size", "65536" })
+    assert.are.equal("c", op(d, "<fill>").cmd)
+    assert.are.same({ { true, "store full" } }, U.seen(d, "full"))
+    assert.are.equal("c", op(d, "<after>").cmd)
+    assert.are.same({ { "s", 4000 } }, U.seen(d, "after"))
+    assert.is_true(d:alive())
+  end)
+
+  it("misuse raises: outside a handler, bad keys, values and ttls, a call without ':'", function()
+    start [[
+local function try(f, ...)
+  local ok, err = pcall(f, ...)
+  return ok and "no error" or tostring(err):gsub("^.-:%d+: ", "")
+end
+function H.envfrom(ctx)
+  seen(ctx, "m", {
+    try(store.get, store, string.rep("k", 512)),
+    try(store.get, store, ""),
+    try(store.get, store, 42),
+    try(store.set, store, "k", nil),
+    try(store.set, store, "k", { 1 }),
+    try(store.set, store, "k", true),
+    try(store.set, store, "k", 0/0),
+    try(store.set, store, "k", "v", 0),
+    try(store.set, store, "k", "v", -1),
+    try(store.set, store, "k", "v", "60"),
+    try(store.incr, store, "k", "1"),
+    try(store.get, "k"),
+    try(store.del),
+  })
+end
+return H
+]]
+    op(d, "<x@example.org>")
+    local m = U.seen(d, "m")[1]
+    assert.are.equal(13, #m)
+    for i, want in ipairs { "key must be 1 to 511 bytes", "key must be 1 to 511 bytes",
+        "key must be a string", "value must be a string or a number", "value must be a string or a number",
+        "value must be a string or a number", "value must be a finite number",
+        "ttl must be a number of seconds > 0", "ttl must be a number of seconds > 0",
+        "ttl must be a number of seconds", "increment must be a finite number",
+        "milter.store expected", "milter.store expected" } do
+      assert.is_truthy(m[i]:find(want, 1, true), i .. ": " .. m[i])
+    end
+    -- at the top level (load time): the script fails to load
+    local path = dir .. "/top.lua"
+    D.write_file(path, 'local milter = require "milter"\nmilter.store:set("x", 1)\nreturn {}\n')
+    local r = D.run({ "--store", "lmdb:" .. store, "check", path }, 10)
+    assert.are.equal(1, r.status)
+    assert.is_truthy(r.stderr:find("milter.store:set: only inside a handler", 1, true), r.stderr)
+  end)
+
+  it("an unusable path fails the start with exit 1 and a clear message", function()
+    D.write_file(dir .. "/file", "")
+    D.write_file(dir .. "/s.lua", "return {}\n")
+    local r = D.run({ "--store", "lmdb:" .. dir .. "/file/store.mdb", "-l", "unix:" .. dir .. "/m.sock",
+      "--workers", "1", dir .. "/s.lua" }, 10)
+    assert.are.equal(1, r.status)
+    assert.is_truthy(r.stderr:find("cannot open the store at " .. dir .. "/file/store.mdb: ", 1, true), r.stderr)
+    assert.is_truthy(r.stderr:find("not a directory", 1, true), r.stderr)
+    assert.is_false(L.exists(dir .. "/m.sock"))
+    -- a backend not built yet, a bad spec: usage errors
+    r = D.run({ "--store", "redis://127.0.0.1:6379/0", dir .. "/s.lua" }, 10)
+    assert.are.equal(2, r.status)
+    assert.is_truthy(r.stderr:find("Redis backend is not built yet", 1, true), r.stderr)
+    r = D.run({ "--store", "/x", dir .. "/s.lua" }, 10)
+    assert.are.equal(2, r.status)
+    r = D.run({ "--store-map-size", "100", dir .. "/s.lua" }, 10)
+    assert.are.equal(2, r.status)
+  end)
+
+  it("luamilter test uses the same store: a run sees what the previous run stored", function()
+    local script, eml = dir .. "/t.lua", dir .. "/m.eml"
+    D.write_file(script, [[
+local milter = require "milter"
+return { envfrom = function() milter.log("info", "RUN " .. milter.store:incr("runs", 1)) end }
+]])
+    D.write_file(eml, "From: <a@example.org>\nTo: <b@example.org>\nSubject: s\n\nbody\n")
+    for i = 1, 3 do
+      local r = D.run({ "--store", "lmdb:" .. store, "test", script, eml }, 10)
+      assert.are.equal(0, r.status, r.stderr)
+      assert.is_truthy((r.stderr .. r.stdout):find("RUN " .. i, 1, true), r.stderr .. r.stdout)
+    end
+    -- and the daemon on that path sees it too
+    start [[
+function H.envfrom(ctx) seen(ctx, "runs", { store:get("runs") }) end
+return H
+]]
+    op(d, "<x@example.org>")
+    assert.are.same({ { 3 } }, U.seen(d, "runs"))
+  end)
+end)
