@@ -221,6 +221,31 @@ return H
     assert.is_true(d:alive())
   end)
 
+  it("expired keys nobody reads again are swept out of the file by later writes", function()
+    start [[
+function H.envfrom(ctx, from)
+  if from == "<fill>" then
+    for i = 1, 300 do store:set("old" .. i, "v", 1) end
+  else
+    for _ = 1, 320 do store:incr("live", 1) end
+  end
+end
+return H
+]]
+    local function entries()
+      local f = assert(io.popen("mdb_stat -n " .. store .. " 2>&1"))
+      local out = f:read("*a")
+      f:close()
+      return tonumber(out:match("Entries: (%d+)")), out
+    end
+    op(d, "<fill>")
+    assert.are.equal(300, (entries()))
+    socket.sleep(1.2)
+    op(d, "<write>")
+    local n, out = entries()
+    assert.are.equal(1, n, out)
+  end)
+
   it("misuse raises: outside a handler, bad keys, values and ttls, a call without ':'", function()
     start [[
 local function try(f, ...)
