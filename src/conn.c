@@ -135,7 +135,7 @@ static void conn_free(struct conn *c)
     ev_io_stop(srv->loop, &c->io);
     ev_timer_stop(srv->loop, &c->timer);
     ev_timer_stop(srv->loop, &c->progress);
-    tmr_cancel(c->resume);
+    ev_timer_stop(srv->loop, &c->resume);
     if (c->fd >= 0)
         close(c->fd);
     log_msg(LL_INFO, c->id, sess_qid(&c->sess),
@@ -169,8 +169,7 @@ static int waits_on_event(const struct conn *c)
 static void abandon(struct conn *c)
 {
     ev_timer_stop(c->srv->loop, &c->progress);
-    tmr_cancel(c->resume);
-    c->resume = NULL;
+    ev_timer_stop(c->srv->loop, &c->resume);
     lb_abandon(&c->lua);
     sess_abandon(&c->sess);
     log_msg(LL_DEBUG, c->id, sess_qid(&c->sess),
@@ -447,10 +446,11 @@ static void on_io(struct ev_loop *loop, ev_io *w, int revents)
 }
 
 /* A waiting handler's answer arrived: run it on, from the loop. */
-static void conn_resume(void *ud)
+static void conn_resume(struct ev_loop *loop, ev_timer *w, int revents)
 {
-    struct conn *c = ud;
-    c->resume = NULL;
+    (void)loop;
+    (void)revents;
+    struct conn *c = (struct conn *)((char *)w - offsetof(struct conn, resume));
     log_gen = c->gen;
     c->in_callback = 1;
     ev_timer_stop(c->srv->loop, &c->progress);
@@ -482,8 +482,9 @@ static void conn_resume(void *ud)
 static void conn_wake(void *ud)
 {
     struct conn *c = ud;
-    if (!c->resume)
-        c->resume = tmr_start(0, conn_resume, c);
+    /* from the loop, never from inside the engine's callback */
+    if (!ev_is_active(&c->resume))
+        ev_timer_start(c->srv->loop, &c->resume);
 }
 
 static void on_progress(struct ev_loop *loop, ev_timer *w, int revents)
@@ -544,6 +545,7 @@ void conn_new(struct server *srv, int fd, int is_tcp)
     lb_conn_init(&c->lua, srv->script);
     c->lua.wake = conn_wake;
     c->lua.wake_ud = c;
+    ev_timer_init(&c->resume, conn_resume, 0, 0);
     ev_init(&c->progress, on_progress);
     c->progress.repeat = PROGRESS_EVERY;
     c->next = srv->conns;

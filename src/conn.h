@@ -12,7 +12,6 @@
 #include <ev.h>
 #include <stdint.h>
 
-#include "aio.h"
 #include "buf.h"
 #include "lb.h"
 #include "sess.h"
@@ -35,7 +34,7 @@ struct conn {
     ev_tstamp partial_since; /* when the pending partial frame began */
     uint32_t msgs;      /* end-of-message packets seen, for the close line */
     struct conn *prev, *next;
-    struct tmr *resume;  /* a waiting handler's answer came: resume it */
+    ev_timer resume;     /* a waiting handler's answer came: resume it */
     ev_timer progress;   /* while an eom handler waits: keep the MTA patient */
     unsigned closing : 1;     /* close when wbuf is flushed */
     unsigned in_callback : 1; /* free after the callback unwinds */

@@ -34,7 +34,7 @@ static void answered(void *ud, const struct dnsr_answer *a)
     }
     lua_createtable(co, (int)a->n, 0);
     for (size_t i = 0; i < a->n; i++) {
-        if (lc->wait.flags == 0 && a->rr[i].pref >= 0 && lc->wait.mx) {
+        if (lc->wait.mx) { /* {pref=, host=} */
             lua_createtable(co, 0, 2);
             lua_pushinteger(co, a->rr[i].pref);
             lua_setfield(co, -2, "pref");

@@ -595,9 +595,7 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
                                   "above --max-connection-bytes", c->cmd);
         default: return proto_error(s, "out of memory for macros", c->cmd);
         }
-    case WIRE_ABORT:
-        s->wait.cmd = WIRE_ABORT;
-        return abort_msg(s) ? SESS_WAIT : SESS_OK;
+    case WIRE_ABORT: return abort_msg(s) ? SESS_WAIT : SESS_OK;
     case WIRE_QUIT:
     case WIRE_QUIT_NC:
         /* abort waits: handle QUIT again afterwards; close waits: QUIT
