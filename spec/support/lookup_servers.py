@@ -14,6 +14,8 @@ late answer). Stdlib only; started and stopped by pid by the specs.
 TCP commands (one line each, answers end with CRLF):
   ECHO text        -> text
   HOLD key         -> "released key" once some connection sends RELEASE key
+                      (at once if the key was released already: a RELEASE
+                      that overtakes its HOLD is kept, never lost)
   RELEASE key      -> "ok"
   NEVER            -> nothing, ever (the connection stays open)
   CLOSE            -> the server closes the connection
@@ -34,6 +36,7 @@ import threading
 import time
 
 held = {}            # key -> list of sockets waiting
+released = set()     # keys released before (or after) anyone held them
 lock = threading.Lock()
 stats = {"opened": 0, "closed": 0}
 
@@ -48,9 +51,14 @@ def tcp_client(conn):
                 conn.sendall((arg + "\r\n").encode("latin-1"))
             elif cmd == "HOLD":
                 with lock:
-                    held.setdefault(arg, []).append(conn)
+                    now = arg in released
+                    if not now:
+                        held.setdefault(arg, []).append(conn)
+                if now:
+                    conn.sendall(("released " + arg + "\r\n").encode())
             elif cmd == "RELEASE":
                 with lock:
+                    released.add(arg)
                     waiting = held.pop(arg, [])
                 for w in waiting:
                     try:
