@@ -76,8 +76,20 @@ void ltcp_open(lua_State *L);
 /* lredis.c: adds milter.redis to the milter table on top (reads its
  * milter.null). */
 void lredis_open(lua_State *L);
+/* x exactly into buf (LREDIS_NUMLEN bytes): an integer without ".0",
+ * else the shortest %g that reads back the same; its length, or -1 for
+ * inf and nan. */
+#define LREDIS_NUMLEN 32
+int lredis_fmt_num(lua_Number x, char *buf);
 /* lstore.c: adds milter.store to the table on top. */
 void lstore_open(lua_State *L);
+/* lstore_rds.c: one milter.store call on the --store Redis server, its
+ * arguments checked by lstore.c (v for LSTORE_SET, by for LSTORE_INCR;
+ * ttl 0 for none). Suspends the handler; returns what the call returns. */
+enum { LSTORE_GET, LSTORE_SET, LSTORE_DEL, LSTORE_INCR };
+struct store_val;
+int lstore_rds(lua_State *L, int op, const char *key, size_t klen,
+               const struct store_val *v, double by, double ttl);
 /* lhttp.c: adds milter.http to the table on top. */
 void lhttp_open(lua_State *L);
 /* Closes every socket lc's handler left open. */

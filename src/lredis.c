@@ -19,7 +19,7 @@
 #define REDIS_MT "milter.redis"
 #define DEFAULT_TIMEOUT 5.0
 #define MAX_PIPELINE 10000 /* commands in one pipeline */
-#define NUMLEN 32
+#define NUMLEN LREDIS_NUMLEN
 
 struct lrds {
     struct rds *r;  /* the engine's, process-wide */
@@ -107,9 +107,7 @@ static void cancel(void *op) { rds_cancel(op); }
 
 /* ---- arguments ------------------------------------------------------ */
 
-/* x exactly: an integer without ".0", else the shortest %g that reads
- * back the same. -1 for inf and nan. */
-static int fmt_num(lua_Number x, char *buf)
+int lredis_fmt_num(lua_Number x, char *buf)
 {
     if (!isfinite(x))
         return -1;
@@ -158,7 +156,7 @@ static int add_cmd(struct rds_req *q, lua_State *L, int tidx, int from,
             lua_pushvalue(L, from + i);
         if (lua_type(L, -1) == LUA_TNUMBER) {
             char *b = nums + (size_t)i * NUMLEN;
-            lens[i] = (size_t)fmt_num(lua_tonumber(L, -1), b);
+            lens[i] = (size_t)lredis_fmt_num(lua_tonumber(L, -1), b);
             argv[i] = b;
         } else {
             argv[i] = lua_tolstring(L, -1, &lens[i]);

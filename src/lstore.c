@@ -6,10 +6,13 @@
  * would run in the supervisor's check and again in every worker at every
  * reload. Misuse (a bad key, value or ttl, a call outside a handler)
  * raises; a failing store ("store full", an I/O error) is nil, err.
+ * With --store redis://... the same calls go to lstore_rds.c and wait
+ * like every lookup (from the handler itself only).
  */
 #include "lb_int.h"
 
 #include <math.h>
+#include <stdio.h>
 
 #include "store.h"
 
@@ -22,7 +25,11 @@ static const char *check_call(lua_State *L, const char *what, size_t *klen)
     struct lb_state *st;
     luaL_checkudata(L, 1, STORE_MT);
     lua_getallocf(L, (void **)&st);
-    if (!st->running)
+    if (store_redis_url()) { /* the call waits: from the handler itself */
+        char what_[32];
+        snprintf(what_, sizeof what_, "milter.store:%s", what);
+        lwait_current(L, what_);
+    } else if (!st->running)
         luaL_error(L, "milter.store:%s: only inside a handler (not at the "
                       "script's top level)",
                    what);
@@ -59,6 +66,8 @@ static int lstore_get(lua_State *L)
 {
     size_t klen;
     const char *k = check_call(L, "get", &klen);
+    if (store_redis_url())
+        return lstore_rds(L, LSTORE_GET, k, klen, NULL, 0, 0);
     struct store_val v;
     const char *err;
     int r = store_get(k, klen, &v, &err);
@@ -92,6 +101,8 @@ static int lstore_set(lua_State *L)
                                    "(store:del removes a key)");
     }
     double ttl = check_ttl(L, 4);
+    if (store_redis_url())
+        return lstore_rds(L, LSTORE_SET, k, klen, &v, 0, ttl);
     const char *err;
     if (store_set(k, klen, &v, ttl, &err) < 0)
         return failed(L, err);
@@ -104,6 +115,8 @@ static int lstore_del(lua_State *L)
 {
     size_t klen;
     const char *k = check_call(L, "del", &klen);
+    if (store_redis_url())
+        return lstore_rds(L, LSTORE_DEL, k, klen, NULL, 0, 0);
     const char *err;
     if (store_del(k, klen, &err) < 0)
         return failed(L, err);
@@ -123,6 +136,8 @@ static int lstore_incr(lua_State *L)
         by = lua_tonumber(L, 3);
     }
     double ttl = check_ttl(L, 4), n;
+    if (store_redis_url())
+        return lstore_rds(L, LSTORE_INCR, k, klen, NULL, by, ttl);
     const char *err;
     if (store_incr(k, klen, by, ttl, &n, &err) < 0)
         return failed(L, err);

@@ -19,6 +19,7 @@
 #include "lb.h"
 #include "log.h"
 #include "offline.h"
+#include "rds.h"
 #include "store.h"
 #include "super.h"
 
@@ -66,9 +67,12 @@ static void usage(FILE *f)
         "does not read;\n"
         "                              its next command closes it (4 MiB)\n"
         "      --dns HOST[:PORT]       resolver for milter.dns (/etc/resolv.conf)\n"
-        "      --store SPEC            lmdb:PATH for milter.store (an LMDB file "
-        "at a\n"
-        "                              default path: see README)\n"
+        "      --store SPEC            milter.store: lmdb:PATH (default: an "
+        "LMDB file at\n"
+        "                              a default path, see README), or "
+        "redis://HOST[:PORT][/DB]\n"
+        "                              or unix:/PATH[?db=N] for a Redis "
+        "server\n"
         "      --store-map-size BYTES  largest size of the LMDB store (64 "
         "MiB)\n"
         "      --log-level LEVEL       error|warn|info|debug (info)\n"
@@ -310,6 +314,11 @@ int main(int argc, char **argv)
     char serr[4200];
     if (store_config(store_spec, store_map, serr, sizeof serr) < 0)
         return die_usage("%s", serr);
+    const char *rerr;
+    if (store_redis_url() && !rds_get(store_redis_url(), &rerr)) {
+        snprintf(serr, sizeof serr, "--store %s: %s", store_redis_url(), rerr);
+        return die_usage("%s", serr);
+    }
     if (optind < argc && strcmp(argv[optind], "test") == 0)
         return offline_main(argc - optind, argv + optind, &srv.cfg);
     if (optind < argc && strcmp(argv[optind], "check") == 0) {

@@ -19,6 +19,7 @@
 #define NOTHING (-2)   /* a write_fn found nothing to write */
 
 static char spec_path[4096];   /* from --store, absolute; "" = default */
+static char redis_url[4096];   /* --store redis://... or unix:...; "" = LMDB */
 static char path[4096];        /* resolved on open */
 static int subdir;             /* path is a directory */
 static size_t map_size = STORE_DEFAULT_MAP;
@@ -108,14 +109,21 @@ int store_config(const char *spec, size_t msize, char *err, size_t n)
 {
     if (msize)
         map_size = msize;
+    redis_url[0] = '\0';
     if (!spec)
         return 0;
+    if (strncmp(spec, "redis://", 8) == 0 || strncmp(spec, "unix:", 5) == 0) {
+        if (strlen(spec) >= sizeof redis_url) {
+            snprintf(err, n, "--store %.64s...: URL too long", spec);
+            return -1;
+        }
+        snprintf(redis_url, sizeof redis_url, "%s", spec);
+        return 0;
+    }
     if (strncmp(spec, "lmdb:", 5) != 0) {
         snprintf(err, n,
-                 strncmp(spec, "redis", 5) == 0 || strncmp(spec, "unix:", 5) == 0
-                     ? "--store %s: the Redis backend is not built yet (use "
-                       "lmdb:PATH)"
-                     : "--store %s: expected lmdb:PATH",
+                 "--store %s: expected lmdb:PATH, redis://HOST[:PORT][/DB] "
+                 "or unix:/PATH",
                  spec);
         return -1;
     }
@@ -225,9 +233,13 @@ static MDB_env *open_env(const char **err)
     return env;
 }
 
+const char *store_redis_url(void) { return redis_url[0] ? redis_url : NULL; }
+
 int store_check(char *err, size_t n)
 {
     const char *why;
+    if (redis_url[0])
+        return 0; /* nothing to open: calls connect, and fail, on their own */
     if (!open_env(&why)) {
         snprintf(err, n, "cannot open the store at %s: %s", path,
                  why + (strncmp(why, "store: ", 7) == 0 ? 7 : 0));
@@ -402,18 +414,20 @@ static int do_del(MDB_txn *txn, void *arg, const char **err)
     return rc == MDB_NOTFOUND ? NOTHING : rc;
 }
 
-/* the number in a stored string, or -1 */
-static int parse_number(const char *s, size_t len, double *out)
+int store_number(const char *s, size_t len, double *out)
 {
     char tmp[64];
     if (len == 0 || len >= sizeof tmp)
         return -1;
+    for (size_t i = 0; i < len; i++) /* decimal only: no hex, inf, space */
+        if (!strchr("0123456789+-.eE", s[i]) || s[i] == '\0')
+            return -1;
     memcpy(tmp, s, len);
     tmp[len] = '\0';
     char *end;
     errno = 0;
     double d = strtod(tmp, &end);
-    if (errno || *end || !isfinite(d) || tmp[0] == ' ')
+    if (errno || end != tmp + len || !isfinite(d))
         return -1;
     *out = d;
     return 0;
@@ -435,7 +449,7 @@ static int do_incr(MDB_txn *txn, void *arg, const char **err)
         if (p[0] == STORE_NUMBER && v.mv_size == HDR + 8) {
             memcpy(&cur, p + HDR, 8);
         } else if (p[0] != STORE_STRING ||
-                   parse_number(p + HDR, v.mv_size - HDR, &cur) < 0) {
+                   store_number(p + HDR, v.mv_size - HDR, &cur) < 0) {
             *err = "not a number";
             return -1;
         }

@@ -36,12 +36,24 @@ struct store_val {
 
 /*
  * Chooses the store: spec "lmdb:PATH" or NULL for the default path (see
- * store_path). PATH naming an existing directory, or ending in '/', holds
+ * store_path), or a Redis URL (see store_redis_url; checked by rds_get). PATH naming an existing directory, or ending in '/', holds
  * data.mdb and lock.mdb; any other PATH is the data file itself, with
  * PATH-lock beside it. map_size 0 keeps STORE_DEFAULT_MAP. Returns 0, or
  * -1 with a reason in err. Nothing is opened yet.
  */
 int store_config(const char *spec, size_t map_size, char *err, size_t n);
+
+/* The Redis URL when --store chose Redis ("redis://..." or "unix:..."),
+ * else NULL: the calls are then lstore_rds.c's, and the LMDB functions
+ * below are not used (store_check succeeds at once). */
+const char *store_redis_url(void);
+
+/*
+ * The number a stored string holds: decimal text only (digits, sign,
+ * point, exponent; no spaces, hex, inf or nan), read as a double. 0 and
+ * *out, or -1.
+ */
+int store_number(const char *s, size_t len, double *out);
 
 /*
  * Opens the store now (creating its directories and files) and closes it

@@ -1,12 +1,17 @@
 -- luacheck: std +busted
--- milter.store on its LMDB backend, against the real binary with --store
--- lmdb:<a temp path>: get/set/del/incr with and without a ttl, values come
--- back with the type they were stored with, expiry, incr atomic across 4
--- workers, values kept across a reload and a restart, a full map, an
--- unusable path at start, misuse, and `luamilter test` on the same store.
+-- milter.store against the real binary, one suite run once per backend:
+-- --store lmdb:<a temp path>, and --store redis://<a real redis-server on
+-- loopback>/1. get/set/del/incr with and without a ttl, values come back
+-- with the type they were stored with, expiry for every worker, incr
+-- atomic across 4 workers while the script is reloaded, values kept across
+-- a reload and a restart, misuse, and `luamilter test` on the same store.
+-- Then what only one backend has: a full map, the sweep and an unusable
+-- path (LMDB); a unix socket, values other Redis clients read, and Redis
+-- stopped mid-run (Redis).
 package.path = "./?.lua;" .. package.path
 local U = require "spec.daemon.util"
 local L = require "spec.daemon.lifecycle_util"
+local S = require "spec.support.servers"
 local socket = require "socket"
 local stdlib = require "posix.stdlib"
 
@@ -23,19 +28,32 @@ local function op(d, sender)
   return res.mail
 end
 
-describe("milter.store (lmdb)", function()
-  local d, dir, store
+for _, backend in ipairs { "lmdb", "redis" } do
+describe("milter.store (" .. backend .. ")", function()
+  local d, dir, store, redis
+  setup(function()
+    if backend == "redis" then redis = S.redis() end
+  end)
+  teardown(function()
+    if redis then redis:stop() end
+  end)
   before_each(function()
     dir = assert(stdlib.mkdtemp("/tmp/luamilter-store-XXXXXX"))
     store = dir .. "/store.mdb"
+    if redis then assert.are.equal("OK", redis:cmd("FLUSHALL")) end
   end)
   after_each(function()
     if d then d:stop(); d = nil end
     D.rmtree(dir)
   end)
 
+  -- the --store argument of this run
+  local function spec()
+    return redis and redis.url .. "/1" or "lmdb:" .. store
+  end
+
   local function start(body, args)
-    local a = { "--store", "lmdb:" .. store }
+    local a = { "--store", spec() }
     for _, x in ipairs(args or {}) do a[#a + 1] = x end
     d = U.start(U.script("local store = milter.store\n" .. body), { args = a })
     return d
@@ -121,8 +139,8 @@ return H
     for i = #p - 3, #p do assert.are.same({ [3] = "v" }, p[i]) end
   end)
 
-  it("incr is atomic across 4 workers: 16 connections x 50 messages end at exactly 800", function()
-    start([[
+  it("incr is atomic across 4 workers and reloads: 16 clients x 50 messages end at exactly 800", function()
+    local COUNT = [[
 function H.envfrom(ctx, from)
   if from == "<count>" then
     local n, err = store:incr("hits", 1, 3600)
@@ -132,28 +150,41 @@ function H.envfrom(ctx, from)
   end
 end
 return H
-]], { "--workers", "4" })
+]]
+    start(COUNT, { "--workers", "4" })
     local kids = {}
     for k = 1, 16 do
       local out = dir .. "/client" .. k
+      -- a new connection every 10 messages: both generations count
       kids[k] = { out = out, pid = L.fork(function()
-        local c = U.client(d)
-        U.open(c)
-        for _ = 1, 50 do
-          local res = U.message(c, { mail = "<count>" })
-          if type(res.mail) ~= "table" or res.mail.cmd ~= "c" then
-            error("mail reply: " .. tostring(type(res.mail) == "table" and res.mail.cmd or res.mail))
+        for _ = 1, 5 do
+          local c = U.client(d)
+          U.open(c)
+          for _ = 1, 10 do
+            local res = U.message(c, { mail = "<count>" })
+            if type(res.mail) ~= "table" or res.mail.cmd ~= "c" then
+              error("mail reply: " .. tostring(type(res.mail) == "table" and res.mail.cmd or res.mail))
+            end
           end
+          c:quit()
+          c:close()
         end
-        c:quit()
-        c:close()
       end, out) }
+    end
+    -- reloads while the clients count (each may come before, during or
+    -- after the counting: the total must not depend on it)
+    for g = 2, 4 do
+      d:rewrite_script(U.script("local store = milter.store\n-- generation " .. g .. "\n" .. COUNT))
+      assert(d:signal("HUP"))
+      socket.sleep(0.1)
     end
     for _, kid in ipairs(kids) do
       local code = L.wait_child(kid.pid, 60)
       if not code then L.kill(kid.pid, "KILL"); L.wait_child(kid.pid, 5) end
       assert.are.equal(0, code, "client failed: " .. tostring(L.exists(kid.out) and L.read(kid.out)))
     end
+    U.wait_log(d, "generation 2", 10)
+    assert.is_truthy(d:log():find("generation 2", 1, true), d:log())
     op(d, "<total>")
     assert.are.same({ { 800 } }, U.seen(d, "total"))
     assert.are.equal(0, U.count(d:log(), "ERROR"), d:log())
@@ -186,64 +217,6 @@ return H
     start(KEEP)
     op(d, "<get>")
     assert.are.same({ { "yes", 5, "t" } }, U.seen(d, "get"))
-  end)
-
-  it("a directory path holds data.mdb and lock.mdb", function()
-    store = dir .. "/st/"
-    start(KEEP)
-    op(d, "<set>")
-    assert.are.same({ { true, 5, true } }, U.seen(d, "set"))
-    assert.is_true(L.exists(dir .. "/st/data.mdb"))
-    assert.is_true(L.exists(dir .. "/st/lock.mdb"))
-  end)
-
-  it("a full map is nil, \"store full\"; the worker keeps serving and reading", function()
-    start([[
-function H.envfrom(ctx, from)
-  if from == "<fill>" then
-    store:set("small", "s")
-    local chunk = string.rep("z", 4000)
-    for i = 1, 1000 do
-      local ok, err = store:set("k" .. i, chunk)
-      if not ok then seen(ctx, "full", { i > 1, err }); break end
-    end
-    seen(ctx, "incr", { store:incr("brandnew" .. string.rep("q", 400), 1) ~= 0 })
-  else
-    seen(ctx, "after", { store:get("small"), #store:get("k1") })
-  end
-end
-return H
-]], { "--store-map-size", "65536" })
-    assert.are.equal("c", op(d, "<fill>").cmd)
-    assert.are.same({ { true, "store full" } }, U.seen(d, "full"))
-    assert.are.equal("c", op(d, "<after>").cmd)
-    assert.are.same({ { "s", 4000 } }, U.seen(d, "after"))
-    assert.is_true(d:alive())
-  end)
-
-  it("expired keys nobody reads again are swept out of the file by later writes", function()
-    start [[
-function H.envfrom(ctx, from)
-  if from == "<fill>" then
-    for i = 1, 300 do store:set("old" .. i, "v", 1) end
-  else
-    for _ = 1, 320 do store:incr("live", 1) end
-  end
-end
-return H
-]]
-    local function entries()
-      local f = assert(io.popen("mdb_stat -n " .. store .. " 2>&1"))
-      local out = f:read("*a")
-      f:close()
-      return tonumber(out:match("Entries: (%d+)")), out
-    end
-    op(d, "<fill>")
-    assert.are.equal(300, (entries()))
-    socket.sleep(1.2)
-    op(d, "<write>")
-    local n, out = entries()
-    assert.are.equal(1, n, out)
   end)
 
   it("misuse raises: outside a handler, bad keys, values and ttls, a call without ':'", function()
@@ -285,28 +258,9 @@ return H
     -- at the top level (load time): the script fails to load
     local path = dir .. "/top.lua"
     D.write_file(path, 'local milter = require "milter"\nmilter.store:set("x", 1)\nreturn {}\n')
-    local r = D.run({ "--store", "lmdb:" .. store, "check", path }, 10)
+    local r = D.run({ "--store", spec(), "check", path }, 10)
     assert.are.equal(1, r.status)
     assert.is_truthy(r.stderr:find("milter.store:set: only inside a handler", 1, true), r.stderr)
-  end)
-
-  it("an unusable path fails the start with exit 1 and a clear message", function()
-    D.write_file(dir .. "/file", "")
-    D.write_file(dir .. "/s.lua", "return {}\n")
-    local r = D.run({ "--store", "lmdb:" .. dir .. "/file/store.mdb", "-l", "unix:" .. dir .. "/m.sock",
-      "--workers", "1", dir .. "/s.lua" }, 10)
-    assert.are.equal(1, r.status)
-    assert.is_truthy(r.stderr:find("cannot open the store at " .. dir .. "/file/store.mdb: ", 1, true), r.stderr)
-    assert.is_truthy(r.stderr:find("not a directory", 1, true), r.stderr)
-    assert.is_false(L.exists(dir .. "/m.sock"))
-    -- a backend not built yet, a bad spec: usage errors
-    r = D.run({ "--store", "redis://127.0.0.1:6379/0", dir .. "/s.lua" }, 10)
-    assert.are.equal(2, r.status)
-    assert.is_truthy(r.stderr:find("Redis backend is not built yet", 1, true), r.stderr)
-    r = D.run({ "--store", "/x", dir .. "/s.lua" }, 10)
-    assert.are.equal(2, r.status)
-    r = D.run({ "--store-map-size", "100", dir .. "/s.lua" }, 10)
-    assert.are.equal(2, r.status)
   end)
 
   it("luamilter test uses the same store: a run sees what the previous run stored", function()
@@ -317,7 +271,7 @@ return { envfrom = function() milter.log("info", "RUN " .. milter.store:incr("ru
 ]])
     D.write_file(eml, "From: <a@example.org>\nTo: <b@example.org>\nSubject: s\n\nbody\n")
     for i = 1, 3 do
-      local r = D.run({ "--store", "lmdb:" .. store, "test", script, eml }, 10)
+      local r = D.run({ "--store", spec(), "test", script, eml }, 10)
       assert.are.equal(0, r.status, r.stderr)
       assert.is_truthy((r.stderr .. r.stdout):find("RUN " .. i, 1, true), r.stderr .. r.stdout)
     end
@@ -329,4 +283,174 @@ return H
     op(d, "<x@example.org>")
     assert.are.same({ { 3 } }, U.seen(d, "runs"))
   end)
+
+  if backend == "lmdb" then
+    it("a directory path holds data.mdb and lock.mdb", function()
+      store = dir .. "/st/"
+      start(KEEP)
+      op(d, "<set>")
+      assert.are.same({ { true, 5, true } }, U.seen(d, "set"))
+      assert.is_true(L.exists(dir .. "/st/data.mdb"))
+      assert.is_true(L.exists(dir .. "/st/lock.mdb"))
+    end)
+
+    it("a full map is nil, \"store full\"; the worker keeps serving and reading", function()
+      start([[
+  function H.envfrom(ctx, from)
+    if from == "<fill>" then
+      store:set("small", "s")
+      local chunk = string.rep("z", 4000)
+      for i = 1, 1000 do
+        local ok, err = store:set("k" .. i, chunk)
+        if not ok then seen(ctx, "full", { i > 1, err }); break end
+      end
+      seen(ctx, "incr", { store:incr("brandnew" .. string.rep("q", 400), 1) ~= 0 })
+    else
+      seen(ctx, "after", { store:get("small"), #store:get("k1") })
+    end
+  end
+  return H
+  ]], { "--store-map-size", "65536" })
+      assert.are.equal("c", op(d, "<fill>").cmd)
+      assert.are.same({ { true, "store full" } }, U.seen(d, "full"))
+      assert.are.equal("c", op(d, "<after>").cmd)
+      assert.are.same({ { "s", 4000 } }, U.seen(d, "after"))
+      assert.is_true(d:alive())
+    end)
+
+    it("expired keys nobody reads again are swept out of the file by later writes", function()
+      start [[
+  function H.envfrom(ctx, from)
+    if from == "<fill>" then
+      for i = 1, 300 do store:set("old" .. i, "v", 1) end
+    else
+      for _ = 1, 320 do store:incr("live", 1) end
+    end
+  end
+  return H
+  ]]
+      local function entries()
+        local f = assert(io.popen("mdb_stat -n " .. store .. " 2>&1"))
+        local out = f:read("*a")
+        f:close()
+        return tonumber(out:match("Entries: (%d+)")), out
+      end
+      op(d, "<fill>")
+      assert.are.equal(300, (entries()))
+      socket.sleep(1.2)
+      op(d, "<write>")
+      local n, out = entries()
+      assert.are.equal(1, n, out)
+    end)
+
+    it("an unusable path fails the start with exit 1 and a clear message", function()
+      D.write_file(dir .. "/file", "")
+      D.write_file(dir .. "/s.lua", "return {}\n")
+      local r = D.run({ "--store", "lmdb:" .. dir .. "/file/store.mdb", "-l", "unix:" .. dir .. "/m.sock",
+        "--workers", "1", dir .. "/s.lua" }, 10)
+      assert.are.equal(1, r.status)
+      assert.is_truthy(r.stderr:find("cannot open the store at " .. dir .. "/file/store.mdb: ", 1, true), r.stderr)
+      assert.is_truthy(r.stderr:find("not a directory", 1, true), r.stderr)
+      assert.is_false(L.exists(dir .. "/m.sock"))
+      -- a bad spec, a bad size: usage errors
+      r = D.run({ "--store", "/x", dir .. "/s.lua" }, 10)
+      assert.are.equal(2, r.status)
+      r = D.run({ "--store-map-size", "100", dir .. "/s.lua" }, 10)
+      assert.are.equal(2, r.status)
+    end)
+  end
+
+  if backend == "redis" then
+    it("on Redis, values read naturally by other clients; a unix socket URL works", function()
+      local KINDS = [[
+function H.envfrom(ctx, from)
+  if from == "<set>" then
+    seen(ctx, "set", { store:set("n", 42), store:set("f", 0.1), store:set("s", "hello"),
+      store:set("sn", "42"), store:set("m", "\1x"), store:set("t", "v", 100), store:incr("c", 2.5, 100) })
+  else
+    local n, f, s, sn, m = store:get("n"), store:get("f"), store:get("s"), store:get("sn"), store:get("m")
+    seen(ctx, "get", { n, f, s, sn, type(sn), m, store:get("byother"), store:get("c") })
+  end
+end
+return H
+]]
+      start(KINDS, { "--store", "unix:" .. redis.sock .. "?db=2" })
+      assert.are.equal("c", op(d, "<set>").cmd)
+      assert.are.same({ { true, true, true, true, true, true, 2.5 } }, U.seen(d, "set"))
+      local function get(k)
+        return redis:cmd("EVAL", "redis.call('SELECT', 2) return redis.call('GET', KEYS[1])", 1, k)
+      end
+      assert.are.equal("42", get("n"))
+      assert.are.equal(0.1, tonumber(get("f")))
+      assert.are.equal("hello", get("s"))
+      assert.are.equal("\0014", get("sn"):sub(1, 2)) -- marked: it reads back as a string
+      assert.are.equal("2.5", get("c"))
+      local ttl = redis:cmd("EVAL", "redis.call('SELECT', 2) return redis.call('TTL', KEYS[1])", 1, "t")
+      assert.is_true(ttl > 90 and ttl <= 100, tostring(ttl))
+      ttl = redis:cmd("EVAL", "redis.call('SELECT', 2) return redis.call('TTL', KEYS[1])", 1, "c")
+      assert.is_true(ttl > 90 and ttl <= 100, tostring(ttl))
+      redis:cmd("EVAL", "redis.call('SELECT', 2) return redis.call('SET', KEYS[1], '7')", 1, "byother")
+      assert.are.equal("c", op(d, "<get>").cmd)
+      assert.are.same({ { 42, 0.1, "hello", "42", "string", "\1x", 7, 2.5 } }, U.seen(d, "get"))
+    end)
+
+    it("Redis stopped mid-run: calls are nil, err, the worker serves; they work again once it is back", function()
+      local own = S.redis()
+      local port = own.port
+      finally(function() own:stop() end)
+      start([[
+function H.envfrom(ctx, from)
+  local n, err = store:incr("seen", 1)
+  seen(ctx, from, { n, err })
+  if not n then return nil end -- fail open
+  return milter.reject{ reason = "number " .. n }
+end
+return H
+]], { "--store", own.url })
+      assert.are.equal("550 5.7.1 number 1", op(d, "<a@x>").text)
+      own:stop()
+      local r = op(d, "<b@x>")
+      assert.are.equal("c", r.cmd)
+      local b = U.seen(d, "<b@x>")[1]
+      assert.is_nil(b[1])
+      assert.is_truthy(b[2] == "closed" or b[2] == "connection refused", b[2])
+      assert.are.equal("c", op(d, "<c@x>").cmd)
+      assert.are.same({ { nil, "connection refused" } }, U.seen(d, "<c@x>"))
+      own = S.redis { port = port }
+      assert.are.equal("550 5.7.1 number 1", op(d, "<d@x>").text)
+      assert.are.equal("550 5.7.1 number 2", op(d, "<e@x>").text)
+      assert.is_true(d:alive())
+    end)
+
+    it("a Redis that never answers: nil, \"timeout\" within the handler's budget; other connections go on", function()
+      local silent = assert(socket.bind("127.0.0.1", 0)) -- listens, never accepts
+      finally(function() silent:close() end)
+      local _, sport = silent:getsockname()
+      start([[
+function H.envfrom(ctx, from)
+  if from == "<wait>" then seen(ctx, "wait", { store:get("k") }) end
+end
+return H
+]], { "--store", "redis://127.0.0.1:" .. sport, "--script-timeout", "2" })
+      local a = U.client(d)
+      U.open(a)
+      assert(a:send("M", "<wait>\0"))
+      -- a's handler waits on the store; b's whole session is served meanwhile
+      assert.are.equal("c", op(d, "<other>").cmd)
+      assert.are.same({}, U.seen(d, "wait"))
+      local r = assert(a:read_reply(10))
+      assert.are.equal("c", r.cmd)
+      assert.are.same({ { nil, "timeout" } }, U.seen(d, "wait"))
+      a:close()
+      assert.is_true(d:alive())
+    end)
+
+    it("a bad Redis URL is a usage error", function()
+      D.write_file(dir .. "/s.lua", "return {}\n")
+      local r = D.run({ "--store", "redis://not a host/0", dir .. "/s.lua" }, 10)
+      assert.are.equal(2, r.status)
+      assert.is_truthy(r.stderr:find("bad Redis URL", 1, true), r.stderr)
+    end)
+  end
 end)
+end
