@@ -5,7 +5,9 @@
 --
 -- With LUAMILTER_BENCH_DNSBL=1 (scripts/bench --dnsbl-delay) envfrom also
 -- asks a DNSBL, which must say "not listed"; with LUAMILTER_BENCH_REDIS set
--- to a URL (scripts/bench --redis) it counts the message in Redis.
+-- to a URL (scripts/bench --redis) it counts the message in Redis; with
+-- LUAMILTER_BENCH_STORE=1 (scripts/bench --store lmdb|redis) it counts it
+-- in milter.store, as a per-client rate limit would.
 --
 -- With LUAMILTER_BENCH_BODY=1 in the environment the script also handles
 -- body (counting the bytes), so that luamilter asks the MTA for the body:
@@ -19,6 +21,7 @@ local BLOCKED = "<blocked@bench.invalid>"
 local DNSBL = os.getenv("LUAMILTER_BENCH_DNSBL") == "1"
 local REDIS = os.getenv("LUAMILTER_BENCH_REDIS")
 local redis = REDIS and milter.redis.new(REDIS)
+local STORE = os.getenv("LUAMILTER_BENCH_STORE") == "1"
 
 function H.envfrom(ctx, sender)
   ctx.msg.from = sender
@@ -31,6 +34,10 @@ function H.envfrom(ctx, sender)
   if redis then -- scripts/bench --redis: a counter per message
     local res, err = redis:pipeline{ { "INCR", "bench:count" }, { "EXPIRE", "bench:count", 60 } }
     if not res then return milter.tempfail{ reason = "redis: " .. tostring(err) } end
+  end
+  if STORE then -- scripts/bench --store: one counter per client and minute
+    local n, err = milter.store:incr("rate:" .. tostring(ctx.client and ctx.client.address), 1, 60)
+    if not n then return milter.tempfail{ reason = "store: " .. tostring(err) } end
   end
 end
 
