@@ -115,6 +115,18 @@ describe("scripts/bench", function()
     assert.falsy(res.err:find("error", 1, true), show(res))
   end)
 
+  it("--store lmdb and --store redis --quick: every message counted in milter.store, no errors", function()
+    for _, backend in ipairs { "lmdb", "redis" } do
+      local res = run({ BENCH, "--quick", "--store", backend, "--workers", "2" }, 120)
+      assert.are.equal(0, res.status, show(res))
+      local got = runs(res.out)
+      assert.are.equal(1, #got, show(res))
+      assert.are.equal("luamilter", got[1].server)
+      assert.are.equal(24, got[1].msgs, show(res))
+      assert.are.equal(0, got[1].errors, show(res))
+    end
+  end)
+
   it("detects wrong replies: a reference answering 'r' to every 3rd RCPT", function()
     local res = run({ BENCH, "--quick", "--only", "ref", "--ref-fault", "reject-rcpt:3" }, 120)
     assert.are.equal(1, res.status, show(res))
