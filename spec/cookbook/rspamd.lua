@@ -1,6 +1,7 @@
 -- rspamd at end of message: POST the message to rspamd's /checkv2 with the
--- envelope in rspamd's own request headers, and add its score and action
--- as headers. Fail open: when rspamd cannot answer, mail goes unscored.
+-- envelope in rspamd's own request headers, and add its score, action and
+-- symbols as headers. Fail open: when rspamd cannot answer, mail goes
+-- unscored.
 local milter = require "milter"
 local cjson = require "cjson.safe"
 local URL = os.getenv("RSPAMD_URL") or "http://127.0.0.1:11333/checkv2"
@@ -42,6 +43,16 @@ local function check(ctx)
   return reply
 end
 
+-- "MISSING_DATE(1.00), MISSING_MID(2.50)...": by name, folded one a line
+local function symbols(reply)
+  local out = {}
+  for name, sym in pairs(type(reply.symbols) == "table" and reply.symbols or {}) do
+    out[#out + 1] = ("%s(%.2f)"):format(name, type(sym) == "table" and tonumber(sym.score) or 0)
+  end
+  table.sort(out)
+  return table.concat(out, ",\n\t")
+end
+
 function H.eom(ctx)
   local reply, err = check(ctx)
   if not reply then
@@ -51,6 +62,7 @@ function H.eom(ctx)
   return milter.accept{ add_header = {
     { "X-Spam-Score", ("%.2f / %.2f"):format(reply.score, reply.required_score or 0) },
     { "X-Spam-Action", tostring(reply.action) },
+    { "X-Spam-Symbols", symbols(reply) },
   } }
 end
 

@@ -15,8 +15,6 @@ routed by its path):
   /hold/KEY       answers "released KEY" once someone requests /release/KEY
   /release/KEY    "ok"
   /redirect       302 to /echo
-  /checkv2        an rspamd-like /checkv2 (see checkv2 below)
-  /last           JSON of the last /checkv2 request {headers, body}
 """
 import json
 import os
@@ -29,43 +27,11 @@ from urllib.parse import urlsplit
 
 held = {}  # key -> threading.Event
 lock = threading.Lock()
-last = {}
 
 
 def event(key):
     with lock:
         return held.setdefault(key, threading.Event())
-
-
-def checkv2(headers, body):
-    """What rspamd 3.x's /checkv2 answers, in its shape: a score from a
-    few symbols, the action from the score, and a milter block."""
-    symbols = {}
-    text = body.decode("latin-1")
-    if "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X" in text:
-        symbols["GTUBE"] = {"name": "GTUBE", "score": 0.0, "metric_score": 0.0}
-        score, action = 15.0, "reject"
-    else:
-        score, action = 0.0, "no action"
-        if "viagra" in text.lower():
-            symbols["SPAM_WORD"] = {"name": "SPAM_WORD", "score": 6.5, "metric_score": 6.5}
-            score += 6.5
-            action = "add header"
-        if not headers.get("From"):
-            symbols["MISSING_FROM"] = {"name": "MISSING_FROM", "score": 2.0, "metric_score": 2.0}
-            score += 2.0
-    return {
-        "is_skipped": False,
-        "score": score,
-        "required_score": 15.0,
-        "action": action,
-        "thresholds": {"reject": 15.0, "add header": 6.0, "greylist": 4.0},
-        "symbols": symbols,
-        "messages": {},
-        "message-id": headers.get("Queue-Id", "undef"),
-        "time_real": 0.01,
-        "milter": {"add_headers": {}, "remove_headers": {}},
-    }
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -122,13 +88,6 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200, b"ok")
         elif path == "/redirect":
             self.reply(302, b"moved", extra=[("Location", "/echo")])
-        elif path == "/checkv2":
-            last["headers"] = [[k, v] for k, v in self.headers.items()]
-            last["body"] = data.decode("latin-1")
-            self.reply(200, json.dumps(checkv2(self.headers, data)).encode(),
-                       "application/json")
-        elif path == "/last":
-            self.reply(200, json.dumps(last).encode(), "application/json")
         else:
             self.reply(404, b"no such path")
 

@@ -2,10 +2,14 @@
 -- a real DNS server (dnsmasq, Debian's dnsmasq-base) serving a test zone,
 -- and the tests' own responders (spec/support/lookup_servers.py) for what
 -- no packaged server plays: TCP answers held back on demand, DNS failures;
--- and Debian's redis-server on a free loopback port and a unix socket.
+-- Debian's redis-server on a free loopback port and a unix socket; and
+-- Debian's rspamd with a private offline config.
 local socket = require "socket"
 local psignal = require "posix.signal"
 local stdlib = require "posix.stdlib"
+local unistd = require "posix.unistd"
+local dirent = require "posix.dirent"
+local pwd = require "posix.pwd"
 local D = require "spec.support.daemon"
 
 local S = {}
@@ -219,6 +223,144 @@ function S.redis(opts)
   local out = D.read_file(dir .. "/out") .. D.read_file(dir .. "/log")
   D.rmtree(dir)
   error("redis-server did not start: " .. out)
+end
+
+-- rspamd: what every task is logged as (see S.rspamd), "|key=value" pairs
+-- after this tag; $lua gives what the other variables cannot (the HELO)
+local TASK_LOG = "luamilter-task|qid=$qid|ip=$ip|from=$smtp_from|rcpts=$smtp_rcpts|user=$user" ..
+  "|helo=$lua{return function(task) return tostring(task:get_helo()) end}" ..
+  "|action=$action|scores=$scores|symbols=$symbols_scores|dns=$dns_req|"
+
+-- Debian's rspamd (3.4) in the foreground with a private config in a temp
+-- dir: Debian's own rules, scores and actions (the metrics, actions, groups
+-- and composites files of /etc/rspamd, the Lua rules of /usr/share/rspamd)
+-- and its chartable and regexp modules, with one normal worker on a free
+-- port of 127.0.0.1. Left out, so that it answers offline and fast: the
+-- controller, proxy and fuzzy workers; every Lua plugin (no modules {}
+-- section: RBLs, SPF, DMARC, ASN, Redis-backed modules... want network, DNS
+-- or Redis); the dkim and fuzzy_check modules. DNS goes to a closed
+-- loopback port (srv:task(qid).dns counts the queries: 0). Two changes for
+-- start-up time: a short TLD list (Debian's public suffix list takes ~20 s
+-- to compile into a hyperscan matcher at every start), and PCRE for the
+-- rules (the hs_helper process rspamd always starts compiles in the
+-- background, into the temp dir). rspamd's own log of each task:
+-- srv:task(qid). srv.url is its /checkv2.
+local Rspamd = setmetatable({}, { __index = Server })
+Rspamd.__index = Rspamd
+
+local function http_get(port, path)
+  local c = socket.tcp()
+  c:settimeout(1)
+  local ok = c:connect("127.0.0.1", port)
+  if not ok then c:close(); return nil end
+  c:send("GET " .. path .. " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+  local all = c:receive("*a")
+  c:close()
+  return all and all:match("\r\n\r\n(.*)$")
+end
+
+-- the pids whose parent is pid (rspamd's workers), from /proc
+local function children(pid)
+  local out = {}
+  for name in dirent.files("/proc") do
+    if name:find("^%d+$") then
+      local stat = D.read_file("/proc/" .. name .. "/stat")
+      if tonumber(stat:match("%) %S+ (%d+)")) == pid then out[#out + 1] = tonumber(name) end
+    end
+  end
+  return out
+end
+
+function S.rspamd()
+  local dir = assert(stdlib.mkdtemp("/tmp/luamilter-rspamd-XXXXXX"))
+  D.write_file(dir .. "/tld.dat", "org\ncom\nnet\ntest\n")
+  local argv = { "rspamd", "-f", "-c", dir .. "/rspamd.conf" }
+  for _, v in ipairs { "DBDIR", "RUNDIR", "LOGDIR", "LOCAL_CONFDIR" } do -- nothing of /etc, /var
+    argv[#argv + 1] = "--var"
+    argv[#argv + 1] = v .. "=" .. dir
+  end
+  if unistd.geteuid() == 0 then -- rspamd refuses to run its workers as root
+    local u = assert(pwd.getpwnam("_rspamd"), "no _rspamd user (scripts/deps.sh test)")
+    assert(unistd.chown(dir, u.pw_uid, u.pw_gid))
+    for _, a in ipairs { "-u", "_rspamd", "-g", "_rspamd" } do argv[#argv + 1] = a end
+  end
+  local t0 = socket.gettime()
+  for _ = 1, 5 do -- another process may take the port we found free
+    local s = assert(socket.bind("127.0.0.1", 0))
+    local _, port = s:getsockname()
+    s:close()
+    D.write_file(dir .. "/rspamd.conf", table.concat({
+      'lua = "$RULESDIR/rspamd.lua";',
+      '.include "$CONFDIR/metrics.conf"',
+      '.include "$CONFDIR/actions.conf"',
+      '.include "$CONFDIR/groups.conf"',
+      '.include "$CONFDIR/composites.conf"',
+      "options {",
+      '  filters = "chartable,regexp";',
+      "  disable_hyperscan = true;",
+      ('  hs_cache_dir = "%s"; tempdir = "%s"; url_tld = "%s/tld.dat";'):format(dir, dir, dir),
+      '  dns { nameserver = ["127.0.0.1:1"]; timeout = 0.1s; retransmits = 1; }',
+      "}",
+      "logging {",
+      ('  type = "file"; filename = "%s/rspamd.log"; level = "info";'):format(dir),
+      "  log_format = " .. ("%q"):format(TASK_LOG) .. ";",
+      "}",
+      ('worker "normal" { bind_socket = "127.0.0.1:%d"; count = 1; }'):format(port),
+    }, "\n") .. "\n")
+    local pid = assert(D.spawn(argv, dir .. "/out", dir .. "/out"))
+    local srv = setmetatable({ pid = pid, dir = dir, port = tonumber(port),
+      url = ("http://127.0.0.1:%d/checkv2"):format(port) }, Rspamd)
+    -- ready once the worker answers (bounded: ~1 s here, more on a busy host)
+    local deadline = socket.gettime() + 30
+    while socket.gettime() < deadline and D.wait_pid(pid, 0) == nil do
+      if http_get(srv.port, "/ping") == "pong\r\n" then
+        srv.startup = socket.gettime() - t0
+        return srv
+      end
+      socket.sleep(0.05)
+    end
+    srv.dir = nil -- keep the log for the error
+    srv:stop()
+  end
+  local out = D.read_file(dir .. "/out") .. D.read_file(dir .. "/rspamd.log")
+  D.rmtree(dir)
+  error("rspamd did not start: " .. out:sub(-2000))
+end
+
+-- SIGTERM to the main process, which stops its workers; a worker it left
+-- behind is killed by pid
+function Rspamd:stop()
+  if self.pid and not self.done then
+    local kids = children(self.pid)
+    psignal.kill(self.pid, psignal.SIGTERM)
+    if not D.wait_pid(self.pid, 10) then
+      psignal.kill(self.pid, psignal.SIGKILL)
+      D.wait_pid(self.pid, 5)
+    end
+    self.done = true
+    for _, k in ipairs(kids) do
+      if D.read_file("/proc/" .. k .. "/cmdline"):find("^rspamd") then psignal.kill(k, psignal.SIGKILL) end
+    end
+  end
+  if self.dir then D.rmtree(self.dir); self.dir = nil end
+end
+
+-- rspamd's log line for the task with this Queue-Id, as a table of the
+-- TASK_LOG fields; waits (bounded) for it
+function Rspamd:task(qid, timeout)
+  local deadline = socket.gettime() + (timeout or 5)
+  repeat
+    for line in D.read_file(self.dir .. "/rspamd.log"):gmatch("[^\n]+") do
+      local rec = line:match("luamilter%-task(|.*)$")
+      if rec and rec:find("|qid=" .. qid .. "|", 1, true) then
+        local t = {}
+        for k, v in rec:gmatch("|(%w+)=([^|]*)") do t[k] = v end
+        return t
+      end
+    end
+    socket.sleep(0.05)
+  until socket.gettime() > deadline
+  return nil
 end
 
 return S
