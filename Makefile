@@ -17,7 +17,7 @@ CORE    := log buf wire sess mods pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted
 
-.PHONY: all run test deps deps-test check-c lint spec asan fuzz fuzz-check e2e clean
+.PHONY: all run test deps deps-test check-c lint spec asan fuzz fuzz-check e2e clean install uninstall
 
 all: deps $(B)/luamilter
 
@@ -37,6 +37,37 @@ $(B)/luamilter: $(OBJS)
 
 run: all
 	./$(B)/luamilter example.lua
+
+# make install [PREFIX=/usr/local] [DESTDIR=staging]: the binary, the
+# milter.test module where LuaJIT's busted finds it, the man page, the
+# systemd unit (its ExecStart names the installed binary), and the unit's
+# example options and policy under share/luamilter.
+PREFIX  ?= /usr/local
+SBINDIR ?= $(PREFIX)/sbin
+LUADIR  ?= $(PREFIX)/share/lua/5.1
+MANDIR  ?= $(PREFIX)/share/man
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+DATADIR ?= $(PREFIX)/share/luamilter
+
+install: $(B)/luamilter
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(LUADIR)/milter $(DESTDIR)$(MANDIR)/man8 \
+	  $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DATADIR)
+	install -m 0755 $(B)/luamilter $(DESTDIR)$(SBINDIR)/luamilter
+	sed 's|return "luamilter"$$|return "$(SBINDIR)/luamilter"|' lua/milter/test.lua \
+	  >$(DESTDIR)$(LUADIR)/milter/test.lua
+	chmod 0644 $(DESTDIR)$(LUADIR)/milter/test.lua
+	install -m 0644 scripts/luamilter.8 $(DESTDIR)$(MANDIR)/man8/luamilter.8
+	sed 's|/usr/local/sbin/luamilter|$(SBINDIR)/luamilter|' scripts/luamilter.service \
+	  >$(DESTDIR)$(UNITDIR)/luamilter.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/luamilter.service
+	install -m 0644 scripts/luamilter.default $(DESTDIR)$(DATADIR)/luamilter.default
+	install -m 0644 example.lua $(DESTDIR)$(DATADIR)/example.lua
+
+uninstall:
+	rm -f $(DESTDIR)$(SBINDIR)/luamilter $(DESTDIR)$(LUADIR)/milter/test.lua \
+	  $(DESTDIR)$(MANDIR)/man8/luamilter.8 $(DESTDIR)$(UNITDIR)/luamilter.service \
+	  $(DESTDIR)$(DATADIR)/luamilter.default $(DESTDIR)$(DATADIR)/example.lua
+	-rmdir $(DESTDIR)$(LUADIR)/milter $(DESTDIR)$(DATADIR) 2>/dev/null
 
 # C unit tests of the codec and the session (no loop, no VM).
 $(B)/test_wire: spec/c/test_wire.c spec/c/fixture.c spec/c/*.h $(CORE:%=$(B)/%.o)
