@@ -17,7 +17,7 @@ CORE    := log buf wire sess mods pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted
 
-.PHONY: all run test deps deps-test check-c lint spec asan fuzz fuzz-check e2e clean install uninstall
+.PHONY: all run test deps deps-test check-c lint spec asan fuzz fuzz-check e2e clean install uninstall deb deb-check
 
 all: deps $(B)/luamilter
 
@@ -63,6 +63,28 @@ install: $(B)/luamilter
 	install -m 0644 scripts/luamilter.default $(DESTDIR)$(DATADIR)/luamilter.default
 	install -m 0644 example.lua $(DESTDIR)$(DATADIR)/example.lua
 
+# make deb: a Debian package (scripts/debian/) built by dpkg-buildpackage
+# from a copy of the source staged under $(B)/deb, checked by lintian;
+# luamilter_VERSION_ARCH.deb lands in $(B)/deb. The sub-make must not
+# inherit this one's variables (B, DESTDIR...).
+VERSION  = $(shell sed -n 's/^\#define VERSION "\(.*\)"/\1/p' src/main.c)
+DEB_DIR  = $(B)/deb
+DEB_SRC  = $(DEB_DIR)/luamilter-$(VERSION)
+deb:
+	@scripts/deps.sh deb
+	rm -rf $(DEB_DIR)
+	mkdir -p $(DEB_SRC)
+	cp -R Makefile README.md example.lua src lua $(DEB_SRC)/
+	mkdir -p $(DEB_SRC)/scripts
+	cp scripts/deps.sh scripts/luamilter.service scripts/luamilter.default scripts/luamilter.8 $(DEB_SRC)/scripts/
+	cp -R scripts/debian $(DEB_SRC)/debian
+	cd $(DEB_SRC) && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL dpkg-buildpackage -us -uc
+	lintian --pedantic --display-info --fail-on error,warning,info,pedantic $(DEB_DIR)/luamilter_$(VERSION)_*.changes
+
+# The package's contents and metadata (spec/deb), after building it.
+deb-check: deb
+	LUAMILTER_DEB_DIR=$(DEB_DIR) $(BUSTED) spec/deb
+
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/luamilter $(DESTDIR)$(LUADIR)/milter/test.lua \
 	  $(DESTDIR)$(MANDIR)/man8/luamilter.8 $(DESTDIR)$(UNITDIR)/luamilter.service \
@@ -98,10 +120,12 @@ spec: $(B)/luamilter
 deps-test:
 	@scripts/deps.sh test
 
-# The whole suite: unit and daemon tests, then the same under ASan/UBSan,
-# a bounded fuzzing run, and one valgrind run of daemon sessions.
+# The whole suite: unit and daemon tests, the Debian package, then the same
+# under ASan/UBSan, a bounded fuzzing run, and one valgrind run of daemon
+# sessions.
 test: deps-test all
 	$(MAKE) check-c lint spec
+	$(MAKE) deb-check
 	$(MAKE) asan
 	$(MAKE) fuzz-check
 	scripts/valgrind-check.sh build/luamilter
