@@ -7,16 +7,17 @@ WARN    := -std=c11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes
 DEFS    := -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE
 LUAJIT_CFLAGS := $(or $(shell pkg-config --cflags luajit 2>/dev/null),-I/usr/include/luajit-2.1)
 LUAJIT_LIBS   := $(or $(shell pkg-config --libs luajit 2>/dev/null),-lluajit-5.1)
-LIBS    := $(LUAJIT_LIBS) -lev -lcares -lhiredis -lcurl -llmdb -lm
+LIBS    := $(LUAJIT_LIBS) -lev -lcares -lhiredis -lcurl -llmdb -lsystemd -lm
 
 B       ?= build
 SRCS    := log buf wire sess mods pfsim lb lctx lverdict lwait ldns ltcp lredis \
-           lhttp lstore lstore_rds offline aio dnsr tcpc rds httpc store conn listen ctl reload super main
+           lhttp lstore lstore_rds offline aio dnsr tcpc rds httpc store conn listen ctl reload \
+           notify super main
 CORE    := log buf wire sess mods pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted
 
-.PHONY: all run test deps deps-test check-c lint spec asan fuzz fuzz-check e2e clean
+.PHONY: all run test deps deps-test check-c lint spec asan fuzz fuzz-check e2e clean install uninstall deb deb-check
 
 all: deps $(B)/luamilter
 
@@ -36,6 +37,59 @@ $(B)/luamilter: $(OBJS)
 
 run: all
 	./$(B)/luamilter example.lua
+
+# make install [PREFIX=/usr/local] [DESTDIR=staging]: the binary, the
+# milter.test module where LuaJIT's busted finds it, the man page, the
+# systemd unit (its ExecStart names the installed binary), and the unit's
+# example options and policy under share/luamilter.
+PREFIX  ?= /usr/local
+SBINDIR ?= $(PREFIX)/sbin
+LUADIR  ?= $(PREFIX)/share/lua/5.1
+MANDIR  ?= $(PREFIX)/share/man
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+DATADIR ?= $(PREFIX)/share/luamilter
+
+install: $(B)/luamilter
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(LUADIR)/milter $(DESTDIR)$(MANDIR)/man8 \
+	  $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DATADIR)
+	install -m 0755 $(B)/luamilter $(DESTDIR)$(SBINDIR)/luamilter
+	sed 's|return "luamilter"$$|return "$(SBINDIR)/luamilter"|' lua/milter/test.lua \
+	  >$(DESTDIR)$(LUADIR)/milter/test.lua
+	chmod 0644 $(DESTDIR)$(LUADIR)/milter/test.lua
+	install -m 0644 scripts/luamilter.8 $(DESTDIR)$(MANDIR)/man8/luamilter.8
+	sed 's|/usr/local/sbin/luamilter|$(SBINDIR)/luamilter|' scripts/luamilter.service \
+	  >$(DESTDIR)$(UNITDIR)/luamilter.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/luamilter.service
+	install -m 0644 scripts/luamilter.default $(DESTDIR)$(DATADIR)/luamilter.default
+	install -m 0644 example.lua $(DESTDIR)$(DATADIR)/example.lua
+
+# make deb: a Debian package (scripts/debian/) built by dpkg-buildpackage
+# from a copy of the source staged under $(B)/deb, checked by lintian;
+# luamilter_VERSION_ARCH.deb lands in $(B)/deb. The sub-make must not
+# inherit this one's variables (B, DESTDIR...).
+VERSION  = $(shell sed -n 's/^\#define VERSION "\(.*\)"/\1/p' src/main.c)
+DEB_DIR  = $(B)/deb
+DEB_SRC  = $(DEB_DIR)/luamilter-$(VERSION)
+deb:
+	@scripts/deps.sh deb
+	rm -rf $(DEB_DIR)
+	mkdir -p $(DEB_SRC)
+	cp -R Makefile README.md example.lua src lua $(DEB_SRC)/
+	mkdir -p $(DEB_SRC)/scripts
+	cp scripts/deps.sh scripts/luamilter.service scripts/luamilter.default scripts/luamilter.8 $(DEB_SRC)/scripts/
+	cp -R scripts/debian $(DEB_SRC)/debian
+	cd $(DEB_SRC) && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL dpkg-buildpackage -us -uc
+	lintian --pedantic --display-info --fail-on error,warning,info,pedantic $(DEB_DIR)/luamilter_$(VERSION)_*.changes
+
+# The package's contents and metadata (spec/deb), after building it.
+deb-check: deb
+	LUAMILTER_DEB_DIR=$(DEB_DIR) $(BUSTED) spec/deb
+
+uninstall:
+	rm -f $(DESTDIR)$(SBINDIR)/luamilter $(DESTDIR)$(LUADIR)/milter/test.lua \
+	  $(DESTDIR)$(MANDIR)/man8/luamilter.8 $(DESTDIR)$(UNITDIR)/luamilter.service \
+	  $(DESTDIR)$(DATADIR)/luamilter.default $(DESTDIR)$(DATADIR)/example.lua
+	-rmdir $(DESTDIR)$(LUADIR)/milter $(DESTDIR)$(DATADIR) 2>/dev/null
 
 # C unit tests of the codec and the session (no loop, no VM).
 $(B)/test_wire: spec/c/test_wire.c spec/c/fixture.c spec/c/*.h $(CORE:%=$(B)/%.o)
@@ -66,10 +120,12 @@ spec: $(B)/luamilter
 deps-test:
 	@scripts/deps.sh test
 
-# The whole suite: unit and daemon tests, then the same under ASan/UBSan,
-# a bounded fuzzing run, and one valgrind run of daemon sessions.
+# The whole suite: unit and daemon tests, the Debian package, then the same
+# under ASan/UBSan, a bounded fuzzing run, and one valgrind run of daemon
+# sessions.
 test: deps-test all
 	$(MAKE) check-c lint spec
+	$(MAKE) deb-check
 	$(MAKE) asan
 	$(MAKE) fuzz-check
 	scripts/valgrind-check.sh build/luamilter

@@ -1,14 +1,16 @@
 #!/bin/sh
 # Installs the Debian 12 packages luamilter needs, only those missing.
-# Usage: scripts/deps.sh [build|test]   (test includes build; Postfix and
-# swaks are installed by scripts/e2e-postfix.sh, which preseeds debconf).
+# Usage: scripts/deps.sh [build|test|deb]   (test and deb include build;
+# deb is what `make deb` needs; Postfix and swaks are installed by
+# scripts/e2e-postfix.sh, which preseeds debconf).
 # No service is started by the install: the tests run their own servers
 # (redis-server, rspamd) on free loopback ports with private configs.
 set -eu
 level=${1:-build}
-pkgs="make gcc pkg-config libev-dev libluajit-5.1-dev luajit lua-cjson libc-ares-dev libhiredis-dev libcurl4-openssl-dev liblmdb-dev"
+pkgs="make gcc pkg-config libev-dev libluajit-5.1-dev luajit lua-cjson libc-ares-dev libhiredis-dev libcurl4-openssl-dev liblmdb-dev libsystemd-dev"
 case $level in
-  test) pkgs="$pkgs lua-busted lua-check lua-socket lua-posix clang libclang-rt-14-dev valgrind python3 dnsmasq-base redis-server openssl lmdb-utils rspamd procps" ;;
+  deb) pkgs="$pkgs debhelper dpkg-dev lintian" ;;
+  test) pkgs="$pkgs lua-busted lua-check lua-socket lua-posix clang libclang-rt-14-dev valgrind python3 dnsmasq-base redis-server openssl lmdb-utils rspamd procps systemd man-db debhelper dpkg-dev lintian" ;;
 esac
 missing=""
 for p in $pkgs; do

@@ -7,7 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-enum { MSG_SCRIPT = 1, MSG_AGAIN = 2 };
+enum { MSG_SCRIPT = 1, MSG_AGAIN = 2, MSG_LOADED = 3 };
 
 struct msg {
     uint32_t kind;
@@ -97,7 +97,16 @@ int ctl_ask_again(int fd, uint32_t gen)
                : -1;
 }
 
-int ctl_read_requests(int fd)
+int ctl_loaded(int fd, uint32_t gen)
+{
+    struct msg m = {MSG_LOADED, gen};
+    return send(fd, &m, sizeof m, MSG_NOSIGNAL | MSG_DONTWAIT) ==
+                   (ssize_t)sizeof m
+               ? 0
+               : -1;
+}
+
+int ctl_read_requests(int fd, uint32_t *loaded)
 {
     int again = 0;
     for (;;) {
@@ -111,5 +120,7 @@ int ctl_read_requests(int fd)
             return -1;
         if (n == sizeof m && m.kind == MSG_AGAIN)
             again = 1;
+        if (n == sizeof m && m.kind == MSG_LOADED && m.gen > *loaded)
+            *loaded = m.gen;
     }
 }

@@ -6,8 +6,10 @@
  * Supervisor -> worker: a script generation and, as an fd (SCM_RIGHTS), a
  * memfd with the exact bytes the supervisor checked. Worker -> supervisor:
  * "send generation N again", when the fd of N was lost on the way (the
- * worker was out of file descriptors: MSG_CTRUNC). Plain sockets: no libev,
- * no Lua.
+ * worker was out of file descriptors: MSG_CTRUNC), and "done with
+ * generation N" once the worker has loaded it (or failed to and keeps its
+ * previous one), which is how the supervisor knows it is ready (notify.h).
+ * Plain sockets: no libev, no Lua.
  */
 #ifndef LUAMILTER_CTL_H
 #define LUAMILTER_CTL_H
@@ -32,8 +34,13 @@ int ctl_drain(int fd, uint32_t *gen, int *script_fd, uint32_t *lost);
 /* Worker: asks for generation gen again; 0 or -1. */
 int ctl_ask_again(int fd, uint32_t gen);
 
-/* Supervisor: reads the worker's requests; returns 1 when one asked for a
- * resend, 0 when none is pending, -1 when the worker is gone. */
-int ctl_read_requests(int fd);
+/* Worker: reports that it is done with generation gen (loaded, or failed
+ * to load and kept the one before); 0 or -1. */
+int ctl_loaded(int fd, uint32_t gen);
+
+/* Supervisor: reads the worker's messages; returns 1 when one asked for a
+ * resend, 0 when none is pending, -1 when the worker is gone. *loaded is
+ * raised to the newest generation the worker reported done with. */
+int ctl_read_requests(int fd, uint32_t *loaded);
 
 #endif

@@ -25,6 +25,7 @@
 #include "store.h"
 #include "listen.h"
 #include "log.h"
+#include "notify.h"
 #include "reload.h"
 
 #define MAX_WORKERS 256
@@ -40,6 +41,7 @@ struct slot {
     pid_t pid;
     int ctl;            /* the supervisor's end of the control socket */
     int owed;           /* the worker still needs the current generation */
+    uint32_t done;      /* newest generation it reported done with */
     ev_tstamp started;
     ev_child child;
     ev_timer restart;
@@ -59,6 +61,8 @@ static int pidfile_written;
 static int script_fd = -1; /* memfd: the checked bytes of generation shm->gen */
 static struct reload check; /* a reload being checked in a child */
 static int hup_again;       /* SIGHUP during a check: check again after */
+static int ready_owed = 1;  /* systemd awaits READY=1 (start, reload) */
+static int reload_failed;   /* the last reload kept the old generation */
 
 /* ---- worker ---------------------------------------------------------- */
 
@@ -93,6 +97,7 @@ static void apply(int fd, uint32_t gen)
     if (!st) {
         log_msg(LL_ERR, 0, NULL, "worker %d keeps generation %u: %s",
                 (int)getpid(), S->gen, err);
+        ctl_loaded(control.fd, gen); /* done with it all the same */
         return;
     }
     lb_state_release(S->script); /* open connections hold their own refs */
@@ -101,6 +106,7 @@ static void apply(int fd, uint32_t gen)
     S->gen = gen;
     log_msg(LL_DEBUG, 0, NULL, "worker %d now serves generation %u",
             (int)getpid(), S->gen);
+    ctl_loaded(control.fd, gen);
 }
 
 /*
@@ -219,6 +225,7 @@ static void worker_run(int i, int ctl)
     S->cfg.handlers = lb_handlers(S->script);
     log_msg(LL_DEBUG, 0, NULL, "worker %d now serves generation %u",
             (int)getpid(), S->gen);
+    ctl_loaded(ctl, S->gen);
     ev_io_init(&control, worker_control, ctl, EV_READ);
     ev_io_start(loop, &control);
     L.before_accept = control_drain;
@@ -287,11 +294,30 @@ static void on_again(struct ev_loop *loop, ev_timer *w, int revents)
     send_owed(loop, sl);
 }
 
+/*
+ * READY=1 for systemd once every worker is done with the current
+ * generation and no check is running: at start, and to end a reload
+ * (whose RELOADING=1 on_hup sent).
+ */
+static void maybe_ready(void)
+{
+    if (!ready_owed || stopping || check.pid || hup_again)
+        return;
+    for (int i = 0; i < O->workers; i++)
+        if (slots[i].pid <= 0 || slots[i].done < shm->gen)
+            return;
+    ready_owed = 0;
+    notify_ready(shm->gen, O->workers, reload_failed);
+}
+
 static void on_ctl(struct ev_loop *loop, ev_io *w, int revents)
 {
     struct slot *sl = (struct slot *)((char *)w - offsetof(struct slot, io));
     if (revents & EV_READ) {
-        int r = ctl_read_requests(sl->ctl);
+        uint32_t done = sl->done;
+        int r = ctl_read_requests(sl->ctl, &sl->done);
+        if (sl->done != done)
+            maybe_ready();
         if (r < 0) { /* the worker is gone; on_child reaps it */
             ev_io_stop(loop, w);
             return;
@@ -400,6 +426,7 @@ static void spawn(struct ev_loop *loop, int i)
         close(sl->ctl);
     sl->ctl = sv[0];
     sl->owed = 0; /* it loads the current generation itself */
+    sl->done = 0;
     sl->pid = pid;
     sl->started = ev_now(loop);
     ev_child_set(&sl->child, pid, 0);
@@ -427,7 +454,8 @@ static void on_checked(struct reload *r, const char *src, size_t len,
 {
     (void)r;
     int fd = err ? -1 : script_memfd(src, len);
-    if (err || fd < 0) {
+    reload_failed = err || fd < 0;
+    if (reload_failed) {
         log_msg(LL_ERR, 0, NULL,
                 "reload failed, generation %u keeps serving: %s", shm->gen,
                 err ? err : "cannot pass the script to the workers");
@@ -448,6 +476,7 @@ static void on_checked(struct reload *r, const char *src, size_t len,
         hup_again = 0;
         start_check(S->loop);
     }
+    maybe_ready();
 }
 
 /* Reads the script once and checks those bytes in a child process. */
@@ -458,10 +487,13 @@ static void start_check(struct ev_loop *loop)
     char *src = lb_read_file(O->script, &len, err, sizeof err);
     if (!src || reload_start(loop, &check, O->script, src, len,
                              O->script_timeout, on_checked, err,
-                             sizeof err) < 0)
+                             sizeof err) < 0) {
         log_msg(LL_ERR, 0, NULL,
                 "reload failed, generation %u keeps serving: %s", shm->gen,
                 err);
+        reload_failed = 1;
+        maybe_ready();
+    }
 }
 
 static void signal_workers(int sig)
@@ -475,6 +507,9 @@ static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 {
     (void)w;
     (void)revents;
+    if (!ready_owed && !stopping)
+        notify_reloading(shm->gen);
+    ready_owed = 1;
     if (check.pid)
         hup_again = 1; /* one more check, of the file as it is then */
     else
@@ -509,6 +544,7 @@ static void on_stop(struct ev_loop *loop, ev_signal *w, int revents)
         exit(0);
     }
     stopping = 1;
+    notify_stopping();
     reload_cancel(loop, &check, 1);
     for (int i = 0; i < O->workers; i++) {
         ev_timer_stop(loop, &slots[i].restart);
@@ -688,6 +724,7 @@ int super_run(const struct super_opts *o, struct server *srv)
 {
     static struct super_opts own;
     static char script[4096], pidfile[4096], listen[4200];
+    notify_init(); /* before any fork: only we talk to systemd */
     own = *o;
     own.script = absolute(o->script, script, sizeof script);
     own.pidfile = absolute(o->pidfile, pidfile, sizeof pidfile);

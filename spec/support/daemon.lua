@@ -39,8 +39,9 @@ local function free_tcp_port()
   return tonumber(port)
 end
 
--- fork + exec argv with stdin from /dev/null and stdout/stderr to files
-local function spawn(argv, out_path, err_path)
+-- fork + exec argv with stdin from /dev/null and stdout/stderr to files;
+-- env: extra environment variables for the child ({NAME = value})
+local function spawn(argv, out_path, err_path, env)
   local pid, err = unistd.fork()
   if not pid then return nil, err end
   if pid == 0 then
@@ -54,6 +55,7 @@ local function spawn(argv, out_path, err_path)
     elseif fcntl.open(err_path, flags, 420) ~= 2 then
       unistd._exit(126)
     end
+    for k, v in pairs(env or {}) do stdlib.setenv(k, v) end
     local args = {}
     for i = 2, #argv do args[i - 1] = argv[i] end
     unistd.execp(argv[1], args)
@@ -111,7 +113,7 @@ function D.start(script_source, opts)
     argv[#argv + 1] = "1"
   end
   argv[#argv + 1] = d.script_path
-  local pid, err = spawn(argv, d.log_path, d.log_path)
+  local pid, err = spawn(argv, d.log_path, d.log_path, opts.env)
   if not pid then rmtree(dir); return nil, "fork failed: " .. tostring(err) end
   d.pid = pid
   live[pid] = d
