@@ -10,7 +10,7 @@ LUAJIT_LIBS   := $(or $(shell pkg-config --libs luajit 2>/dev/null),-lluajit-5.1
 LIBS    := $(LUAJIT_LIBS) -lev -lcares -lhiredis -lcurl -llmdb -lm
 
 B       ?= build
-SRCS    := log buf wire sess mods pfsim lb lctx lverdict lwait ldns ltcp lredis \
+SRCS    := log buf wire sess mods pfsim lb lctx lverdict lsetup lwait ldns ltcp lredis \
            lhttp lstore offline aio dnsr tcpc rds httpc store conn listen ctl reload super main
 CORE    := log buf wire sess mods pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)

@@ -206,14 +206,22 @@ static void seed_random(lua_State *L)
     lua_pop(L, 1);
 }
 
-/* Sets err to "file:line: message" from the error on top of L. */
-static void load_error(lua_State *L, char *err, size_t errlen)
+void lb_error_text(lua_State *L, char *err, size_t errlen)
 {
     const char *msg = lua_tostring(L, -1);
     snprintf(err, errlen, "%s", msg ? msg : "unknown error");
     char *nl = strchr(err, '\n'); /* keep the first line: file:line: what */
     if (nl)
         *nl = '\0';
+}
+
+void lb_skip_hashbang(const char **src, size_t *len)
+{
+    if (*len && (*src)[0] == '#') { /* a #! line, kept as an empty line 1 */
+        const char *nl = memchr(*src, '\n', *len);
+        *len -= nl ? (size_t)(nl - *src) : *len;
+        *src = nl ? nl : *src;
+    }
 }
 
 /* Where a function was defined, for messages: "file.lua:12". */
@@ -346,12 +354,9 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
     seed_random(L);
 
     lua_pushcfunction(L, traceback);
+    int tb = lua_gettop(L);
     *err = '\0';
-    if (len && src[0] == '#') { /* a #! line, kept as an empty line 1 */
-        const char *nl = memchr(src, '\n', len);
-        len -= nl ? (size_t)(nl - src) : len;
-        src = nl ? nl : src;
-    }
+    lb_skip_hashbang(&src, &len);
     char chunk[4096];
     snprintf(chunk, sizeof chunk, "@%s", path);
     /* The top level has the handlers' budget: the count hook stops an
@@ -360,13 +365,16 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
     st->in_call = 1;
     lb_busy_since = lb_now();
     st->deadline = lb_busy_since + script_timeout;
-    int failed = luaL_loadbuffer(L, src, len, chunk) || lua_pcall(L, 0, 1, -2);
+    int failed = lsetup_run(L, path, tb, err, errlen) < 0;
+    if (!failed && (luaL_loadbuffer(L, src, len, chunk) ||
+                    lua_pcall(L, 0, 1, tb))) {
+        failed = 1;
+        lb_error_text(L, err, errlen);
+    }
     end_call(st);
     lb_busy_since = 0;
     st->loading = 0;
-    if (failed)
-        load_error(L, err, errlen);
-    else
+    if (!failed)
         take_handlers(st, path, err, errlen);
     if (*err) {
         lua_setallocf(L, st->base_alloc, st->base_ud);

@@ -101,6 +101,15 @@ extern volatile double lb_busy_since;
 /* A coarse monotonic clock in seconds (no system call). */
 double lb_now(void);
 
+/*
+ * --set NAME=VALUE: milter.settings.NAME = "VALUE" in every script loaded
+ * from now on (borrows spec, which must live as long; a later NAME wins).
+ * --preload FILE: reads FILE now; every script loaded from now on runs it
+ * first, in its own state. Both return 0, or -1 with a reason in err.
+ */
+int lb_add_setting(const char *spec, char *err, size_t errlen);
+int lb_set_preload(const char *path, char *err, size_t errlen);
+
 /* Parses "tempfail", "accept", "continue", "reject" into VA_*; -1 if bad. */
 int lb_parse_action(const char *name);
 

@@ -83,6 +83,17 @@ void lhttp_open(lua_State *L);
 /* Closes every socket lc's handler left open. */
 void ltcp_close_all(struct lb_conn *lc);
 
+/* lb.c: err = the first line of the error message on top of L. */
+void lb_error_text(lua_State *L, char *err, size_t errlen);
+/* Skips a #! first line (it stays an empty line 1). */
+void lb_skip_hashbang(const char **src, size_t *len);
+
+/* lsetup.c: before the script's top level: milter.script_dir for path
+ * (first on package.path), milter.settings, the --preload file. Uses the
+ * message handler at index tb; 0, or -1 with err ("file:line: ..."). */
+int lsetup_run(lua_State *L, const char *path, int tb, char *err,
+               size_t errlen);
+
 /* lverdict.c: reads the value at index idx of co; 0 or -1 with why set. */
 int lverdict_read(struct lb_state *st, lua_State *co, int idx, int ev,
                   const struct sess *s, struct verdict *v, const char **why,

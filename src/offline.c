@@ -437,7 +437,10 @@ static int parse_opts(int argc, char **argv, struct topts *o,
         {"rcpt", required_argument, 0, 'r'},
         {"macro", required_argument, 0, 'm'},
         {"json", no_argument, 0, 'j'},
+        {"set", required_argument, 0, 's'},
+        {"preload", required_argument, 0, 'p'},
         {0, 0, 0, 0}};
+    char err[1200];
     int c;
     optind = 0; /* glibc: restart scanning on a new argv */
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -461,6 +464,14 @@ static int parse_opts(int argc, char **argv, struct topts *o,
             break;
         }
         case 'j': o->json = 1; break;
+        case 's':
+            if (lb_add_setting(optarg, err, sizeof err) < 0)
+                return usage_error("%s", err);
+            break;
+        case 'p':
+            if (lb_set_preload(optarg, err, sizeof err) < 0)
+                return usage_error("%s", err);
+            break;
         default: return 2;
         }
     }
@@ -468,7 +479,8 @@ static int parse_opts(int argc, char **argv, struct topts *o,
         return usage_error("%s", "usage: luamilter test SCRIPT.lua MESSAGE.eml "
                                  "[--client IP] [--helo NAME] [--from ADDR] "
                                  "[--rcpt ADDR]... [--macro NAME=VALUE]... "
-                                 "[--json]");
+                                 "[--json] [--set NAME=VALUE]... "
+                                 "[--preload FILE]");
     *script = argv[optind];
     *message = argv[optind + 1];
     return 0;
@@ -602,7 +614,7 @@ int offline_main(int argc, char **argv, const struct sess_cfg *base)
     int rc = parse_opts(argc, argv, &o, &script, &message);
     if (rc)
         return rc;
-    char err[1024];
+    char err[8192];
     struct run r;
     memset(&r, 0, sizeof r);
     r.st = lb_load(script, err, sizeof err);

@@ -12,8 +12,10 @@
 --   assert(r.message:find("X%-Scanned: yes"))
 --
 -- run{} takes: script (path), message (the message text) or file (path),
--- from, rcpt (list), client, helo, macros ({name = value}), bin (the
--- luamilter binary: default $LUAMILTER_BIN, ./build/luamilter, luamilter).
+-- from, rcpt (list), client, helo, macros ({name = value}), settings
+-- ({name = value}: --set), preload (a Lua file run before the script, e.g.
+-- one that fakes milter.dns.query), bin (the luamilter binary: default
+-- $LUAMILTER_BIN, ./build/luamilter, luamilter).
 -- It returns the decoded report (stages, final, modifications, envelope,
 -- quarantine, message), plus `status` (the exit status: 0 delivered,
 -- 1 refused/discarded, 2 error) and `stderr` (the log lines).
@@ -84,12 +86,15 @@ function M.run(t)
   for _, r in ipairs(t.rcpt or {}) do args[#args + 1] = "--rcpt " .. shell_quote(r) end
   if t.client then args[#args + 1] = "--client " .. shell_quote(t.client) end
   if t.helo then args[#args + 1] = "--helo " .. shell_quote(t.helo) end
-  local names = {}
-  for k in pairs(t.macros or {}) do names[#names + 1] = k end
-  table.sort(names)
-  for _, k in ipairs(names) do
-    args[#args + 1] = "--macro " .. shell_quote(k .. "=" .. t.macros[k])
+  for _, o in ipairs({ { "macros", "--macro " }, { "settings", "--set " } }) do
+    local kv, names = t[o[1]] or {}, {}
+    for k in pairs(kv) do names[#names + 1] = k end
+    table.sort(names)
+    for _, k in ipairs(names) do
+      args[#args + 1] = o[2] .. shell_quote(k .. "=" .. tostring(kv[k]))
+    end
   end
+  if t.preload then args[#args + 1] = "--preload " .. shell_quote(t.preload) end
   local cmd = table.concat(args, " ") .. " >" .. shell_quote(tmp .. ".out") .. " 2>" .. shell_quote(tmp .. ".err")
   local status = exit_status(os.execute(cmd))
   local out, err = slurp(tmp .. ".out"), slurp(tmp .. ".err")
