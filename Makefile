@@ -10,7 +10,7 @@ LUAJIT_LIBS   := $(or $(shell pkg-config --libs luajit 2>/dev/null),-lluajit-5.1
 LIBS    := $(LUAJIT_LIBS) -lev -lcares -lhiredis -lcurl -llmdb -lm
 
 B       ?= build
-SRCS    := log buf wire sess mods pfsim lb lctx lverdict lsetup lwait ldns ltcp lredis \
+SRCS    := log buf wire sess mods pfsim lb lctx lverdict lwhere lsetup lwait ldns ltcp lredis \
            lhttp lstore offline aio dnsr tcpc rds httpc store conn listen ctl reload super main
 CORE    := log buf wire sess mods pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
@@ -23,9 +23,10 @@ all: deps $(B)/luamilter
 deps:
 	@scripts/deps.sh build
 
-$(B)/milter_lua.h: lua/milter.lua
+$(B)/milter_lua.h: lua/milter.lua scripts/bcname.lua
 	@mkdir -p $(B)
-	luajit -b -t h -n milter $< $@
+	luajit scripts/bcname.lua $< milter $(B)/milter.raw
+	luajit -b -g -t h -n milter $(B)/milter.raw $@
 
 $(B)/%.o: src/%.c src/*.h $(B)/milter_lua.h
 	@mkdir -p $(B)

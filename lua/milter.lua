@@ -17,12 +17,20 @@ local M = {}
 
 M._VERSION = "luamilter 0.1.0"
 
+-- A bad argument, located at the caller's line. A constructor called as
+-- `return milter.reject(...)` is a tail call, which leaves no line of the
+-- caller behind; the daemon then names the handler's tail calls.
+local function misuse(msg)
+  local caller = debug.getinfo(3, "S")
+  error(msg, caller and caller.what ~= "C" and 3 or 0)
+end
+
 local function constructor(action)
   return function(t)
     if t == nil then
       t = {}
     elseif type(t) ~= "table" then
-      error(("milter.%s expects a table or nothing, got %s"):format(action, type(t)), 2)
+      misuse(("milter.%s expects a table or nothing, got %s"):format(action, type(t)))
     end
     t.action = action
     return t

@@ -52,7 +52,8 @@ enum { LB_WAIT = 1 }; /* lb_call/lb_resume: the handler waits (SESS_CALL_WAIT) *
  * Loads and checks a script: syntax, top-level errors, the returned table
  * and its handler keys. math.random is seeded first (pid, time, a counter),
  * and the top level runs under the handlers' --script-timeout. Returns an
- * owned state (refcount 1), or NULL with a one-line "file:line: message".
+ * owned state (refcount 1), or NULL with "file:line: message" (the whole
+ * message, without a traceback).
  */
 struct lb_state *lb_load(const char *path, char *err, size_t errlen);
 /* The same from bytes already read (path names the chunk in messages). */
