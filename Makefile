@@ -11,7 +11,7 @@ LIBS    := $(LUAJIT_LIBS) -lev -lcares -lhiredis -lcurl -llmdb -lm
 
 B       ?= build
 SRCS    := log buf wire sess mods pfsim lb lctx lverdict lwhere lsetup lwait ldns ltcp lredis \
-           lhttp lstore offline aio dnsr tcpc rds httpc store conn listen ctl reload super main
+           lhttp lstore offline offline_report aio dnsr tcpc rds httpc store conn listen ctl reload super main
 CORE    := log buf wire sess mods pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted

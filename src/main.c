@@ -3,7 +3,7 @@
  *
  *   luamilter [options] SCRIPT.lua     serve (super.c)
  *   luamilter check SCRIPT.lua         load the script, report, exit 0/1
- *   luamilter test SCRIPT.lua MSG.eml  one offline session (offline.c)
+ *   luamilter test SCRIPT.lua MSG.eml...  offline sessions (offline.c)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -32,7 +32,8 @@ static void usage(FILE *f)
     fputs(
         "usage: luamilter [options] SCRIPT.lua        serve the milter\n"
         "       luamilter check SCRIPT.lua            check a script, exit 0/1\n"
-        "       luamilter test SCRIPT.lua MESSAGE.eml [--client IP] [--helo NAME]\n"
+        "       luamilter test SCRIPT.lua MESSAGE.eml... [--each-connection]\n"
+        "                [--client IP] [--helo NAME]\n"
         "                [--from ADDR] [--rcpt ADDR]... [--macro NAME=VALUE]... "
         "[--json]\n"
         "       (check and test also take --set and --preload)\n"
