@@ -10,9 +10,9 @@ LUAJIT_LIBS   := $(or $(shell pkg-config --libs luajit 2>/dev/null),-lluajit-5.1
 LIBS    := $(LUAJIT_LIBS) -lev -lcares -lhiredis -lcurl -llmdb -lsystemd -lm
 
 B       ?= build
-SRCS    := log buf wire sess mods pfsim lb lctx lverdict lwait ldns ltcp lredis \
-           lhttp lstore lstore_rds offline aio dnsr tcpc rds httpc store conn listen ctl reload \
-           notify super main
+SRCS    := log buf wire sess mods pfsim lb lctx lverdict lwhere lsetup lwait ldns ltcp lredis \
+           lhttp lstore lstore_rds offline offline_report aio dnsr tcpc rds httpc store conn listen \
+           ctl reload notify super main
 CORE    := log buf wire sess mods pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted
@@ -24,9 +24,10 @@ all: deps $(B)/luamilter
 deps:
 	@scripts/deps.sh build
 
-$(B)/milter_lua.h: lua/milter.lua
+$(B)/milter_lua.h: lua/milter.lua scripts/bcname.lua
 	@mkdir -p $(B)
-	luajit -b -t h -n milter $< $@
+	luajit scripts/bcname.lua $< milter $(B)/milter.raw
+	luajit -b -g -t h -n milter $(B)/milter.raw $@
 
 $(B)/%.o: src/%.c src/*.h $(B)/milter_lua.h
 	@mkdir -p $(B)
@@ -76,7 +77,8 @@ deb:
 	mkdir -p $(DEB_SRC)
 	cp -R Makefile README.md example.lua src lua $(DEB_SRC)/
 	mkdir -p $(DEB_SRC)/scripts
-	cp scripts/deps.sh scripts/luamilter.service scripts/luamilter.default scripts/luamilter.8 $(DEB_SRC)/scripts/
+	cp scripts/deps.sh scripts/bcname.lua scripts/luamilter.service scripts/luamilter.default scripts/luamilter.8 \
+	  $(DEB_SRC)/scripts/
 	cp -R scripts/debian $(DEB_SRC)/debian
 	cd $(DEB_SRC) && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL dpkg-buildpackage -us -uc
 	lintian --pedantic --display-info --fail-on error,warning,info,pedantic $(DEB_DIR)/luamilter_$(VERSION)_*.changes

@@ -148,11 +148,15 @@ static int panic(lua_State *L)
     abort();
 }
 
-/* Message handler for pcall: the error plus a traceback. */
+/*
+ * Message handler for pcall: the error, located at the script's line when
+ * a C function raised it (require, a bad argument), plus a traceback.
+ */
 static int traceback(lua_State *L)
 {
     const char *msg = lua_tostring(L, 1);
-    luaL_traceback(L, L, msg ? msg : "(error object is not a string)", 1);
+    lwhere_push_error(L, L, 1, msg ? msg : "(error object is not a string)");
+    luaL_traceback(L, L, lua_tostring(L, -1), 1);
     return 1;
 }
 
@@ -176,17 +180,35 @@ static int open_milter(lua_State *L)
     return 1;
 }
 
-/* Warns once per name when a handler writes a global (shared state). */
+/*
+ * Warns once per name when a handler writes a global (shared state), at
+ * the line of the assignment (level 2: the function that assigns).
+ */
 static const char global_guard[] =
-    "local log, tb = ...\n"
+    "local log, getinfo, tb = ...\n"
     "local seen = {}\n"
     "setmetatable(_G, {__newindex = function(t, k, v)\n"
     "  if not seen[k] then seen[k] = true\n"
-    "    log('warn', tb('script writes global \\'' .. tostring(k) ..\n"
+    "    local i = getinfo(2, 'Sl')\n"
+    "    local at = i and i.currentline > 0 and\n"
+    "      i.short_src .. ':' .. i.currentline .. ': ' or ''\n"
+    "    log(tb(at .. 'script writes global \\'' .. tostring(k) ..\n"
     "      '\\': globals are shared by every connection', 2))\n"
     "  end\n"
     "  rawset(t, k, v)\n"
     "end})\n";
+
+/* The guard's warning, tagged with the connection whose handler runs. */
+static int l_guard_log(lua_State *L)
+{
+    struct lb_state *st;
+    lua_getallocf(L, (void **)&st);
+    struct sess *s = st->running && st->running->ctx ? st->running->ctx->s
+                                                     : NULL;
+    log_msg(LL_WARN, s ? s->id : 0, s ? sess_qid(s) : NULL, "[lua] %s",
+            luaL_checkstring(L, 1));
+    return 0;
+}
 
 /*
  * Seeds math.random before the top level runs: workers are forked copies
@@ -206,25 +228,24 @@ static void seed_random(lua_State *L)
     lua_pop(L, 1);
 }
 
-/* Sets err to "file:line: message" from the error on top of L. */
-static void load_error(lua_State *L, char *err, size_t errlen)
+void lb_error_text(lua_State *L, char *err, size_t errlen)
 {
     const char *msg = lua_tostring(L, -1);
     snprintf(err, errlen, "%s", msg ? msg : "unknown error");
-    char *nl = strchr(err, '\n'); /* keep the first line: file:line: what */
-    if (nl)
-        *nl = '\0';
+    /* the whole message (require's lists every path it tried), but not
+     * the traceback the message handler appended */
+    char *tb = strstr(err, "\nstack traceback:");
+    if (tb)
+        *tb = '\0';
 }
 
-/* Where a function was defined, for messages: "file.lua:12". */
-static void func_where(lua_State *L, int idx, char *out, size_t n)
+void lb_skip_hashbang(const char **src, size_t *len)
 {
-    lua_Debug ar;
-    lua_pushvalue(L, idx);
-    if (lua_getinfo(L, ">S", &ar))
-        snprintf(out, n, "%s:%d", ar.short_src, ar.linedefined);
-    else
-        snprintf(out, n, "?");
+    if (*len && (*src)[0] == '#') { /* a #! line, kept as an empty line 1 */
+        const char *nl = memchr(*src, '\n', *len);
+        *len -= nl ? (size_t)(nl - *src) : *len;
+        *src = nl ? nl : *src;
+    }
 }
 
 /* Checks the table a script returned and takes refs of its handlers. */
@@ -247,7 +268,7 @@ static int take_handlers(struct lb_state *st, const char *path, char *err,
                     ev = i;
         char where[256] = "";
         if (lua_isfunction(L, -1))
-            func_where(L, -1, where, sizeof where);
+            lwhere_def(L, -1, where, sizeof where);
         if (ev < 0) {
             snprintf(err, errlen,
                      "%s: unknown handler key '%s' (known: connect, helo, "
@@ -346,12 +367,9 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
     seed_random(L);
 
     lua_pushcfunction(L, traceback);
+    int tb = lua_gettop(L);
     *err = '\0';
-    if (len && src[0] == '#') { /* a #! line, kept as an empty line 1 */
-        const char *nl = memchr(src, '\n', len);
-        len -= nl ? (size_t)(nl - src) : len;
-        src = nl ? nl : src;
-    }
+    lb_skip_hashbang(&src, &len);
     char chunk[4096];
     snprintf(chunk, sizeof chunk, "@%s", path);
     /* The top level has the handlers' budget: the count hook stops an
@@ -360,13 +378,16 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
     st->in_call = 1;
     lb_busy_since = lb_now();
     st->deadline = lb_busy_since + script_timeout;
-    int failed = luaL_loadbuffer(L, src, len, chunk) || lua_pcall(L, 0, 1, -2);
+    int failed = lsetup_run(L, path, tb, err, errlen) < 0;
+    if (!failed && (luaL_loadbuffer(L, src, len, chunk) ||
+                    lua_pcall(L, 0, 1, tb))) {
+        failed = 1;
+        lb_error_text(L, err, errlen);
+    }
     end_call(st);
     lb_busy_since = 0;
     st->loading = 0;
-    if (failed)
-        load_error(L, err, errlen);
-    else
+    if (!failed)
         take_handlers(st, path, err, errlen);
     if (*err) {
         lua_setallocf(L, st->base_alloc, st->base_ud);
@@ -375,12 +396,14 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
         return NULL;
     }
     lua_settop(L, 0);
-    if (luaL_loadstring(L, global_guard) == 0) {
-        lua_pushcfunction(L, l_milter_log);
+    if (luaL_loadbuffer(L, global_guard, sizeof global_guard - 1,
+                        "=milter.guard") == 0) {
+        lua_pushcfunction(L, l_guard_log);
         lua_getglobal(L, "debug");
-        lua_getfield(L, -1, "traceback");
-        lua_remove(L, -2);
-        lua_call(L, 2, 0);
+        lua_getfield(L, -1, "getinfo");
+        lua_getfield(L, -2, "traceback");
+        lua_remove(L, -3);
+        lua_call(L, 3, 0);
     }
     return st;
 }
@@ -518,6 +541,35 @@ static int prepare(struct lb_conn *lc, struct sess *s)
 }
 
 /*
+ * Logs a handler's error with the script's line. No line of a script is
+ * left on the coroutine when the handler failed in a function it called
+ * as `return f(...)` (a tail call, `return milter.reject("x")`): then the
+ * message names the handler's tail calls.
+ */
+static void report_error(struct lb_conn *lc, struct sess *s, const char *msg)
+{
+    lua_State *L = lc->st->L;
+    const char *ev = sess_event_names[lc->ev];
+    char tail[512] = "", at[512];
+    if (!lwhere_frame(lc->co, 0, at, sizeof at)) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, lc->st->handler[lc->ev]);
+        if (!lwhere_sites(L, -1, 1, tail, sizeof tail))
+            lwhere_def(L, -1, tail, sizeof tail);
+        lua_pop(L, 1);
+    }
+    lwhere_push_error(L, lc->co, 0, msg);
+    if (*tail) {
+        lua_pushfstring(L, " (in a tail call, `return f(...)`, of %s at %s)",
+                        ev, tail);
+        lua_concat(L, 2);
+    }
+    luaL_traceback(L, lc->co, lua_tostring(L, -1), 0);
+    log_msg(LL_ERR, s->id, sess_qid(s), "handler %s failed: %s", ev,
+            lua_tostring(L, -1));
+    lua_pop(L, 2);
+}
+
+/*
  * Runs the connection's coroutine until the handler returns, fails or
  * waits on a lookup; nargs values on co are its arguments (a new call) or
  * the lookup's results (a resume). The one path of every handler's verdict.
@@ -550,13 +602,15 @@ static int run_slice(struct lb_conn *lc, struct sess *s, int nargs,
             ; /* nothing is sent back: the return value does not matter */
         else if (lverdict_read(st, co, lua_gettop(co) ? 1 : 0, ev, s, v, &why,
                                whybuf, sizeof whybuf) < 0) {
-            char where[256];
+            char def[256], ret[512];
             lua_rawgeti(L, LUA_REGISTRYINDEX, st->handler[ev]);
-            func_where(L, -1, where, sizeof where);
+            lwhere_def(L, -1, def, sizeof def);
+            lwhere_sites(L, -1, 0, ret, sizeof ret);
             lua_pop(L, 1);
             log_msg(LL_ERR, s->id, sess_qid(s),
-                    "bad verdict from %s (%s): %s", sess_event_names[ev],
-                    where, why);
+                    "bad verdict from %s (handler at %s%s%s): %s",
+                    sess_event_names[ev], def, *ret ? ", returned at " : "",
+                    ret, why);
             rc = -1;
         }
     } else {
@@ -565,10 +619,7 @@ static int run_slice(struct lb_conn *lc, struct sess *s, int nargs,
                               : lua_tostring(co, -1);
         if (!msg)
             msg = "(error object is not a string)";
-        luaL_traceback(L, co, msg, 0);
-        log_msg(LL_ERR, s->id, sess_qid(s), "handler %s failed: %s",
-                sess_event_names[ev], lua_tostring(L, -1));
-        lua_pop(L, 1);
+        report_error(lc, s, msg);
         drop_thread(lc); /* a dead coroutine cannot run again */
         if (status == LUA_ERRMEM) { /* give the memory back now */
             log_msg(LL_ERR, s->id, sess_qid(s),

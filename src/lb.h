@@ -52,7 +52,8 @@ enum { LB_WAIT = 1 }; /* lb_call/lb_resume: the handler waits (SESS_CALL_WAIT) *
  * Loads and checks a script: syntax, top-level errors, the returned table
  * and its handler keys. math.random is seeded first (pid, time, a counter),
  * and the top level runs under the handlers' --script-timeout. Returns an
- * owned state (refcount 1), or NULL with a one-line "file:line: message".
+ * owned state (refcount 1), or NULL with "file:line: message" (the whole
+ * message, without a traceback).
  */
 struct lb_state *lb_load(const char *path, char *err, size_t errlen);
 /* The same from bytes already read (path names the chunk in messages). */
@@ -100,6 +101,15 @@ void lb_set_limits(double script_timeout, size_t max_memory);
 extern volatile double lb_busy_since;
 /* A coarse monotonic clock in seconds (no system call). */
 double lb_now(void);
+
+/*
+ * --set NAME=VALUE: milter.settings.NAME = "VALUE" in every script loaded
+ * from now on (borrows spec, which must live as long; a later NAME wins).
+ * --preload FILE: reads FILE now; every script loaded from now on runs it
+ * first, in its own state. Both return 0, or -1 with a reason in err.
+ */
+int lb_add_setting(const char *spec, char *err, size_t errlen);
+int lb_set_preload(const char *path, char *err, size_t errlen);
 
 /* Parses "tempfail", "accept", "continue", "reject" into VA_*; -1 if bad. */
 int lb_parse_action(const char *name);

@@ -95,6 +95,30 @@ void lhttp_open(lua_State *L);
 /* Closes every socket lc's handler left open. */
 void ltcp_close_all(struct lb_conn *lc);
 
+/* lb.c: err = the error message on top of L, without its traceback. */
+void lb_error_text(lua_State *L, char *err, size_t errlen);
+/* Skips a #! first line (it stays an empty line 1). */
+void lb_skip_hashbang(const char **src, size_t *len);
+
+/* lsetup.c: before the script's top level: milter.script_dir for path
+ * (first on package.path), milter.settings, the --preload file. Uses the
+ * message handler at index tb; 0, or -1 with err ("file:line: ..."). */
+int lsetup_run(lua_State *L, const char *path, int tb, char *err,
+               size_t errlen);
+
+/* lwhere.c: file:line for messages (borrowing the value at idx). */
+/* Where the function at idx is defined: "file.lua:12". */
+void lwhere_def(lua_State *L, int idx, char *out, size_t n);
+/* Where the function at idx returns a value or (tails) only makes a tail
+ * call: "file.lua:12", "file.lua:12 or 15"...; 0 and "" when unknown. */
+int lwhere_sites(lua_State *L, int idx, int tails, char *out, size_t n);
+/* The innermost line of a script file on co from level on; 0 if none. */
+int lwhere_frame(lua_State *co, int level, char *out, size_t n);
+/* Pushes msg onto L, prefixed with lwhere_frame's line when it has no
+ * position of its own (raised by require, a C function, error(m, 0)). */
+void lwhere_push_error(lua_State *L, lua_State *co, int level,
+                       const char *msg);
+
 /* lverdict.c: reads the value at index idx of co; 0 or -1 with why set. */
 int lverdict_read(struct lb_state *st, lua_State *co, int idx, int ev,
                   const struct sess *s, struct verdict *v, const char **why,

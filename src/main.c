@@ -3,7 +3,7 @@
  *
  *   luamilter [options] SCRIPT.lua     serve (super.c)
  *   luamilter check SCRIPT.lua         load the script, report, exit 0/1
- *   luamilter test SCRIPT.lua MSG.eml  one offline session (offline.c)
+ *   luamilter test SCRIPT.lua MSG.eml...  offline sessions (offline.c)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -33,9 +33,11 @@ static void usage(FILE *f)
     fputs(
         "usage: luamilter [options] SCRIPT.lua        serve the milter\n"
         "       luamilter check SCRIPT.lua            check a script, exit 0/1\n"
-        "       luamilter test SCRIPT.lua MESSAGE.eml [--client IP] [--helo NAME]\n"
+        "       luamilter test SCRIPT.lua MESSAGE.eml... [--each-connection]\n"
+        "                [--client IP] [--helo NAME]\n"
         "                [--from ADDR] [--rcpt ADDR]... [--macro NAME=VALUE]... "
         "[--json]\n"
+        "       (check and test also take --set and --preload)\n"
         "       luamilter --version | --help\n"
         "\n"
         "options:\n"
@@ -84,6 +86,9 @@ static void usage(FILE *f)
         "call (10)\n"
         "      --script-memory BYTES   memory of a worker's Lua state (256 "
         "MiB)\n"
+        "      --set NAME=VALUE        milter.settings.NAME for the script "
+        "(repeatable)\n"
+        "      --preload FILE          Lua run before the script, in its state\n"
         "  -w, --workers N             worker processes (number of CPUs)\n"
         "      --pidfile PATH          write the supervisor's pid there\n"
         "      --user USER, --group GROUP  run as them after binding\n"
@@ -110,9 +115,34 @@ static int parse_num(const char *s, double min, double max, double *out)
     return 0;
 }
 
-static int check(const char *path)
+/* --set and --preload, before a command or after check's script. */
+static int script_option(int set, const char *arg)
 {
-    char err[1024];
+    char err[1200];
+    if ((set ? lb_add_setting(arg, err, sizeof err)
+             : lb_set_preload(arg, err, sizeof err)) < 0) {
+        die_usage("%s", err);
+        return -1;
+    }
+    return 0;
+}
+
+/* luamilter check SCRIPT [--set NAME=VALUE]... [--preload FILE] */
+static int check(int argc, char **argv)
+{
+    static const struct option lo[] = {
+        {"set", required_argument, 0, 's'},
+        {"preload", required_argument, 0, 'p'},
+        {0, 0, 0, 0}};
+    int c;
+    optind = 0; /* glibc: restart scanning on a new argv */
+    while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1)
+        if (c == '?' || script_option(c == 's', optarg) < 0)
+            return 2;
+    if (argc - optind != 1)
+        return die_usage("%s", "check takes exactly one SCRIPT.lua");
+    const char *path = argv[optind];
+    char err[8192];
     struct lb_state *st = lb_load(path, err, sizeof err);
     if (!st) {
         fprintf(stderr, "luamilter: %s\n", err);
@@ -130,13 +160,15 @@ static int check(const char *path)
 
 int main(int argc, char **argv)
 {
-    enum { O_ONERR = 256, O_MAXBODY, O_TIMEOUT, O_LEVEL, O_FORMAT, O_SHUT,
+    enum { O_ONERR = 256, O_SET, O_PRELOAD, O_MAXBODY, O_TIMEOUT, O_LEVEL, O_FORMAT, O_SHUT,
            O_MODE, O_MAXCONN, O_VERSION, O_PIDFILE, O_USER,
            O_GROUP, O_DAEMON, O_STIMEOUT, O_SMEM, O_MAXFRAME, O_MAXHDRS,
            O_MAXMACROS, O_MAXMSG, O_MAXCONNB, O_MAXWQ, O_DNS, O_STORE,
            O_STOREMAP };
     static const struct option longopts[] = {
         {"listen", required_argument, 0, 'l'},
+        {"set", required_argument, 0, O_SET},
+        {"preload", required_argument, 0, O_PRELOAD},
         {"on-error", required_argument, 0, O_ONERR},
         {"max-body", required_argument, 0, O_MAXBODY},
         {"timeout", required_argument, 0, O_TIMEOUT},
@@ -188,6 +220,11 @@ int main(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "+l:w:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'l': opt.listen = optarg; break;
+        case O_SET:
+        case O_PRELOAD:
+            if (script_option(c == O_SET, optarg) < 0)
+                return 2;
+            break;
         case 'w':
             if (parse_num(optarg, 1, 256, &v) < 0 || v != (int)v)
                 return die_usage("--workers: expected 1 to 256, not '%s'",
@@ -321,11 +358,8 @@ int main(int argc, char **argv)
     }
     if (optind < argc && strcmp(argv[optind], "test") == 0)
         return offline_main(argc - optind, argv + optind, &srv.cfg);
-    if (optind < argc && strcmp(argv[optind], "check") == 0) {
-        if (argc - optind != 2)
-            return die_usage("%s", "check takes exactly one SCRIPT.lua");
-        return check(argv[optind + 1]);
-    }
+    if (optind < argc && strcmp(argv[optind], "check") == 0)
+        return check(argc - optind, argv + optind);
     if (argc - optind != 1)
         return die_usage("%s", "expected one SCRIPT.lua to serve");
     opt.script = argv[optind];

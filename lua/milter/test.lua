@@ -12,8 +12,13 @@
 --   assert(r.message:find("X%-Scanned: yes"))
 --
 -- run{} takes: script (path), message (the message text) or file (path),
--- from, rcpt (list), client, helo, macros ({name = value}), bin (the
--- luamilter binary: default $LUAMILTER_BIN, ./build/luamilter, luamilter).
+-- or several: messages (a list of texts) or files (a list of paths), played
+-- on one connection, or each on its own with each_connection = true (the
+-- report is then {messages = {report, ...}});
+-- from, rcpt (list), client, helo, macros ({name = value}), settings
+-- ({name = value}: --set), preload (a Lua file run before the script, e.g.
+-- one that fakes milter.dns.query), bin (the luamilter binary: default
+-- $LUAMILTER_BIN, ./build/luamilter, luamilter).
 -- It returns the decoded report (stages, final, modifications, envelope,
 -- quarantine, message), plus `status` (the exit status: 0 delivered,
 -- 1 refused/discarded, 2 error) and `stderr` (the log lines).
@@ -71,31 +76,40 @@ end
 function M.run(t)
   assert(type(t) == "table" and t.script, "run{script=..., message=... or file=...}")
   local tmp = os.tmpname()
-  local file = t.file
-  if not file then
-    file = tmp .. ".eml"
-    local f = assert(io.open(file, "wb"))
-    local message = assert(t.message, "run{} needs message or file")
-    f:write(message)
-    f:close()
+  local files, made = {}, {}
+  for _, p in ipairs(t.files or { t.file }) do files[#files + 1] = p end
+  if #files == 0 then
+    local texts = t.messages or { (assert(t.message, "run{} needs message, file, messages or files")) }
+    for i, text in ipairs(texts) do
+      local path = tmp .. "." .. i .. ".eml"
+      local f = assert(io.open(path, "wb"))
+      f:write(text)
+      f:close()
+      files[i], made[i] = path, path
+    end
   end
-  local args = { shell_quote(t.bin or default_bin()), "test", shell_quote(t.script), shell_quote(file), "--json" }
+  local args = { shell_quote(t.bin or default_bin()), "test", shell_quote(t.script) }
+  for _, p in ipairs(files) do args[#args + 1] = shell_quote(p) end
+  args[#args + 1] = "--json"
+  if t.each_connection then args[#args + 1] = "--each-connection" end
   if t.from then args[#args + 1] = "--from " .. shell_quote(t.from) end
   for _, r in ipairs(t.rcpt or {}) do args[#args + 1] = "--rcpt " .. shell_quote(r) end
   if t.client then args[#args + 1] = "--client " .. shell_quote(t.client) end
   if t.helo then args[#args + 1] = "--helo " .. shell_quote(t.helo) end
-  local names = {}
-  for k in pairs(t.macros or {}) do names[#names + 1] = k end
-  table.sort(names)
-  for _, k in ipairs(names) do
-    args[#args + 1] = "--macro " .. shell_quote(k .. "=" .. t.macros[k])
+  for _, o in ipairs({ { "macros", "--macro " }, { "settings", "--set " } }) do
+    local kv, names = t[o[1]] or {}, {}
+    for k in pairs(kv) do names[#names + 1] = k end
+    table.sort(names)
+    for _, k in ipairs(names) do
+      args[#args + 1] = o[2] .. shell_quote(k .. "=" .. tostring(kv[k]))
+    end
   end
+  if t.preload then args[#args + 1] = "--preload " .. shell_quote(t.preload) end
   local cmd = table.concat(args, " ") .. " >" .. shell_quote(tmp .. ".out") .. " 2>" .. shell_quote(tmp .. ".err")
   local status = exit_status(os.execute(cmd))
   local out, err = slurp(tmp .. ".out"), slurp(tmp .. ".err")
-  for _, p in ipairs({ tmp, tmp .. ".out", tmp .. ".err", not t.file and file or nil }) do
-    os.remove(p)
-  end
+  for _, p in ipairs({ tmp, tmp .. ".out", tmp .. ".err" }) do os.remove(p) end
+  for _, p in ipairs(made) do os.remove(p) end
   local report = cjson.decode(out)
   if type(report) ~= "table" then
     report = { error = err ~= "" and err or "no report" }
