@@ -115,6 +115,12 @@ return { connect = function() end }
     assert.are.equal("5|nil|string\n", read(out))
     os.remove(out)
     local d = U.start(src, { args = { "--set", "limit=7", "--set", "limit=8" } })
+    -- the socket listens before the worker has loaded the script: a
+    -- served session proves the worker ran the top level
+    local c = U.client(d)
+    local res = c:session {}
+    c:close()
+    assert.is_nil(res.error)
     d:stop()
     assert.truthy(read(out):find("8|nil|string\n", 1, true))
     r = D.run({ "check", path, "--set", "novalue" }, 10)
