@@ -22,7 +22,10 @@
 # MTA-unix uses unix:$T/run/luamilter.sock, MTA-inet inet:PORT@127.0.0.1,
 # and relays every recipient to the sink (SMART_HOST).  Everything started
 # here is stopped by pid on exit; the temp dir is removed unless
-# E2E_KEEP=1.  E2E_TRANSPORTS=unix or =inet runs one phase.  A CASE-PREFIX
+# E2E_KEEP=1.  E2E_TRANSPORTS=unix or =inet runs one phase.  The milter
+# macros are the .cf's defaults (confMILTER_MACROS_*, no v at connect);
+# E2E_SM_CONNECT_MACROS='j, _, {daemon_name}, {if_name}, {if_addr}, v'
+# (for one) replaces the connect list.  A CASE-PREFIX
 # runs the cases whose names start with it; 'NAME$' the case of that name.
 set -eu
 cd "$(dirname "$0")/.."
@@ -149,6 +152,10 @@ shift 4
 printf '127.0.0.1 localhost\n127.0.1.1 mta.e2e.test\n' > "$T/etc/hosts"
 printf 'hosts files\naliases files\n' > "$T/etc/service.switch"
 MILTER_T='T=C:5s;S:5s;R:5s;E:5m'
+MACROS=""
+if [ -n "${E2E_SM_CONNECT_MACROS:-}" ]; then
+  MACROS="define(\`confMILTER_MACROS_CONNECT', \`$E2E_SM_CONNECT_MACROS')dnl"
+fi
 cat > "$T/etc/sendmail.mc" <<MC
 divert(-1)
 # private instance of the luamilter e2e suite; nothing here is system-wide
@@ -191,6 +198,7 @@ DAEMON_OPTIONS(\`Port=$SMTP_INET, Addr=127.0.0.1, Name=MTA-inet, InputMailFilter
 dnl --- milter ---
 MAIL_FILTER(\`luamilter_unix', \`S=unix:$T/run/luamilter.sock, F=T, $MILTER_T')dnl
 INPUT_MAIL_FILTER(\`luamilter_inet', \`S=inet:$MILTER_PORT@127.0.0.1, F=T, $MILTER_T')dnl
+$MACROS
 MAILER(\`smtp')dnl
 MC
 # (promiscuous_relay warns on stderr: this instance listens on loopback only)
