@@ -17,7 +17,7 @@ CORE    := log buf wire sess mods pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted
 
-.PHONY: all run test deps deps-test check-c lint spec asan fuzz fuzz-check e2e clean install uninstall deb deb-check
+.PHONY: all run test deps deps-test check-c lint spec asan fuzz fuzz-check e2e e2e-sendmail clean install uninstall deb deb-check
 
 all: deps $(B)/luamilter
 
@@ -123,8 +123,8 @@ deps-test:
 	@scripts/deps.sh test
 
 # The whole suite: unit and daemon tests, the Debian package, then the same
-# under ASan/UBSan, a bounded fuzzing run, and one valgrind run of daemon
-# sessions.
+# under ASan/UBSan, a bounded fuzzing run, one valgrind run of daemon
+# sessions, and end to end on Postfix and on Sendmail.
 test: deps-test all
 	$(MAKE) check-c lint spec
 	$(MAKE) deb-check
@@ -132,10 +132,17 @@ test: deps-test all
 	$(MAKE) fuzz-check
 	scripts/valgrind-check.sh build/luamilter
 	$(MAKE) e2e
+	$(MAKE) e2e-sendmail
 
 # End to end with a real Postfix on loopback (installs postfix and swaks).
 e2e: all
 	scripts/e2e-postfix.sh
+
+# The same cases on a real Sendmail 8.17 on loopback: Debian's sendmail-bin
+# unpacked into build/sendmail-root (never installed: it conflicts with
+# postfix), run from a private .cf in a temp dir.
+e2e-sendmail: all
+	scripts/e2e-sendmail.sh
 
 # Sanitizer build: the C tests and the daemon specs under ASan + UBSan (with
 # LeakSanitizer). Reports go to build-asan/reports/; any report fails.

@@ -2,7 +2,8 @@
 # Installs the Debian 12 packages luamilter needs, only those missing.
 # Usage: scripts/deps.sh [build|test|deb]   (test and deb include build;
 # deb is what `make deb` needs; Postfix and swaks are installed by
-# scripts/e2e-postfix.sh, which preseeds debconf).
+# scripts/e2e-postfix.sh, which preseeds debconf; m4 makes the Sendmail
+# suite's .cf, whose Sendmail is unpacked by scripts/sendmail-root.sh).
 # No service is started by the install: the tests run their own servers
 # (redis-server, rspamd) on free loopback ports with private configs.
 set -eu
@@ -10,7 +11,7 @@ level=${1:-build}
 pkgs="make gcc pkg-config libev-dev libluajit-5.1-dev luajit lua-cjson libc-ares-dev libhiredis-dev libcurl4-openssl-dev liblmdb-dev libsystemd-dev"
 case $level in
   deb) pkgs="$pkgs debhelper dpkg-dev lintian" ;;
-  test) pkgs="$pkgs lua-busted lua-check lua-socket lua-posix clang libclang-rt-14-dev valgrind python3 dnsmasq-base redis-server openssl lmdb-utils rspamd procps systemd man-db debhelper dpkg-dev lintian" ;;
+  test) pkgs="$pkgs lua-busted lua-check lua-socket lua-posix clang libclang-rt-14-dev valgrind python3 dnsmasq-base redis-server openssl lmdb-utils rspamd procps systemd man-db debhelper dpkg-dev lintian m4" ;;
 esac
 missing=""
 for p in $pkgs; do

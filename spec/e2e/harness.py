@@ -1,10 +1,11 @@
 """Machinery of the end-to-end suite (spec/e2e/run.py holds the cases).
 
-Started by scripts/e2e-postfix.sh, which runs a private Postfix and the sink
-and passes their coordinates in E2E_* variables.  This module starts and
-reloads luamilter, sends SMTP sessions (swaks, or a small raw client where
-swaks cannot express the session), reads what the sink stored and what is
-in Postfix's queue, and checks the logs.  Every wait has a deadline.
+Started by scripts/e2e-postfix.sh or scripts/e2e-sendmail.sh, which run a
+private MTA (E2E_MTA: postfix, the default, or sendmail) and the sink and
+pass their coordinates in E2E_* variables.  This module starts and reloads
+luamilter, sends SMTP sessions (swaks, or a small raw client where swaks
+cannot express the session), reads what the sink stored and what is in the
+MTA's queue, and checks the logs.  Every wait has a deadline.
 """
 import json
 import os
@@ -22,6 +23,13 @@ WORK = os.path.join(T, "work")
 MAILLOG = os.path.join(T, "log", "maillog")
 BIN = ENV.get("LUAMILTER_BIN", "build/luamilter")
 ROOT = ENV.get("E2E_ROOT", ".")
+MTA = ENV.get("E2E_MTA", "postfix")
+# Sendmail (scripts/e2e-sendmail.sh): its queue directory, .cf, binary and
+# the environment its commands need (LD_LIBRARY_PATH, the log shim)
+SM_QUEUE = os.path.join(T, "queue")
+SM_CF = os.path.join(T, "etc", "sendmail.cf")
+SM_BIN = ENV.get("E2E_SM_BIN", "")
+SM_PIDFILE = os.path.join(T, "run", "sendmail.pid")
 
 SMTP_PORT = {"unix": int(ENV.get("E2E_SMTP_UNIX", "0")),
              "inet": int(ENV.get("E2E_SMTP_INET", "0"))}
@@ -178,7 +186,7 @@ class Luamilter:
             write_file(self.script, source)
         off = self.log_size()
         argv = [BIN, "-l", self.listen, "--log-level", "info"]
-        if self.transport == "unix":
+        if self.transport == "unix" and MTA == "postfix":
             # Postfix's smtpd and cleanup run as user postfix: the socket
             # becomes root:postfix 0660 (the default --socket-mode)
             argv += ["--group", "postfix"]
@@ -505,10 +513,111 @@ def postqueue():
     return out
 
 
-_barriers = [0]
+def queue():
+    """the MTA's queue: [{"queue_id", "queue_name"}], queue_name "hold" for
+    held (Postfix) or quarantined (Sendmail) mail, "deferred" for mail a
+    delivery attempt failed; None when it cannot be read in time"""
+    return postqueue() if MTA == "postfix" else sm_queue()
+
+
+def queue_delete(qid, hold=False):
+    if MTA == "postfix":
+        postsuper("-d", qid, "hold") if hold else postsuper("-d", qid)
+    else:
+        sm_delete(qid)
 
 
 def maillog_barrier(timeout=5):
+    """waits until every line the MTA logged before the call is in MAILLOG"""
+    return pf_maillog_barrier(timeout) if MTA == "postfix" else sm_maillog_barrier(timeout)
+
+
+# ---------------------------------------------------------------- Sendmail
+
+def sm_queue():
+    """Sendmail's queue directory: a qf file is a queued message (deferred
+    once its N line counts a delivery attempt), an hf file a quarantined
+    one"""
+    out = []
+    try:
+        names = os.listdir(SM_QUEUE)
+    except OSError:
+        return None
+    for f in sorted(names):
+        if f[:2] not in ("qf", "hf"):
+            continue
+        kind = "hold" if f.startswith("hf") else "active"
+        if kind == "active":
+            try:
+                with open(os.path.join(SM_QUEUE, f), "rb") as fh:
+                    tries = [l for l in fh.read().split(b"\n") if l.startswith(b"N")]
+                if tries and tries[0][1:].strip() not in (b"", b"0"):
+                    kind = "deferred"
+            except OSError:
+                continue   # delivered meanwhile
+        out.append({"queue_id": f[2:], "queue_name": kind, "file": f})
+    return out
+
+
+def sm_delete(qid):
+    for f in os.listdir(SM_QUEUE):
+        if f[2:] == qid:
+            try:
+                os.unlink(os.path.join(SM_QUEUE, f))
+            except OSError:
+                pass
+
+
+def sm_env():
+    """the environment of Sendmail's commands: the script's (its
+    LD_LIBRARY_PATH) and the shim, which the driver runs without"""
+    env = dict(ENV)
+    if ENV.get("E2E_SM_PRELOAD"):
+        env["LD_PRELOAD"] = ENV["E2E_SM_PRELOAD"]
+    return env
+
+
+def sendmail_cmd(*args, timeout=20, data=None):
+    """runs the private Sendmail binary with its .cf (queue commands,
+    quarantine release); returns the CompletedProcess"""
+    return subprocess.run([SM_BIN, "-C", SM_CF] + list(args), input=data,
+                          capture_output=True, timeout=timeout, env=sm_env(),
+                          cwd=SM_QUEUE)
+
+
+def sm_qf(qid):
+    """the queue control file (qf or hf) of qid, as text ("" if none)"""
+    for pre in ("hf", "qf"):
+        path = os.path.join(SM_QUEUE, pre + qid)
+        if os.path.exists(path):
+            return read_from(path, 0)
+    return ""
+
+
+def sm_daemon_pid():
+    try:
+        with open(SM_PIDFILE) as f:
+            return int(f.readline().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def sm_maillog_barrier(timeout=5):
+    """Sendmail's processes write their own log lines (the shim appends
+    each at once): once no child of the daemon runs (SMTP sessions and the
+    deliveries they started), everything they logged is in MAILLOG"""
+    pid = sm_daemon_pid()
+    if pid is None:
+        return False
+    return bool(poll(lambda: not children(pid), timeout, 0.05))
+
+
+# ---------------------------------------------------------------- Postfix
+
+_barriers = [0]
+
+
+def pf_maillog_barrier(timeout=5):
     """waits until every line Postfix logged before the call is in MAILLOG;
     returns False after timeout seconds.  Postfix's programs send their
     log lines to postlogd as datagrams and postlogd writes them in the

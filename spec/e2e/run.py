@@ -44,6 +44,11 @@ def lua(body):
 PF_TEMPFAIL = ["451 4.7.1 Service unavailable - try again later"]
 LM_ONERROR = ["451 4.3.0 Temporary mail filter failure, try again later"]
 PF_MILTER_DOWN = r"warning: connect to Milter service .*(No such file|Connection refused)"
+# Sendmail's: its text for a milter's plain tempfail, also given when the
+# milter is unavailable (F=T); and what it logs when it cannot connect
+SM_TEMPFAIL = ["451 4.3.2 Please try again later"]
+SM_MILTER_DOWN = (r"err: .*Milter \(luamilter_\w+\): (local socket name .* unsafe|"
+                  r"error connecting to filter: Connection refused)")
 # --script-timeout 3: a runaway handler is answered (at worst by the
 # watchdog, script-timeout + 1 s later) before milter_command_timeout (5 s)
 BASE_ARGS = {"--shutdown-timeout": "5", "--script-timeout": "3"}
@@ -56,11 +61,19 @@ def daemon_args(extra=None):
 # ------------------------------------------------------------------ runner
 
 CASES = []
+# cases about luamilter itself (reloads, crashes, timeouts) and Postfix's
+# own features, run on Postfix only: Sendmail's suite runs the verdict and
+# modification matrix, where the MTA makes the difference
+PF_ONLY = ("postfix",)
 
 
-def case(name, transports=("unix", "inet")):
+def case(name, transports=("unix", "inet"), mtas=("postfix", "sendmail"), known=None):
+    """a case, run on each transport for each MTA of mtas; known: {mta:
+    "KNOWN: what is wrong"} for a defect of luamilter's that the case shows
+    on that MTA: its failure is reported as KNOWN (with the details), and
+    its passing is a FAIL until the marker is removed"""
     def deco(fn):
-        CASES.append((name, fn, transports))
+        CASES.append((name, fn, transports, mtas, known or {}))
         return fn
     return deco
 
@@ -74,11 +87,12 @@ class Run:
         self.fails = []
         self.diag = []
         self.allow_lm = []      # regexes: WARN/ERROR luamilter lines expected
-        self.allow_pf = []      # regexes: Postfix warnings expected
+        self.allow_pf = []      # regexes: MTA log warnings expected
+        self.mta = h.MTA
         self.sink0 = h.sink_files()
         self.lm_off = lm.log_size()
         self.pf_off = h.size_of(h.MAILLOG)
-        q = h.postqueue() or []
+        q = h.queue() or []
         self.held0 = set(x["queue_id"] for x in q if x.get("queue_name") == "hold")
 
     # -- checks
@@ -130,9 +144,9 @@ class Run:
         """waits until Postfix's queue holds nothing but held mail;
         returns the entries left (empty on success)"""
         def pending():
-            q = h.postqueue()
+            q = h.queue()
             if q is None:
-                return [{"queue_name": "?", "queue_id": "postqueue timed out"}]
+                return [{"queue_name": "?", "queue_id": "the queue could not be read"}]
             return [x for x in q if x.get("queue_name") != "hold"]
         left = []
 
@@ -148,7 +162,7 @@ class Run:
         expected"""
         left = self.drain(timeout)
         if left:
-            self.fails.append("Postfix queue not empty after %ds: %r" % (timeout, left))
+            self.fails.append("%s queue not empty after %ds: %r" % (MTA_NAME[self.mta], timeout, left))
         # the sink stores a message before it answers 250, and Postfix
         # removes the queue file only after that 250: a drained queue means
         # every delivery is on disk
@@ -163,7 +177,7 @@ class Run:
         return msgs
 
     def held(self):
-        q = h.postqueue() or []
+        q = h.queue() or []
         return [x for x in q if x.get("queue_name") == "hold"
                 and x["queue_id"] not in self.held0]
 
@@ -175,7 +189,7 @@ class Run:
         # nothing more may arrive: no stray bounce, no second copy
         left = self.drain(10)
         if left:
-            self.fails.append("Postfix queue not empty after the case: %r" % left)
+            self.fails.append("%s queue not empty after the case: %r" % (MTA_NAME[self.mta], left))
         for x in sorted(h.sink_files() - self.sink0):
             m = h.Delivered(os.path.join(h.SINK_DIR, x))
             self.fails.append("unexpected delivery %s" % x)
@@ -183,10 +197,10 @@ class Run:
         self.sink0 = h.sink_files()
         for x in self.held():
             self.fails.append("message %s left on hold" % x["queue_id"])
-            h.postsuper("-d", x["queue_id"], "hold")
+            h.queue_delete(x["queue_id"], hold=True)
         for x in self.drain(0) if self.fails else []:
             # keep later cases clean: nothing may stay queued
-            h.postsuper("-d", x["queue_id"])
+            h.queue_delete(x["queue_id"])
         if not self.lm.alive():
             self.fails.append("luamilter is not running after the case (status %s)" %
                               self.lm.proc.returncode)
@@ -195,13 +209,29 @@ class Run:
             if not any(re.search(a, line) for a in self.allow_lm):
                 self.fails.append("unexpected luamilter log line: " + line)
         if not h.maillog_barrier():
-            self.fails.append("postlog(1)'s line did not reach Postfix's log within 5 s")
+            self.fails.append("postlog(1)'s line did not reach Postfix's log within 5 s"
+                              if self.mta == "postfix" else
+                              "Sendmail's session processes still ran 5 s after the case")
         pf_log = h.read_from(h.MAILLOG, self.pf_off)
-        for line in pf_clock_noise(h.lines_matching(pf_log, r"(warning|error|fatal|panic):")):
+        if self.mta == "postfix":
+            warnings = pf_clock_noise(h.lines_matching(pf_log, r"(warning|error|fatal|panic):"))
+        else:
+            warnings = [l for l in h.lines_matching(pf_log, SM_WARNING)
+                        if not any(re.search(a, l) for a in SM_STARTUP)]
+        for line in warnings:
             if not any(re.search(a, line) for a in self.allow_pf):
-                self.fails.append("unexpected Postfix log line: " + line)
+                self.fails.append("unexpected %s log line: %s" % (MTA_NAME[self.mta], line))
         self.diag.append(("luamilter log", lm_log))
-        self.diag.append(("Postfix log", pf_log))
+        self.diag.append(("%s log" % MTA_NAME[self.mta], pf_log))
+
+
+MTA_NAME = {"postfix": "Postfix", "sendmail": "Sendmail"}
+# what the shim (spec/e2e/sendmail_shim.c) writes for a Sendmail log line
+# of level warning or worse; SYSERR lines are at crit
+SM_WARNING = r"^\S+ \S+\[\d+\]: (warning|err|crit|alert|emerg): "
+# what every Sendmail process that starts (the daemon, a queue run) logs on
+# this instance, which has no certificates and no SASL configuration
+SM_STARTUP = [r"warning: STARTTLS: \w+ missing$", r"warning: error: safesasl\(.*\) failed"]
 
 
 # Postfix's cleanup compares each new queue file's mtime with time(2), once
@@ -257,8 +287,8 @@ def run_all(only, transports, results):
     for tp in transports:
         lm = h.Luamilter(tp, daemon_args())
         try:
-            for name, fn, tps in CASES:
-                if tp not in tps or not selected(name, only):
+            for name, fn, tps, mtas, known in CASES:
+                if tp not in tps or h.MTA not in mtas or not selected(name, only):
                     continue
                 t0 = time.monotonic()
                 run = Run(name, tp, lm)
@@ -274,11 +304,23 @@ def run_all(only, transports, results):
                     run.fails.append("exception after the case:\n" + traceback.format_exc())
                 dt = time.monotonic() - t0
                 ok = not run.fails
-                results.append((tp, name, ok, dt))
-                print("%s %s/%s (%.1fs)" % ("PASS" if ok else "FAIL", tp, name, dt), flush=True)
+                status = "PASS" if ok else "FAIL"
+                note = known.get(h.MTA)
+                if note and not ok:
+                    # the known defect showed: not counted as a failure,
+                    # but printed with everything the case saw
+                    status, ok = "KNOWN", True
+                elif note:
+                    run.fails.append("marked %r but passed: remove the marker (known=) so that "
+                                     "the case checks its normal expectation" % note)
+                    ok = False
+                results.append((tp, name, ok, dt, status))
+                print("%s %s/%s (%.1fs)%s" % (status, tp, name, dt,
+                                              " " + note if status == "KNOWN" else ""),
+                      flush=True)
                 for f in run.fails:
                     print("    * " + f.replace("\n", "\n      "))
-                if not ok or os.environ.get("E2E_VERBOSE") == "1":
+                if status != "PASS" or os.environ.get("E2E_VERBOSE") == "1":
                     show_diag(run)
                     sys.stdout.flush()
         finally:
@@ -286,11 +328,11 @@ def run_all(only, transports, results):
             if lm.orphans:
                 print("FAIL %s/shutdown: luamilter processes %r outlived SIGTERM" %
                       (tp, lm.orphans))
-                results.append((tp, "shutdown", False, 0))
+                results.append((tp, "shutdown", False, 0, "FAIL"))
             if status not in (0, None):
                 print("FAIL %s/shutdown: luamilter exited with status %s after SIGTERM" %
                       (tp, status))
-                results.append((tp, "shutdown", False, 0))
+                results.append((tp, "shutdown", False, 0, "FAIL"))
 
 
 def main():
@@ -306,9 +348,15 @@ def main():
         print("e2e: interrupted")
         raise
     failed = [r for r in results if not r[2]]
-    print("e2e: %d passed, %d failed, %.0fs" % (len(results) - len(failed), len(failed),
-                                               time.monotonic() - t_start))
-    for tp, name, _, _ in failed:
+    knowns = [r for r in results if r[4] == "KNOWN"]
+    if h.MTA != "postfix":
+        print("e2e: %s summary:" % MTA_NAME[h.MTA])
+        for tp, name, _, dt, status in results:
+            print("e2e:   %-5s %s/%s" % (status, tp, name))
+    print("e2e: %d passed, %d failed%s, %.0fs" % (
+        len(results) - len(failed) - len(knowns), len(failed),
+        ", %d known" % len(knowns) if knowns else "", time.monotonic() - t_start))
+    for tp, name, _, _, _ in failed:
         print("e2e: FAILED %s/%s" % (tp, name))
     if not results:
         print("e2e: no case matched")
@@ -324,6 +372,22 @@ RCPT = "rcpt1@example.test"
 
 def simple(run, tag, **kw):
     return mail_message(subject="e2e " + tag, msgid="%s.%s@e2e.test" % (tag, run.transport), **kw)
+
+
+def by_mta(run, **expected):
+    """the expected value for the MTA the suite runs on"""
+    return expected[run.mta]
+
+
+def addressed(run, addr, lines):
+    """a MAIL or RCPT reply as the client gets it: Sendmail puts "<addr>... "
+    before the text of a 450, 550 or 553 reply (sendmail/err.c, fmtmsg(),
+    on the first line only), Postfix passes it as it is"""
+    if run.mta != "sendmail" or lines[0][:3] not in ("450", "550", "553"):
+        return lines
+    first = lines[0]
+    m = re.match(r"^(\d{3}[- ](?:\d\.\d{1,3}\.\d{1,3} )?)(.*)$", first)
+    return [m.group(1) + "<%s>... " % addr + m.group(2)] + lines[1:]
 
 
 def expect_accepted(run, tr):
@@ -438,6 +502,21 @@ for _action in ("reject", "tempfail"):
         s.cmd("MAIL FROM:<%s>" % SENDER)
         s.cmd("RCPT TO:<%s>" % RCPT)
         tr = run.record(s.close())
+        if run.mta == "sendmail":
+            # Sendmail keeps no text of a connect-stage reply: its own
+            # banner, then its own reply to MAIL (and to RCPT after reject)
+            if action == "reject":
+                run.reply(tr, "", ["554 mta.e2e.test ESMTP not accepting messages"])
+                run.reply(tr, "MAIL", ["550 5.0.0 Command rejected"])
+                run.reply(tr, "RCPT", ["550 5.0.0 Command rejected"])
+            else:
+                banner = (tr.reply("") or [""])[0]
+                run.check(banner.startswith("220 mta.e2e.test ESMTP Sendmail 8."),
+                          "banner: %r" % banner)
+                run.reply(tr, "MAIL", SM_TEMPFAIL)
+                run.reply_code(tr, "RCPT", "503")
+            run.delivered(0)
+            return
         if action == "reject":
             run.reply(tr, "", ["554 mta.e2e.test ESMTP not accepting connections"])
         else:
@@ -460,7 +539,7 @@ for _action in ("reject", "tempfail"):
         """custom multi-line reply at MAIL FROM"""
         run.policy(ml_policy("envfrom", action, 'arg == "<bad@example.test>"'))
         tr = run.swaks("bad@example.test", [RCPT], simple(run, action + "-envfrom"))
-        run.reply(tr, "MAIL", ml_reply("envfrom", action))
+        run.reply(tr, "MAIL", addressed(run, "bad@example.test", ml_reply("envfrom", action)))
         run.delivered(0)
         tr = run.swaks(SENDER, [RCPT], simple(run, action + "-envfrom-ok"))
         expect_accepted(run, tr)
@@ -497,7 +576,8 @@ end
     tr = run.swaks(SENDER, ["ok1@example.test", "rej@example.test", "tmp@example.test",
                             "ok2@example.test"], simple(run, "envrcpt-mixed"))
     run.reply_code(tr, "RCPT TO:<ok1", "250")
-    run.reply(tr, "RCPT TO:<rej", ["550-5.1.1 no such user here", "550 5.1.1 really none"])
+    run.reply(tr, "RCPT TO:<rej", addressed(run, "rej@example.test",
+                                            ["550-5.1.1 no such user here", "550 5.1.1 really none"]))
     run.reply(tr, "RCPT TO:<tmp", ["452-4.2.2 mailbox full", "452 4.2.2 come back later"])
     run.reply_code(tr, "RCPT TO:<ok2", "250")
     run.reply_code(tr, ".", "250")
@@ -590,7 +670,36 @@ def _(run):
                     ("X-Added-3", " folded\r\n\twith CRLF")])
 
 
-@case("insert-header")
+# luamilter's header-index defects on Sendmail (milter-protocol.md 13b),
+# fixed by the header planner's work: the cases keep their normal
+# expectation, and a marker is removed once its case passes
+SM_KNOWN_INSERT = ("KNOWN: insert_header: indexes are counted as on Postfix; Sendmail's header "
+                   "list also holds the .cf's default headers, so index 2, the anchor, "
+                   "#ctx.headers and 99 land near the top instead of after the n-th header")
+SM_KNOWN_DELETE = ("KNOWN: delete_header of duplicates: luamilter renumbers a later delete of "
+                   "the same name as Postfix does after a delete; Sendmail keeps the deleted "
+                   "header's slot, so the wrong duplicate goes")
+SM_KNOWN_ADD_EXISTING = ("KNOWN: add_header of a name the message has: Sendmail puts it before "
+                         "the first header of that name, not at the end, and a change_header "
+                         "of that name after it then counts the added one")
+SM_KNOWN_COMBINED = ("KNOWN: combined edits: the insert_header and duplicate-delete "
+                     "indexes above, counted as on Postfix")
+
+
+@case("add-header-existing", known={"sendmail": SM_KNOWN_ADD_EXISTING})
+def _(run):
+    """add_header of names the message already has is appended after the
+    last header too, and a change_header in the same verdict still means
+    the header the script saw"""
+    d, orig = header_case(run, "add-header-existing", r'''{
+    add_header = { {"X-Dup", "four"}, {"Subject", "second subject"} },
+    change_header = { {"X-Dup", 3, "THREE"} } }''')
+    want = [received()] + list(orig) + [("X-Dup", " four"), ("Subject", " second subject")]
+    want[9] = ("X-Dup", " THREE")
+    expect_headers(run, d, want)
+
+
+@case("insert-header", known={"sendmail": SM_KNOWN_INSERT})
 def _(run):
     """index 0 lands above Postfix's Received:, index n right after the
     n-th header the script saw (found by scanning ctx.headers), an index
@@ -627,7 +736,7 @@ def _(run):
     expect_headers(run, d, want)
 
 
-@case("delete-header")
+@case("delete-header", known={"sendmail": SM_KNOWN_DELETE})
 def _(run):
     """delete the 1st and 3rd X-Dup and the folded header; deleting a
     header that does not exist does nothing"""
@@ -637,7 +746,7 @@ def _(run):
     expect_headers(run, d, want)
 
 
-@case("header-mods-combined")
+@case("header-mods-combined", known={"sendmail": SM_KNOWN_COMBINED})
 def _(run):
     """every header modification in one verdict, each index meaning what the
     script saw: deleting X-Dup 1 and 2 deletes both originals, change of
@@ -760,6 +869,19 @@ end
     if len(held) != 1:
         return
     qid = held[0]["queue_id"]
+    if run.mta == "sendmail":
+        # Sendmail: an hf file in the queue directory, the reason in its
+        # q line; `sendmail -qQ -qIQID -Q` releases it, -qIQID delivers it
+        qf = h.sm_qf(qid)
+        run.check("X-Quarantined: yes" in qf, "quarantined message lacks X-Quarantined")
+        run.check("\nqheld by e2e\n" in qf, "quarantine reason not in the hf file")
+        p = h.sendmail_cmd("-qQ", "-qI" + qid, "-Q")
+        run.eq(p.returncode, 0, "sendmail -qQ -qI%s -Q status (%r)" % (qid, p.stdout + p.stderr))
+        p = h.sendmail_cmd("-qI" + qid, timeout=30)
+        run.eq(p.returncode, 0, "sendmail -qI%s status (%r)" % (qid, p.stdout + p.stderr))
+        (d,) = run.delivered(1)
+        run.eq(d.values("X-Quarantined"), [" yes"], "X-Quarantined after release")
+        return
     run.check("X-Quarantined: yes" in h.postcat(qid), "held message lacks X-Quarantined")
     h.postsuper("-H", qid)
     run.held0.add(qid)
@@ -924,8 +1046,9 @@ def _(run):
     with open(os.path.join(h.ROOT, "example.lua")) as f:
         run.policy(f.read(), raw=True)
     tr = run.swaks("spammer@example.net", [RCPT], simple(run, "example-blocked"))
-    run.reply(tr, "MAIL", ["550-5.7.1 Sender <spammer@example.net> is blocked by local policy.",
-                           "550 5.7.1 Contact postmaster@example.org if this is a mistake."])
+    run.reply(tr, "MAIL", addressed(run, "spammer@example.net", [
+        "550-5.7.1 Sender <spammer@example.net> is blocked by local policy.",
+        "550 5.7.1 Contact postmaster@example.org if this is a mistake."]))
     run.delivered(0)
     tr = run.swaks("someone@elsewhere.test", [RCPT],
                    mail_message(subject="hello", msgid="example-ext@e2e.test"))
@@ -982,13 +1105,13 @@ function H.envrcpt(ctx, rcpt) return V[rcpt] end
     rc = ["r-plain", "t-plain", "r-code", "t-code", "r-reason", "t-reason"]
     tr = run.swaks(SENDER, [r + "@example.test" for r in rc] + [RCPT], simple(run, "defaults"))
     want = {"r-plain": ["550 5.7.1 Command rejected"],
-            "t-plain": ["451 4.7.1 Service unavailable - try again later"],
+            "t-plain": by_mta(run, postfix=PF_TEMPFAIL, sendmail=SM_TEMPFAIL),
             "r-code": ["554 5.7.0 Command rejected"],
             "t-code": ["450 4.2.0 Service unavailable - try again later"],
             "r-reason": ["550 5.7.1 just a reason"],
             "t-reason": ["451 4.7.1 later, please"]}
     for r in rc:
-        run.reply(tr, "RCPT TO:<%s@" % r, want[r])
+        run.reply(tr, "RCPT TO:<%s@" % r, addressed(run, r + "@example.test", want[r]))
     run.reply_code(tr, ".", "250")
     (d,) = run.delivered(1)
     run.eq(d.rcpt_addrs(), ["<rcpt1@example.test>"], "envelope recipients")
@@ -1076,8 +1199,12 @@ end
         s.cmd("EHLO client.e2e.test")
         s.cmd("MAIL FROM:<%s>" % SENDER)
         tr = run.record(s.close())
-        run.reply(tr, "", ["554 mta.e2e.test ESMTP not accepting connections"])
-        run.reply(tr, "MAIL", ["554 5.7.1 listed at zen: 127.0.0.2"])
+        if run.mta == "sendmail":   # its own texts after a connect-stage reply
+            run.reply(tr, "", ["554 mta.e2e.test ESMTP not accepting messages"])
+            run.reply(tr, "MAIL", ["550 5.0.0 Command rejected"])
+        else:
+            run.reply(tr, "", ["554 mta.e2e.test ESMTP not accepting connections"])
+            run.reply(tr, "MAIL", ["554 5.7.1 listed at zen: 127.0.0.2"])
         run.delivered(0)
         run.policy(r'''
 function H.connect(ctx, host, addr)
@@ -1097,7 +1224,7 @@ end
         dns.stop()
 
 
-@case("eom-waits-past-content-timeout")
+@case("eom-waits-past-content-timeout", mtas=PF_ONLY)
 def _(run):
     """an eom handler that waits (milter.sleep) longer than Postfix's
     milter_content_timeout (10 s here): luamilter's progress packets keep
@@ -1143,7 +1270,7 @@ end
     tr = run.swaks(SENDER, [RCPT, "twofa@example.test", "rcpt2@example.test"],
                    simple(run, "reply-digit"))
     run.reply_code(tr, "RCPT TO:<rcpt1", "250")
-    run.reply(tr, "RCPT TO:<twofa", ["550 5.7.1 2FA required"])
+    run.reply(tr, "RCPT TO:<twofa", addressed(run, "twofa@example.test", ["550 5.7.1 2FA required"]))
     run.reply_code(tr, "RCPT TO:<rcpt2", "250")
     run.reply_code(tr, ".", "250")
     (d,) = run.delivered(1)
@@ -1172,7 +1299,7 @@ end
                    simple(run, "on-error-accept"))
     run.reply_code(tr, "RCPT TO:<rcpt1", "250")
     run.reply_code(tr, "RCPT TO:<boom", "250")
-    run.reply(tr, "RCPT TO:<rej", ["550 5.1.1 no such user here"])
+    run.reply(tr, "RCPT TO:<rej", addressed(run, "rej@example.test", ["550 5.1.1 no such user here"]))
     run.reply_code(tr, "RCPT TO:<rcpt2", "250")
     run.reply_code(tr, ".", "250")
     (d,) = run.delivered(1)
@@ -1235,8 +1362,9 @@ end
 
 @case("unknown-command")
 def _(run):
-    """the unknown handler's reply replaces Postfix's 500; mail still flows
-    on the same connection"""
+    """the unknown handler's reply replaces the MTA's 500; mail still flows
+    on the same connection.  Postfix passes the verb only, Sendmail the
+    whole command line"""
     run.policy(r'''
 function H.unknown(ctx, cmd)
   return milter.reject{ code = 502, xcode = "5.5.1", reason = "no " .. cmd .. " here" }
@@ -1250,7 +1378,8 @@ function H.eom(ctx) return milter.accept{ add_header = { {"X-Filtered", "yes"} }
     s.cmd("RCPT TO:<%s>" % RCPT)
     s.data(simple(run, "unknown"))
     tr = run.record(s.close())
-    run.reply(tr, "XFOO", ["502 5.5.1 no XFOO here"])
+    run.reply(tr, "XFOO", by_mta(run, postfix=["502 5.5.1 no XFOO here"],
+                                 sendmail=["502 5.5.1 no XFOO bar baz here"]))
     run.reply_code(tr, ".", "250")
     (d,) = run.delivered(1)
     run.eq(d.values("X-Filtered"), [" yes"], "X-Filtered")
@@ -1275,11 +1404,23 @@ end
     expect_accepted(run, tr)
     (d,) = run.delivered(1)
     final = (tr.reply(".") or [""])[-1]
-    qid = final.rsplit(" ", 1)[-1]
+    # "250 2.0.0 Ok: queued as QID"; "250 2.0.0 QID Message accepted for delivery"
+    qid = by_mta(run, postfix=final.rsplit(" ", 1)[-1], sendmail=(final.split(" ") + ["", ""])[2])
     run.eq(values1(d, "X-Qid"), qid, "macro i (queue id)")
     run.eq(values1(d, "X-J"), "mta.e2e.test", "macro j")
-    run.eq(values1(d, "X-Daemon"), "mta.e2e.test", "macro {daemon_name}")
-    run.check(str(values1(d, "X-V")).startswith("Postfix 3."), "macro v: %r" % d.values("X-V"))
+    # Sendmail's {daemon_name} is the daemon's Name= (DAEMON_OPTIONS), and
+    # its default Milter.macros.connect has no v
+    run.eq(values1(d, "X-Daemon"), by_mta(run, postfix="mta.e2e.test",
+                                          sendmail="MTA-" + run.transport),
+           "macro {daemon_name}")
+    if run.mta == "sendmail" and re.search(r"(^|[ ,])v($|[ ,])",
+                                           os.environ.get("E2E_SM_CONNECT_MACROS", "")):
+        # v added to the connect list: Sendmail's version number
+        run.check(str(values1(d, "X-V")).startswith("8."), "macro v: %r" % d.values("X-V"))
+    elif run.mta == "sendmail":
+        run.eq(values1(d, "X-V"), "nil", "macro v")
+    else:
+        run.check(str(values1(d, "X-V")).startswith("Postfix 3."), "macro v: %r" % d.values("X-V"))
     run.eq(values1(d, "X-Mail-Addr"), "sender@example.test", "macro {mail_addr}")
     run.check(re.match(r"^localhost\|inet\|127\.0\.0\.1\|\d+$", str(values1(d, "X-Client"))),
               "ctx.client: %r" % d.values("X-Client"))
@@ -1353,7 +1494,7 @@ end
     run.eq(len(conns), 8, "distinct ctx.id values")
 
 
-@case("reload-midsession")
+@case("reload-midsession", mtas=PF_ONLY)
 def _(run):
     """SIGHUP while an SMTP session is open: that session finishes on the
     old script, the next one uses the new script"""
@@ -1378,7 +1519,7 @@ function H.eom(ctx) return milter.accept{ add_header = { {"X-Policy-Version", "B
 
 
 
-@case("reload-visible")
+@case("reload-visible", mtas=PF_ONLY)
 def _(run):
     """after SIGHUP, once the log says 'reloaded ...: generation N', every
     new connection uses the new script (the new script takes 0.3 s to load,
@@ -1405,7 +1546,7 @@ function H.eom(ctx) return milter.accept{ add_header = { {"X-Policy-Version", "B
                "policy of session %d after the reload" % (i + 1))
 
 
-@case("reload-busy-worker")
+@case("reload-busy-worker", mtas=PF_ONLY)
 def _(run):
     """SIGHUP while the only worker is busy in a handler: a connection that
     arrives after 'reloaded ...: generation 2' was logged must use the new
@@ -1454,7 +1595,7 @@ function H.eom(ctx) return milter.accept{ add_header = { {"X-Policy-Version", "B
         run.eq(by["<sender@example.test>"].values("X-Policy-Version"), [" B"],
                "policy of the session opened after 'reloaded' was logged")
 
-@case("sendmail-submission", transports=("unix",))
+@case("sendmail-submission", transports=("unix",), mtas=PF_ONLY)
 def _(run):
     """mail submitted with sendmail(1) goes through non_smtpd_milters:
     Postfix emulates connect (localhost, port 0) and helo, and sends the
@@ -1497,15 +1638,19 @@ def _(run):
     accepted unfiltered); submitted mail waits in the queue and is filtered
     once luamilter is back"""
     run.policy(FILTERED)
-    run.allow_pf.append(PF_MILTER_DOWN)
+    run.allow_pf.append(by_mta(run, postfix=PF_MILTER_DOWN, sendmail=SM_MILTER_DOWN))
     st = run.lm.stop()
     run.eq(st, 0, "luamilter exit status after SIGTERM")
     if run.transport == "unix":
         run.check(not os.path.exists(h.LISTEN["unix"][5:]), "unix socket left behind")
     tr = run.swaks(SENDER, [RCPT], simple(run, "stopped"))
-    run.reply(tr, "MAIL", PF_TEMPFAIL)
+    run.reply(tr, "MAIL", by_mta(run, postfix=PF_TEMPFAIL, sendmail=SM_TEMPFAIL))
     run.check(tr.reply(".") is None, "the message was sent although MAIL failed")
     run.delivered(0)
+    if run.mta == "sendmail":
+        run.lm.start(lua(FILTERED))
+        resend_filtered(run, "stopped-after")
+        return
     if run.transport == "unix":
         # sendmail(1) goes through non_smtpd_milters (the unix socket)
         msg = simple(run, "stopped-sendmail").replace(b"\r\n", b"\n")
@@ -1578,7 +1723,7 @@ def hang_and_kill(run, sender, rcpt, mark, kill):
     return tr
 
 
-@case("worker-crash")
+@case("worker-crash", mtas=PF_ONLY)
 def _(run):
     """the worker running a handler is killed (SIGKILL) at eom, then at
     RCPT: Postfix tempfails, nothing is delivered, the supervisor starts a
@@ -1598,7 +1743,7 @@ def _(run):
     resend_filtered(run, "worker-crash-after")
 
 
-@case("daemon-crash")
+@case("daemon-crash", mtas=PF_ONLY)
 def _(run):
     """the whole daemon (supervisor and workers) killed with SIGKILL while a
     session waits at RCPT: Postfix tempfails, nothing is delivered; a
@@ -1620,7 +1765,7 @@ def _(run):
     resend_filtered(run, "daemon-crash-after")
 
 
-@case("supervisor-crash")
+@case("supervisor-crash", mtas=PF_ONLY)
 def _(run):
     """only the supervisor is killed (SIGKILL): its workers must not live
     on unsupervised (they keep the listening socket, so a restarted
@@ -1646,7 +1791,7 @@ def _(run):
     resend_filtered(run, "supervisor-crash-after")
 
 
-@case("runaway-handler")
+@case("runaway-handler", mtas=PF_ONLY)
 def _(run):
     """handlers that never return, with --script-timeout 1: an interpreted
     loop at RCPT is stopped by the count hook (that recipient gets the
@@ -1683,7 +1828,7 @@ end
     resend_filtered(run, "runaway-after")
 
 
-@case("milter-hung")
+@case("milter-hung", mtas=PF_ONLY)
 def _(run):
     """luamilter frozen (SIGSTOP to all its processes): Postfix's
     milter_command_timeout (5 s) expires and the session is tempfailed;
