@@ -10,7 +10,7 @@ LUAJIT_LIBS   := $(or $(shell pkg-config --libs luajit 2>/dev/null),-lluajit-5.1
 LIBS    := $(LUAJIT_LIBS) -lev -lcares -lhiredis -lcurl -llmdb -lsystemd -lm
 
 B       ?= build
-SRCS    := log buf wire sess mods pfsim lb lctx lverdict lwhere lsetup lwait ldns ltcp lredis \
+SRCS    := log buf wire sess mods msglog pfsim lb lctx lverdict lwhere lsetup lwait ldns ltcp lredis \
            lhttp lstore lstore_rds offline offline_report aio dnsr tcpc rds httpc store conn listen \
            ctl reload notify super main
 CORE    := log buf wire sess mods pfsim

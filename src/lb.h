@@ -111,6 +111,14 @@ double lb_now(void);
 int lb_add_setting(const char *spec, char *err, size_t errlen);
 int lb_set_preload(const char *path, char *err, size_t errlen);
 
+/*
+ * Where the handler of ev is defined ("policy.lua:12"), for the message
+ * log line; "" when the script has no such handler. Borrowed, valid as
+ * long as lc's state; made once per state. (The line it returned at is
+ * gone once it returned: `return milter.reject{}` is a tail call.)
+ */
+const char *lb_handler_site(struct lb_conn *lc, int ev);
+
 /* Parses "tempfail", "accept", "continue", "reject" into VA_*; -1 if bad. */
 int lb_parse_action(const char *name);
 

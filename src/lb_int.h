@@ -31,6 +31,8 @@ struct lb_state {
     struct mod *mods;       /* verdict scratch, reused by every call */
     int reader_ref;         /* lverdict's reader function, 0 until made */
     size_t mods_cap;
+    char sites[SE__COUNT][160]; /* lb_handler_site's answers, once made */
+    unsigned sites_made;        /* SE_BIT()s of those */
 };
 
 /* The C block of a ctx userdata; s is NULL once the session is over. */
