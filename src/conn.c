@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "metrics.h"
 
 #define READ_CHUNK (64 * 1024)
 /* Seconds between progress packets while an eom handler waits: well
@@ -116,6 +117,8 @@ static void handler_ran(struct conn *c, int ev, int rc, double t0)
     msglog_handler(&c->mlog, ev, rc, t1 - t0);
     if (rc == LB_WAIT)
         c->wait_since = t1;
+    else
+        metrics_call_done(ev, rc < 0, t1 - c->call_started);
 }
 
 static void start_progress(struct conn *c, int ev)
@@ -130,6 +133,7 @@ static int call_lua(void *ud, struct sess *s, int ev,
     struct conn *c = ud;
     watch_handler(c, ev);
     msglog_touch(&c->mlog, s);
+    metrics_call(ev);
     double t0 = msglog_clock();
     c->call_started = t0;
     int rc = lb_call(&c->lua, s, ev, cmd, v);
@@ -151,7 +155,11 @@ static void on_note(void *ud, struct sess *s, int what, int ev,
                     const struct verdict *v)
 {
     struct conn *c = ud;
-    msglog_note(&c->mlog, s, what, ev, v, site_of, c);
+    int mv = msglog_note(&c->mlog, s, what, ev, v, site_of, c);
+    if (what == SN_RCPT_REFUSED)
+        metrics_rcpt_refused();
+    else
+        metrics_message(mv);
 }
 
 static const struct sess_ops lua_ops = {call_lua};
@@ -171,6 +179,7 @@ static void conn_free(struct conn *c)
             ev_now(srv->loop) - c->started, c->msgs);
     sess_free(&c->sess);
     msglog_free(&c->mlog);
+    metrics_conn_close();
     lb_conn_free(&c->lua);
     buf_free(&c->rbuf);
     buf_free(&c->wbuf);
@@ -575,6 +584,7 @@ void conn_new(struct server *srv, int fd, int is_tcp)
     buf_init(&c->wbuf, 0);
     sess_init(&c->sess, &c->cfg, &lua_ops, c, c->id);
     c->sess.note = on_note;
+    metrics_conn_open();
     msglog_init(&c->mlog);
     lb_conn_init(&c->lua, srv->script);
     c->lua.wake = conn_wake;

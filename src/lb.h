@@ -24,6 +24,8 @@ struct lb_wait {
     void (*cancel)(void *op); /* stops it: its callback never runs */
     int nres;                 /* results its completion pushed onto co */
     int flags, mx;            /* the binding's notes about the operation */
+    int kind;                 /* enum metrics_kind, for --metrics */
+    double since;             /* when it began (msglog_clock) */
     size_t count;
     unsigned active : 1;      /* op is pending */
 };
