@@ -7,12 +7,12 @@ WARN    := -std=c11 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes
 DEFS    := -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE
 LUAJIT_CFLAGS := $(or $(shell pkg-config --cflags luajit 2>/dev/null),-I/usr/include/luajit-2.1)
 LUAJIT_LIBS   := $(or $(shell pkg-config --libs luajit 2>/dev/null),-lluajit-5.1)
-LIBS    := $(LUAJIT_LIBS) -lev -lcares -lhiredis -lcurl -llmdb -lsystemd -lm
+LIBS    := $(LUAJIT_LIBS) -lev -lcares -lhiredis -lcurl -llmdb -lsystemd -lmicrohttpd -lm
 
 B       ?= build
-SRCS    := log buf wire sess mods pfsim lb lctx lverdict lwhere lsetup lwait ldns ltcp lredis \
+SRCS    := log buf wire sess mods msglog metrics pfsim lb lctx lverdict lwhere lsetup lwait ldns ltcp lredis \
            lhttp lstore lstore_rds offline offline_report aio dnsr tcpc rds httpc store conn listen \
-           ctl reload notify super main
+           ctl reload notify metrics_http super main
 CORE    := log buf wire sess mods pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted

@@ -8,7 +8,7 @@
 # (redis-server, rspamd) on free loopback ports with private configs.
 set -eu
 level=${1:-build}
-pkgs="make gcc pkg-config libev-dev libluajit-5.1-dev luajit lua-cjson libc-ares-dev libhiredis-dev libcurl4-openssl-dev liblmdb-dev libsystemd-dev"
+pkgs="make gcc pkg-config libev-dev libluajit-5.1-dev luajit lua-cjson libc-ares-dev libhiredis-dev libcurl4-openssl-dev liblmdb-dev libsystemd-dev libmicrohttpd-dev"
 case $level in
   deb) pkgs="$pkgs debhelper dpkg-dev lintian" ;;
   test) pkgs="$pkgs lua-busted lua-check lua-socket lua-posix clang libclang-rt-14-dev valgrind python3 dnsmasq-base redis-server openssl lmdb-utils rspamd procps systemd man-db debhelper dpkg-dev lintian m4" ;;

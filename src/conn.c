@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "metrics.h"
 
 #define READ_CHUNK (64 * 1024)
 /* Seconds between progress packets while an eom handler waits: well
@@ -108,6 +109,18 @@ static void watch_handler(struct conn *c, int ev)
     wd.fd = c->finishing ? -1 : c->fd;
 }
 
+/* A slice of ev's handler, begun at t0, ended with rc: its time counts
+ * for the message line, and a wait on a lookup begins now. */
+static void handler_ran(struct conn *c, int ev, int rc, double t0)
+{
+    double t1 = msglog_clock();
+    msglog_handler(&c->mlog, ev, rc, t1 - t0);
+    if (rc == LB_WAIT)
+        c->wait_since = t1;
+    else
+        metrics_call_done(ev, rc < 0, t1 - c->call_started);
+}
+
 static void start_progress(struct conn *c, int ev)
 {
     if (ev == SE_EOM && !c->finishing)
@@ -119,11 +132,34 @@ static int call_lua(void *ud, struct sess *s, int ev,
 {
     struct conn *c = ud;
     watch_handler(c, ev);
+    msglog_touch(&c->mlog, s);
+    metrics_call(ev);
+    double t0 = msglog_clock();
+    c->call_started = t0;
     int rc = lb_call(&c->lua, s, ev, cmd, v);
+    handler_ran(c, ev, rc, t0);
     wd.fd = -1;
     if (rc == LB_WAIT)
         start_progress(c, ev);
     return rc;
+}
+
+static const char *site_of(void *ud, int ev)
+{
+    struct conn *c = ud;
+    return lb_handler_site(&c->lua, ev);
+}
+
+/* The session's notes: a refused recipient, a message's end. */
+static void on_note(void *ud, struct sess *s, int what, int ev,
+                    const struct verdict *v)
+{
+    struct conn *c = ud;
+    int mv = msglog_note(&c->mlog, s, what, ev, v, site_of, c);
+    if (what == SN_RCPT_REFUSED)
+        metrics_rcpt_refused();
+    else
+        metrics_message(mv);
 }
 
 static const struct sess_ops lua_ops = {call_lua};
@@ -142,6 +178,8 @@ static void conn_free(struct conn *c)
             "closed after %.3fs, %u message(s)",
             ev_now(srv->loop) - c->started, c->msgs);
     sess_free(&c->sess);
+    msglog_free(&c->mlog);
+    metrics_conn_close();
     lb_conn_free(&c->lua);
     buf_free(&c->rbuf);
     buf_free(&c->wbuf);
@@ -456,7 +494,10 @@ static void conn_resume(struct ev_loop *loop, ev_timer *w, int revents)
     ev_timer_stop(c->srv->loop, &c->progress);
     struct verdict v;
     watch_handler(c, c->sess.wait.ev);
+    double t0 = msglog_clock();
+    msglog_lookup(&c->mlog, t0 - c->wait_since);
     int rc = lb_resume(&c->lua, &c->sess, &v);
+    handler_ran(c, c->sess.wait.ev, rc, t0);
     wd.fd = -1;
     if (rc == LB_WAIT) { /* the next lookup */
         start_progress(c, c->sess.wait.ev);
@@ -542,6 +583,9 @@ void conn_new(struct server *srv, int fd, int is_tcp)
     buf_init(&c->rbuf, srv->max_frame + 5 + READ_CHUNK);
     buf_init(&c->wbuf, 0);
     sess_init(&c->sess, &c->cfg, &lua_ops, c, c->id);
+    c->sess.note = on_note;
+    metrics_conn_open();
+    msglog_init(&c->mlog);
     lb_conn_init(&c->lua, srv->script);
     c->lua.wake = conn_wake;
     c->lua.wake_ud = c;

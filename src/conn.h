@@ -14,6 +14,7 @@
 
 #include "buf.h"
 #include "lb.h"
+#include "msglog.h"
 #include "sess.h"
 
 struct server;
@@ -36,6 +37,9 @@ struct conn {
     struct conn *prev, *next;
     ev_timer resume;     /* a waiting handler's answer came: resume it */
     ev_timer progress;   /* while an eom handler waits: keep the MTA patient */
+    struct msglog mlog;  /* the open message's log line, in the making */
+    double call_started; /* msglog_clock() at the handler call's start */
+    double wait_since;   /* and when its current lookup wait began */
     unsigned closing : 1;     /* close when wbuf is flushed */
     unsigned in_callback : 1; /* free after the callback unwinds */
     unsigned finishing : 1;   /* closed; abort/close handlers still wait */

@@ -24,6 +24,8 @@ struct lb_wait {
     void (*cancel)(void *op); /* stops it: its callback never runs */
     int nres;                 /* results its completion pushed onto co */
     int flags, mx;            /* the binding's notes about the operation */
+    int kind;                 /* enum metrics_kind, for --metrics */
+    double since;             /* when it began (msglog_clock) */
     size_t count;
     unsigned active : 1;      /* op is pending */
 };
@@ -110,6 +112,14 @@ double lb_now(void);
  */
 int lb_add_setting(const char *spec, char *err, size_t errlen);
 int lb_set_preload(const char *path, char *err, size_t errlen);
+
+/*
+ * Where the handler of ev is defined ("policy.lua:12"), for the message
+ * log line; "" when the script has no such handler. Borrowed, valid as
+ * long as lc's state; made once per state. (The line it returned at is
+ * gone once it returned: `return milter.reject{}` is a tail call.)
+ */
+const char *lb_handler_site(struct lb_conn *lc, int ev);
 
 /* Parses "tempfail", "accept", "continue", "reject" into VA_*; -1 if bad. */
 int lb_parse_action(const char *name);

@@ -31,6 +31,8 @@ struct lb_state {
     struct mod *mods;       /* verdict scratch, reused by every call */
     int reader_ref;         /* lverdict's reader function, 0 until made */
     size_t mods_cap;
+    char sites[SE__COUNT][160]; /* lb_handler_site's answers, once made */
+    unsigned sites_made;        /* SE_BIT()s of those */
 };
 
 /* The C block of a ctx userdata; s is NULL once the session is over. */
@@ -62,8 +64,9 @@ double lwait_opt_timeout(lua_State *L, int idx, double dflt);
 /* t capped by what is left of the handler's --script-timeout. */
 double lwait_cap(const struct lb_conn *lc, double t);
 double lwait_timeout(lua_State *L, struct lb_conn *lc, int idx, double dflt);
-/* Records op and yields; the completion pushes results, lwait_complete. */
-int lwait_suspend(lua_State *L, struct lb_conn *lc, void *op,
+/* Records op (a lookup of kind, enum metrics_kind) and yields; the
+ * completion pushes results, lwait_complete. */
+int lwait_suspend(lua_State *L, struct lb_conn *lc, int kind, void *op,
                   void (*cancel)(void *op));
 void lwait_complete(struct lb_conn *lc, int nres);
 /* Returns nil, err from a lookup's C function. */

@@ -169,6 +169,104 @@ static int ctx_header(lua_State *L)
     return 1;
 }
 
+/* Fields one ctx:log line takes from its tables, at most. */
+#define LOG_FIELDS_MAX 256
+
+/*
+ * Collects the fields of the table at t into the (new) table on top of L
+ * as an array of {key string, value} pairs, sorted by key; raises only
+ * through tostring (a value's __tostring), holding no C memory.
+ */
+static void table_fields(lua_State *L, int t, int out, int *count)
+{
+    lua_newtable(L); /* vals: key string -> value */
+    int vals = lua_gettop(L);
+    lua_newtable(L); /* the key strings, to sort */
+    int keys = lua_gettop(L);
+    int n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, t) && *count + n < LOG_FIELDS_MAX) {
+        int kt = lua_type(L, -2);
+        if (kt != LUA_TSTRING && kt != LUA_TNUMBER) {
+            lua_pop(L, 1);
+            continue;
+        }
+        lua_pushvalue(L, -2);
+        if (kt == LUA_TNUMBER) { /* lua_tostring would change the key */
+            lua_getglobal(L, "tostring");
+            lua_insert(L, -2);
+            lua_call(L, 1, 1);
+        }
+        lua_pushvalue(L, -1);
+        lua_rawseti(L, keys, ++n);
+        lua_insert(L, -2); /* key string, value */
+        lua_rawset(L, vals);
+    }
+    if (*count + n >= LOG_FIELDS_MAX)
+        lua_settop(L, keys);
+    lua_getglobal(L, "table");
+    lua_getfield(L, -1, "sort");
+    lua_pushvalue(L, keys);
+    lua_call(L, 1, 0);
+    lua_pop(L, 1);
+    for (int i = 1; i <= n; i++) {
+        lua_createtable(L, 2, 0);
+        lua_rawgeti(L, keys, i);
+        lua_pushvalue(L, -1);
+        lua_rawget(L, vals);
+        int vt = lua_type(L, -1);
+        if (vt != LUA_TSTRING && vt != LUA_TNUMBER && vt != LUA_TBOOLEAN) {
+            lua_getglobal(L, "tostring");
+            lua_insert(L, -2);
+            lua_call(L, 1, 1);
+        }
+        lua_rawseti(L, -3, 2);
+        lua_rawseti(L, -2, 1);
+        lua_rawseti(L, out, ++*count);
+    }
+    lua_settop(L, vals - 1);
+}
+
+/* Logs text with the fields of the tables among the arguments. */
+static void log_with_fields(lua_State *L, int level, uint64_t cid,
+                            const char *qid, const char *text, int first,
+                            int top)
+{
+    lua_newtable(L);
+    int out = lua_gettop(L);
+    int n = 0;
+    for (int i = first + 1; i <= top; i++)
+        if (lua_type(L, i) == LUA_TTABLE)
+            table_fields(L, i, out, &n);
+    struct log_field *f =
+        lua_newuserdata(L, (size_t)(n ? n : 1) * sizeof *f);
+    for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, out, i + 1); /* stays on the stack: anchors */
+        lua_rawgeti(L, -1, 1);
+        lua_rawgeti(L, -2, 2);
+        struct log_field *x = &f[i];
+        memset(x, 0, sizeof *x);
+        x->key = lua_tostring(L, -2);
+        switch (lua_type(L, -1)) {
+        case LUA_TBOOLEAN:
+            x->type = LF_BOOL;
+            x->i = lua_toboolean(L, -1);
+            break;
+        case LUA_TNUMBER:
+            x->type = LF_NUM;
+            x->num = lua_tonumber(L, -1);
+            break;
+        default:
+            x->type = LF_STR;
+            x->s = lua_tolstring(L, -1, &x->n);
+            break;
+        }
+        lua_pop(L, 1); /* the value stays in its pair */
+        lua_pop(L, 1);
+    }
+    log_fields(level, cid, qid, text, f, (size_t)n);
+}
+
 int lctx_log(lua_State *L, uint64_t cid, const char *qid, int first)
 {
     int level;
@@ -181,11 +279,15 @@ int lctx_log(lua_State *L, uint64_t cid, const char *qid, int first)
     char where[300] = "";
     if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "Sl", &ar))
         snprintf(where, sizeof where, "%s:%d: ", ar.short_src, ar.currentline);
-    int top = lua_gettop(L), pieces = 0;
+    int top = lua_gettop(L), pieces = 0, tables = 0;
     luaL_checkstack(L, 2 * (top - first) + 4, "too many values to log");
     lua_getglobal(L, "tostring");
     for (int i = first + 1; i <= top; i++) {
-        if (i > first + 1) {
+        if (lua_type(L, i) == LUA_TTABLE) { /* its fields, not its address */
+            tables++;
+            continue;
+        }
+        if (pieces) {
             lua_pushliteral(L, " ");
             pieces++;
         }
@@ -194,8 +296,23 @@ int lctx_log(lua_State *L, uint64_t cid, const char *qid, int first)
         lua_call(L, 1, 1);
         pieces++;
     }
-    lua_concat(L, pieces);
-    log_msg(level, cid, qid, "[lua] %s%s", where, lua_tostring(L, -1));
+    if (pieces)
+        lua_concat(L, pieces);
+    else
+        lua_pushliteral(L, "");
+    if (!tables) {
+        log_msg(level, cid, qid, "[lua] %s%s", where, lua_tostring(L, -1));
+        return 0;
+    }
+    lua_pushfstring(L, "[lua] %s%s", where, lua_tostring(L, -1));
+    size_t len;
+    const char *text = lua_tolstring(L, -1, &len);
+    /* "[lua] file:12: " with no text: no trailing blank before the fields */
+    if (len && text[len - 1] == ' ') {
+        lua_pushlstring(L, text, len - 1);
+        text = lua_tostring(L, -1);
+    }
+    log_with_fields(L, level, cid, qid, text, first, top);
     return 0;
 }
 

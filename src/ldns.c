@@ -5,6 +5,7 @@
  * (timeout, SERVFAIL, REFUSED, no resolver) is nil, err.
  */
 #include "lb_int.h"
+#include "metrics.h"
 
 #include <string.h>
 #include <strings.h>
@@ -61,7 +62,7 @@ static int start(lua_State *L, struct lb_conn *lc, const char *name, int type,
     struct dnsr_req *r = dnsr_query(name, type, timeout, answered, lc, &err);
     if (!r)
         return lwait_fail(L, err);
-    return lwait_suspend(L, lc, r, cancel);
+    return lwait_suspend(L, lc, MK_DNS, r, cancel);
 }
 
 /* milter.dns.query(name, type [, timeout | {timeout=}]) */

@@ -4,6 +4,7 @@
  * (timeout, refused, TLS, too large) is nil, err; misuse raises.
  */
 #include "lb_int.h"
+#include "metrics.h"
 
 #include <ctype.h>
 #include <string.h>
@@ -241,7 +242,7 @@ static int l_request(lua_State *L)
     struct httpc_req *r = httpc_request(&o, answered, lc, &err);
     if (!r)
         return lwait_fail(L, err);
-    return lwait_suspend(L, lc, r, cancel);
+    return lwait_suspend(L, lc, MK_HTTP, r, cancel);
 }
 
 void lhttp_open(lua_State *L)

@@ -267,11 +267,9 @@ static void on_accept(struct ev_loop *loop, ev_io *w, int revents)
     }
 }
 
-int listen_open(struct listener *l, struct server *srv, const char *spec,
-                unsigned mode, char *err, size_t errlen)
+int listen_bind(struct listener *l, const char *spec, unsigned mode,
+                char *err, size_t errlen)
 {
-    memset(l, 0, sizeof *l);
-    l->srv = srv;
     int fd;
     if (strncmp(spec, "unix:", 5) == 0)
         fd = open_unix(l, spec + 5, mode, err, errlen);
@@ -291,6 +289,15 @@ int listen_open(struct listener *l, struct server *srv, const char *spec,
                  spec);
         return -1;
     }
+    return fd;
+}
+
+int listen_open(struct listener *l, struct server *srv, const char *spec,
+                unsigned mode, char *err, size_t errlen)
+{
+    memset(l, 0, sizeof *l);
+    l->srv = srv;
+    int fd = listen_bind(l, spec, mode, err, errlen);
     if (fd < 0)
         return -1;
     l->is_tcp = !l->path[0];

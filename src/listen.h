@@ -36,6 +36,14 @@ struct listener {
 int listen_open(struct listener *l, struct server *srv, const char *spec,
                 unsigned mode, char *err, size_t errlen);
 /*
+ * Only binds spec and listens (non-blocking, close-on-exec): the socket's
+ * fd, or -1 with a reason in err. A unix socket's path goes to l->path
+ * (the rest of l is not touched); listen_close works on such an l too
+ * once l->io.fd is set.
+ */
+int listen_bind(struct listener *l, const char *spec, unsigned mode,
+                char *err, size_t errlen);
+/*
  * Starts / stops accepting. When accept fails for want of resources (out
  * of descriptors or memory) the listener stops for a moment (0.1 s,
  * doubling to 1 s) instead of retrying at once, and logs at most one warn

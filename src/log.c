@@ -2,6 +2,7 @@
 #include "log.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <syslog.h>
 #include <time.h>
@@ -42,38 +43,10 @@ void log_use_syslog(const char *ident)
     to_syslog = 1;
 }
 
-/* Appends s to out as the inside of a JSON string; returns the new length. */
-static size_t json_escape(char *out, size_t pos, size_t cap, const char *s)
-{
-    for (; *s && pos + 7 < cap; s++) {
-        unsigned char c = (unsigned char)*s;
-        if (c == '"' || c == '\\') {
-            out[pos++] = '\\';
-            out[pos++] = (char)c;
-        } else if (c < 0x20) {
-            pos += (size_t)snprintf(out + pos, cap - pos, "\\u%04x", c);
-        } else {
-            out[pos++] = (char)c;
-        }
-    }
-    out[pos] = '\0';
-    return pos;
-}
-
-void log_vmsg(int level, uint64_t cid, const char *qid, const char *fmt,
-              va_list ap)
+/* A text line (or a syslog one): "TS LEVEL [tag] msg". */
+static void emit_text(int level, const char *tag, const char *msg)
 {
     static const int prio[] = {LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG};
-    char msg[4096], tag[96] = "";
-    if (!log_enabled(level))
-        return;
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    if (cid && qid && *qid)
-        snprintf(tag, sizeof tag, "[c=%llu g=%u q=%s] ",
-                 (unsigned long long)cid, log_gen, qid);
-    else if (cid)
-        snprintf(tag, sizeof tag, "[c=%llu g=%u] ", (unsigned long long)cid,
-                 log_gen);
     if (to_syslog) {
         syslog(prio[level], "%s %s%s", upper[level], tag, msg);
         return;
@@ -83,26 +56,33 @@ void log_vmsg(int level, uint64_t cid, const char *qid, const char *fmt,
     struct tm tm;
     gmtime_r(&now, &tm);
     strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%SZ", &tm);
-    if (json_format) {
-        char line[8192];
-        size_t n = (size_t)snprintf(line, sizeof line,
-                                    "{\"ts\":\"%s\",\"level\":\"%s\"", ts,
-                                    names[level]);
-        if (cid)
-            n += (size_t)snprintf(line + n, sizeof line - n,
-                                  ",\"conn\":%llu,\"gen\":%u",
-                                  (unsigned long long)cid, log_gen);
-        if (qid && *qid) {
-            n += (size_t)snprintf(line + n, sizeof line - n, ",\"qid\":\"");
-            n = json_escape(line, n, sizeof line - 8, qid);
-            n += (size_t)snprintf(line + n, sizeof line - n, "\"");
-        }
-        n += (size_t)snprintf(line + n, sizeof line - n, ",\"msg\":\"");
-        n = json_escape(line, n, sizeof line - 8, msg);
-        fprintf(stderr, "%s\"}\n", line);
-    } else {
-        fprintf(stderr, "%s %s %s%s\n", ts, upper[level], tag, msg);
+    fprintf(stderr, "%s %s %s%s\n", ts, upper[level], tag, msg);
+}
+
+/* The text tag of a line: "[c=1 g=2 q=ABC] ", or "" when cid is 0. */
+static void make_tag(char *tag, size_t n, uint64_t cid, const char *qid)
+{
+    *tag = '\0';
+    if (cid && qid && *qid)
+        snprintf(tag, n, "[c=%llu g=%u q=%s] ", (unsigned long long)cid,
+                 log_gen, qid);
+    else if (cid)
+        snprintf(tag, n, "[c=%llu g=%u] ", (unsigned long long)cid, log_gen);
+}
+
+void log_vmsg(int level, uint64_t cid, const char *qid, const char *fmt,
+              va_list ap)
+{
+    char msg[4096], tag[96];
+    if (!log_enabled(level))
+        return;
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    make_tag(tag, sizeof tag, cid, qid);
+    if (to_syslog || !json_format) {
+        emit_text(level, tag, msg);
+        return;
     }
+    log_fields(level, cid, qid, msg, NULL, 0);
 }
 
 void log_msg(int level, uint64_t cid, const char *qid, const char *fmt, ...)
@@ -113,4 +93,214 @@ void log_msg(int level, uint64_t cid, const char *qid, const char *fmt, ...)
     va_start(ap, fmt);
     log_vmsg(level, cid, qid, fmt, ap);
     va_end(ap);
+}
+
+int log_is_json(void) { return json_format; }
+
+/* A line being built: grows on the heap up to LINE_CAP, then truncates. */
+#define LINE_CAP (64 * 1024)
+struct line {
+    char *p;
+    size_t n, cap;
+};
+
+static void put(struct line *l, const char *s, size_t n)
+{
+    if (l->n + n + 1 > l->cap && l->cap < LINE_CAP) {
+        size_t cap = l->cap ? l->cap : 1024;
+        while (cap < l->n + n + 1 && cap < LINE_CAP)
+            cap *= 2;
+        char *p = realloc(l->p, cap);
+        if (p) {
+            l->p = p;
+            l->cap = cap;
+        }
+    }
+    if (!l->p)
+        return;
+    if (l->n + n + 1 > l->cap)
+        n = l->cap - l->n - 1;
+    memcpy(l->p + l->n, s, n);
+    l->n += n;
+    l->p[l->n] = '\0';
+}
+
+static void puts_(struct line *l, const char *s) { put(l, s, strlen(s)); }
+
+/* s[0..n) as the inside of a JSON string. */
+static void put_escaped(struct line *l, const char *s, size_t n)
+{
+    size_t run = 0;
+    for (size_t k = 0; k < n; k++) {
+        unsigned char c = (unsigned char)s[k];
+        if (c != '"' && c != '\\' && c >= 0x20)
+            continue;
+        put(l, s + run, k - run);
+        char esc[8];
+        if (c == '"' || c == '\\')
+            snprintf(esc, sizeof esc, "\\%c", c);
+        else if (c == '\n')
+            snprintf(esc, sizeof esc, "\\n");
+        else
+            snprintf(esc, sizeof esc, "\\u%04x", c);
+        puts_(l, esc);
+        run = k + 1;
+    }
+    put(l, s + run, n - run);
+}
+
+static int needs_quotes(const char *s, size_t n)
+{
+    if (n == 0)
+        return 1;
+    for (size_t k = 0; k < n; k++) {
+        unsigned char c = (unsigned char)s[k];
+        if (c <= 0x20 || c == '"' || c == '=' || c == '\\' || c == 0x7f)
+            return 1;
+    }
+    return 0;
+}
+
+static void put_text_value(struct line *l, const char *s, size_t n)
+{
+    if (!needs_quotes(s, n)) {
+        put(l, s, n);
+        return;
+    }
+    puts_(l, "\"");
+    put_escaped(l, s, n);
+    puts_(l, "\"");
+}
+
+static void put_key(struct line *l, const char *key)
+{
+    static const char *const own[] = {"ts", "level", "conn", "gen", "qid",
+                                      "msg"};
+    for (size_t k = 0; k < sizeof own / sizeof own[0]; k++)
+        if (strcmp(key, own[k]) == 0)
+            puts_(l, "_");
+    if (!*key)
+        puts_(l, "_");
+    for (const char *c = key; *c; c++) {
+        char ch = *c;
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+              (ch >= '0' && ch <= '9') || ch == '_' || ch == '.' || ch == '-'))
+            ch = '_';
+        put(l, &ch, 1);
+    }
+}
+
+static void put_number(struct line *l, const struct log_field *f)
+{
+    char num[40];
+    if (f->type == LF_INT)
+        snprintf(num, sizeof num, "%lld", f->i);
+    else if (f->num != f->num || f->num - f->num != 0) /* nan, inf */
+        snprintf(num, sizeof num, json_format ? "null" : "%g", f->num);
+    else if (f->num == (double)(long long)f->num && f->num < 1e15 &&
+             f->num > -1e15)
+        snprintf(num, sizeof num, "%lld", (long long)f->num);
+    else
+        snprintf(num, sizeof num, "%.6g", f->num);
+    puts_(l, num);
+}
+
+static void put_field(struct line *l, const struct log_field *f)
+{
+    if (json_format) {
+        puts_(l, ",\"");
+        put_key(l, f->key);
+        puts_(l, "\":");
+    } else {
+        puts_(l, " ");
+        put_key(l, f->key);
+        puts_(l, "=");
+    }
+    switch (f->type) {
+    case LF_INT:
+    case LF_NUM: put_number(l, f); break;
+    case LF_BOOL: puts_(l, f->i ? "true" : "false"); break;
+    case LF_LIST: {
+        const char *s = f->s;
+        struct line v = {0};
+        puts_(l, json_format ? "[" : "");
+        for (size_t k = 0; k < f->n; k++) {
+            size_t len = strlen(s);
+            if (json_format) {
+                puts_(l, k ? ",\"" : "\"");
+                put_escaped(l, s, len);
+                puts_(l, "\"");
+            } else {
+                if (k)
+                    puts_(&v, ",");
+                put(&v, s, len);
+            }
+            s += len + 1;
+        }
+        if (json_format)
+            puts_(l, "]");
+        else
+            put_text_value(l, v.p ? v.p : "", v.n);
+        free(v.p);
+        break;
+    }
+    default:
+        if (json_format) {
+            puts_(l, "\"");
+            put_escaped(l, f->s, f->n);
+            puts_(l, "\"");
+        } else {
+            put_text_value(l, f->s, f->n);
+        }
+        break;
+    }
+}
+
+void log_fields(int level, uint64_t cid, const char *qid, const char *msg,
+                const struct log_field *f, size_t nf)
+{
+    if (!log_enabled(level))
+        return;
+    struct line l = {0};
+    char tmp[160];
+    if (json_format && !to_syslog) {
+        char ts[32];
+        time_t now = time(NULL);
+        struct tm tm;
+        gmtime_r(&now, &tm);
+        strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%SZ", &tm);
+        snprintf(tmp, sizeof tmp, "{\"ts\":\"%s\",\"level\":\"%s\"", ts,
+                 names[level]);
+        puts_(&l, tmp);
+        if (cid) {
+            snprintf(tmp, sizeof tmp, ",\"conn\":%llu,\"gen\":%u",
+                     (unsigned long long)cid, log_gen);
+            puts_(&l, tmp);
+        }
+        if (qid && *qid) {
+            puts_(&l, ",\"qid\":\"");
+            put_escaped(&l, qid, strlen(qid));
+            puts_(&l, "\"");
+        }
+        puts_(&l, ",\"msg\":\"");
+        put_escaped(&l, msg, strlen(msg));
+        puts_(&l, "\"");
+        for (size_t k = 0; k < nf; k++)
+            put_field(&l, &f[k]);
+        puts_(&l, "}");
+        if (l.p)
+            fprintf(stderr, "%s\n", l.p);
+        free(l.p);
+        return;
+    }
+    int json = json_format;
+    json_format = 0; /* syslog lines are text */
+    puts_(&l, msg);
+    for (size_t k = 0; k < nf; k++)
+        put_field(&l, &f[k]);
+    json_format = json;
+    make_tag(tmp, sizeof tmp, cid, qid);
+    if (l.p)
+        emit_text(level, tmp, l.p);
+    free(l.p);
 }

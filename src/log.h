@@ -9,6 +9,7 @@
 #define LUAMILTER_LOG_H
 
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 
 enum log_level { LL_ERR = 0, LL_WARN, LL_INFO, LL_DEBUG };
@@ -35,5 +36,29 @@ void log_vmsg(int level, uint64_t cid, const char *qid, const char *fmt,
               va_list ap);
 
 #define log_enabled(lvl) ((lvl) <= log_level)
+
+/*
+ * A line made of fields: in --log-format json each field is a member of the
+ * line's object (after ts, level, conn, gen, qid and msg); in text they
+ * follow msg as key=value, the value quoted ("...", JSON escapes) when it is
+ * empty or holds a space, a quote, '=' or a control byte. A key that is
+ * not [A-Za-z0-9_.-]+ has the other bytes replaced by '_'; a key that is
+ * one of the line's own (ts, level, conn, gen, qid, msg) gets a leading
+ * '_'. LF_LIST is n NUL-terminated strings one after the other in s: a
+ * JSON array, comma-separated in text. Borrows everything.
+ */
+enum log_ftype { LF_STR, LF_INT, LF_NUM, LF_BOOL, LF_LIST };
+struct log_field {
+    const char *key;
+    int type;          /* enum log_ftype */
+    const char *s;     /* LF_STR (n bytes), LF_LIST (n strings) */
+    size_t n;
+    double num;        /* LF_NUM */
+    long long i;       /* LF_INT, LF_BOOL */
+};
+void log_fields(int level, uint64_t cid, const char *qid, const char *msg,
+                const struct log_field *f, size_t nf);
+/* Whether lines are JSON (--log-format json). */
+int log_is_json(void);
 
 #endif

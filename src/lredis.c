@@ -8,6 +8,7 @@
  * nil, "its text" from call, {err = "its text"} inside a list.
  */
 #include "lb_int.h"
+#include "metrics.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -179,7 +180,7 @@ static int start(lua_State *L, struct lb_conn *lc, struct lrds *o,
     lc->wait.flags = pipeline;
     if (rds_start(o->r, q, timeout, replied, lc) < 0)
         return lwait_fail(L, "out of memory");
-    return lwait_suspend(L, lc, q, cancel);
+    return lwait_suspend(L, lc, MK_REDIS, q, cancel);
 }
 
 /* r:call(cmd, arg... [, {timeout = s}]) -> reply | nil, err */

@@ -10,6 +10,7 @@
  * like every lookup (from the handler itself only).
  */
 #include "lb_int.h"
+#include "metrics.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -71,6 +72,7 @@ static int lstore_get(lua_State *L)
     struct store_val v;
     const char *err;
     int r = store_get(k, klen, &v, &err);
+    metrics_store(LSTORE_GET, r < 0);
     if (r < 0)
         return failed(L, err);
     if (r == 0)
@@ -104,7 +106,9 @@ static int lstore_set(lua_State *L)
     if (store_redis_url())
         return lstore_rds(L, LSTORE_SET, k, klen, &v, 0, ttl);
     const char *err;
-    if (store_set(k, klen, &v, ttl, &err) < 0)
+    int r = store_set(k, klen, &v, ttl, &err);
+    metrics_store(LSTORE_SET, r < 0);
+    if (r < 0)
         return failed(L, err);
     lua_pushboolean(L, 1);
     return 1;
@@ -118,7 +122,9 @@ static int lstore_del(lua_State *L)
     if (store_redis_url())
         return lstore_rds(L, LSTORE_DEL, k, klen, NULL, 0, 0);
     const char *err;
-    if (store_del(k, klen, &err) < 0)
+    int r = store_del(k, klen, &err);
+    metrics_store(LSTORE_DEL, r < 0);
+    if (r < 0)
         return failed(L, err);
     lua_pushboolean(L, 1);
     return 1;
@@ -139,7 +145,9 @@ static int lstore_incr(lua_State *L)
     if (store_redis_url())
         return lstore_rds(L, LSTORE_INCR, k, klen, NULL, by, ttl);
     const char *err;
-    if (store_incr(k, klen, by, ttl, &n, &err) < 0)
+    int r = store_incr(k, klen, by, ttl, &n, &err);
+    metrics_store(LSTORE_INCR, r < 0);
+    if (r < 0)
         return failed(L, err);
     lua_pushnumber(L, n);
     return 1;

@@ -16,6 +16,7 @@
  * that number, anything else is "not a number", as on LMDB.
  */
 #include "lb_int.h"
+#include "metrics.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -198,5 +199,5 @@ int lstore_rds(lua_State *L, int op, const char *key, size_t klen,
     lc->wait.flags = op;
     if (rds_start(r, q, timeout, replied, lc) < 0)
         return lwait_fail(L, "out of memory");
-    return lwait_suspend(L, lc, q, cancel);
+    return lwait_suspend(L, lc, MK_STORE, q, cancel);
 }

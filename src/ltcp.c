@@ -4,6 +4,7 @@
  * it is closed when that call ends, however it ends.
  */
 #include "lb_int.h"
+#include "metrics.h"
 
 #include <string.h>
 
@@ -141,7 +142,7 @@ static int l_connect(lua_State *L)
     s->pprev = &lc->socks;
     lc->socks = s;
     lc->wait.flags = 1;
-    return lwait_suspend(L, lc, s, cancel);
+    return lwait_suspend(L, lc, MK_TCP, s, cancel);
 }
 
 /* sock:send(data [, timeout]) -> bytes sent | nil, err */
@@ -159,7 +160,7 @@ static int l_send(lua_State *L)
     lc->wait.count = n;
     if (tcpc_send(s->t, data, n, timeout, finished, s) < 0)
         return luaL_error(L, "sock:send: another call on it is pending");
-    return lwait_suspend(L, lc, s, cancel);
+    return lwait_suspend(L, lc, MK_TCP, s, cancel);
 }
 
 /* sock:receive("*l" | "*a" | n [, timeout]) -> data | nil, err, partial */
@@ -192,7 +193,7 @@ static int l_receive(lua_State *L)
     lc->wait.flags = 3;
     if (tcpc_receive(s->t, mode, want, timeout, finished, s) < 0)
         return luaL_error(L, "sock:receive: another call on it is pending");
-    return lwait_suspend(L, lc, s, cancel);
+    return lwait_suspend(L, lc, MK_TCP, s, cancel);
 }
 
 static int l_close(lua_State *L)

@@ -8,7 +8,10 @@
  */
 #include "lb_int.h"
 
+#include <string.h>
+
 #include "aio.h"
+#include "metrics.h"
 
 struct lb_conn *lwait_current(lua_State *L, const char *what)
 {
@@ -67,9 +70,11 @@ double lwait_timeout(lua_State *L, struct lb_conn *lc, int idx, double dflt)
     return lwait_cap(lc, lwait_opt_timeout(L, idx, dflt));
 }
 
-int lwait_suspend(lua_State *L, struct lb_conn *lc, void *op,
+int lwait_suspend(lua_State *L, struct lb_conn *lc, int kind, void *op,
                   void (*cancel)(void *op))
 {
+    lc->wait.kind = kind;
+    lc->wait.since = msglog_clock();
     lc->wait.op = op;
     lc->wait.cancel = cancel;
     lc->wait.active = 1;
@@ -77,8 +82,27 @@ int lwait_suspend(lua_State *L, struct lb_conn *lc, void *op,
     return lua_yield(L, 0);
 }
 
+/* The lookup's result for --metrics, from what its completion pushed:
+ * nil, "timeout"; nil, err; or a value. */
+static int result_of(lua_State *co, int nres)
+{
+    if (nres < 1 || !lua_isnil(co, -nres))
+        return MR_OK;
+    if (nres >= 2 && lua_type(co, -nres + 1) == LUA_TSTRING) {
+        size_t n;
+        const char *e = lua_tolstring(co, -nres + 1, &n);
+        if (n == 7 && memcmp(e, "timeout", 7) == 0)
+            return MR_TIMEOUT;
+    }
+    return MR_ERROR;
+}
+
 void lwait_complete(struct lb_conn *lc, int nres)
 {
+    int r = result_of(lc->co, nres);
+    metrics_lookup(lc->wait.kind, r, msglog_clock() - lc->wait.since);
+    if (lc->wait.kind == MK_STORE)
+        metrics_store(lc->wait.flags, /* lstore_rds: the op */ r != MR_OK);
     lc->wait.active = 0;
     lc->wait.op = NULL;
     lc->wait.nres = nres;
@@ -125,7 +149,7 @@ static int l_sleep(lua_State *L)
                               cut ? sleep_cut : slept, lc);
     if (!t)
         return lwait_fail(L, "out of memory");
-    return lwait_suspend(L, lc, t, sleep_cancel);
+    return lwait_suspend(L, lc, MK_SLEEP, t, sleep_cancel);
 }
 
 void lwait_open(lua_State *L)

@@ -105,3 +105,19 @@ void lwhere_push_error(lua_State *L, lua_State *co, int level,
     else
         lua_pushstring(L, msg);
 }
+
+const char *lb_handler_site(struct lb_conn *lc, int ev)
+{
+    struct lb_state *st = lc->st;
+    if (!st || ev < 0 || ev >= SE__COUNT || !(st->handlers & SE_BIT(ev)))
+        return "";
+    if (!(st->sites_made & SE_BIT(ev))) {
+        lua_State *L = st->L;
+        char *out = st->sites[ev];
+        lua_rawgeti(L, LUA_REGISTRYINDEX, st->handler[ev]);
+        lwhere_def(L, -1, out, sizeof st->sites[ev]);
+        lua_pop(L, 1);
+        st->sites_made |= SE_BIT(ev);
+    }
+    return st->sites[ev];
+}

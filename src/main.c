@@ -79,6 +79,10 @@ static void usage(FILE *f)
         "MiB)\n"
         "      --log-level LEVEL       error|warn|info|debug (info)\n"
         "      --log-format FMT        text|json (text)\n"
+        "      --metrics SPEC          serve GET /metrics (Prometheus) and "
+        "GET /health\n"
+        "                              over HTTP there, as -l spells it "
+        "(inet:9101@127.0.0.1)\n"
         "      --shutdown-timeout SECONDS  wait for open conversations on "
         "SIGTERM (30)\n"
         "      --socket-mode MODE      permissions of a unix socket (0660)\n"
@@ -164,7 +168,7 @@ int main(int argc, char **argv)
            O_MODE, O_MAXCONN, O_VERSION, O_PIDFILE, O_USER,
            O_GROUP, O_DAEMON, O_STIMEOUT, O_SMEM, O_MAXFRAME, O_MAXHDRS,
            O_MAXMACROS, O_MAXMSG, O_MAXCONNB, O_MAXWQ, O_DNS, O_STORE,
-           O_STOREMAP };
+           O_STOREMAP, O_METRICS };
     static const struct option longopts[] = {
         {"listen", required_argument, 0, 'l'},
         {"set", required_argument, 0, O_SET},
@@ -194,6 +198,7 @@ int main(int argc, char **argv)
         {"dns", required_argument, 0, O_DNS},
         {"store", required_argument, 0, O_STORE},
         {"store-map-size", required_argument, 0, O_STOREMAP},
+        {"metrics", required_argument, 0, O_METRICS},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     double v;
@@ -286,6 +291,7 @@ int main(int argc, char **argv)
                                  optarg);
             store_map = (size_t)v;
             break;
+        case O_METRICS: opt.metrics = optarg; break;
         case O_PIDFILE: opt.pidfile = optarg; break;
         case O_USER: opt.user = optarg; break;
         case O_GROUP: opt.group = optarg; break;

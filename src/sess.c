@@ -380,11 +380,19 @@ static int run(struct sess *s, int ev, const struct wire_cmd *c,
     return 0;
 }
 
+static void note(struct sess *s, int what, int ev, const struct verdict *v)
+{
+    if (s->note)
+        s->note(s->ud, s, what, ev, v);
+}
+
 /* Runs abort for an open message; 1 when that handler waits. */
 static int abort_msg(struct sess *s)
 {
     int open = s->msg == MSG_OPEN;
     s->msg = MSG_NONE; /* first: a re-entry after a wait goes on */
+    if (open)
+        note(s, SN_MSG_ABORT, SE_ABORT, NULL);
     if (open && (s->cfg->handlers & SE_BIT(SE_ABORT))) {
         struct verdict v;
         return run(s, SE_ABORT, NULL, &v);
@@ -722,6 +730,7 @@ static int event_done(struct sess *s, int ev, struct verdict *v,
         break;
     case SE_ENVRCPT:
         if (v->action == VA_REJECT || v->action == VA_TEMPFAIL) {
+            note(s, SN_RCPT_REFUSED, ev, v);
             s->nrcpts--;
             s->rcpts_dropped++;
             break;
@@ -733,12 +742,16 @@ static int event_done(struct sess *s, int ev, struct verdict *v,
     case SE_EOH:
     case SE_BODY:
         if (v->action != VA_CONTINUE && v->action != VA_SKIP) {
+            note(s, SN_MSG_END, ev, v);
             s->msg = MSG_ENDED;
             buf_reset(&s->ended);
             buf_append(&s->ended, rep, replen);
         }
         break;
-    case SE_EOM: s->msg = MSG_NONE; break;
+    case SE_EOM:
+        note(s, SN_MSG_END, ev, v);
+        s->msg = MSG_NONE;
+        break;
     default: break;
     }
     return SESS_OK;

@@ -82,6 +82,19 @@ struct sess_ops {
                 struct verdict *v);
 };
 
+/*
+ * What the owner is told through sess.note (optional, NULL: nothing; set
+ * after sess_init): SN_RCPT_REFUSED, the recipient last in s->rcpts was
+ * refused by v; SN_MSG_END, the message ended with v, the verdict of ev
+ * that was sent (eom, or a stop at an earlier event); SN_MSG_ABORT, an
+ * open message was given up (ABORT, a new MAIL or HELO, the connection's
+ * end; v NULL). Told before the session forgets anything: the envelope
+ * and v's strings are still readable. ud is the ops' ud.
+ */
+enum sess_note { SN_RCPT_REFUSED, SN_MSG_END, SN_MSG_ABORT };
+typedef void (*sess_note_fn)(void *ud, struct sess *s, int what, int ev,
+                             const struct verdict *v);
+
 struct sess_cfg {
     unsigned handlers;  /* SE_BIT()s of the events the script handles */
     int on_error;       /* VA_TEMPFAIL, VA_ACCEPT, VA_CONTINUE, VA_REJECT */
@@ -103,6 +116,7 @@ struct sess {
     const struct sess_cfg *cfg; /* borrowed */
     const struct sess_ops *ops; /* borrowed */
     void *ud;                   /* passed to ops */
+    sess_note_fn note;          /* or NULL (see enum sess_note) */
     uint64_t id;                /* connection id, for logs */
 
     uint8_t state;    /* enum sess_state */

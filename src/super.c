@@ -25,6 +25,8 @@
 #include "store.h"
 #include "listen.h"
 #include "log.h"
+#include "metrics.h"
+#include "metrics_http.h"
 #include "notify.h"
 #include "reload.h"
 
@@ -47,6 +49,7 @@ struct slot {
     ev_timer restart;
     ev_io io;           /* requests from the worker; writable when owed */
     ev_timer again;     /* resend after a lost or refused send */
+    int stopped;        /* SIGSTOPped (ev_child traces it): not serving */
 };
 
 static const struct super_opts *O;
@@ -63,6 +66,8 @@ static struct reload check; /* a reload being checked in a child */
 static int hup_again;       /* SIGHUP during a check: check again after */
 static int ready_owed = 1;  /* systemd awaits READY=1 (start, reload) */
 static int reload_failed;   /* the last reload kept the old generation */
+static struct metrics_slot *mslots; /* --metrics: one per worker slot */
+static struct metrics_super msup;   /* the supervisor's own numbers */
 
 /* ---- worker ---------------------------------------------------------- */
 
@@ -212,6 +217,9 @@ static void worker_run(int i, int ctl)
      * and one Ctrl-C lets open conversations finish. */
     signal(SIGINT, SIG_IGN);
     L.path[0] = '\0';        /* the supervisor removes the socket file */
+    metrics_http_forget(loop);
+    if (mslots)
+        metrics_cur = &mslots[i]; /* a predecessor's counts go on from here */
     conn_watchdog_start(&S->cfg, O->script_timeout, &shm->wd[i]);
     char err[1024];
     S->gen = shm->gen;
@@ -367,6 +375,13 @@ static void on_child(struct ev_loop *loop, ev_child *w, int revents)
     (void)revents;
     struct slot *sl = (struct slot *)((char *)w - offsetof(struct slot, child));
     int st = w->rstatus;
+    if (WIFSTOPPED(st) || WIFCONTINUED(st)) { /* /health reports it */
+        sl->stopped = WIFSTOPPED(st);
+        return;
+    }
+    sl->stopped = 0;
+    if (mslots) /* its connections died with it; its counts stay */
+        __atomic_store_n(&mslots[sl - slots].conns_open, 0, __ATOMIC_RELAXED);
     ev_child_stop(loop, w);
     ev_io_stop(loop, &sl->io);
     ev_timer_stop(loop, &sl->again);
@@ -390,6 +405,7 @@ static void on_child(struct ev_loop *loop, ev_child *w, int revents)
                 "own", (int)w->rpid);
     else
         log_death((int)(sl - slots), w->rpid, st);
+    msup.restarts++;
     /* a worker that dies at once would make us fork in a tight loop */
     double delay = ev_now(loop) - sl->started < 1.0 ? 1.0 : 0.0;
     log_msg(LL_INFO, 0, NULL, "starting a new worker%s",
@@ -429,7 +445,8 @@ static void spawn(struct ev_loop *loop, int i)
     sl->done = 0;
     sl->pid = pid;
     sl->started = ev_now(loop);
-    ev_child_set(&sl->child, pid, 0);
+    ev_child_set(&sl->child, pid, 1); /* 1: stops and continues too */
+    sl->stopped = 0;
     ev_child_start(loop, &sl->child);
     ev_io_set(&sl->io, sl->ctl, EV_READ);
     ev_io_start(loop, &sl->io);
@@ -455,6 +472,10 @@ static void on_checked(struct reload *r, const char *src, size_t len,
     (void)r;
     int fd = err ? -1 : script_memfd(src, len);
     reload_failed = err || fd < 0;
+    if (reload_failed)
+        msup.reloads_failed++;
+    else
+        msup.reloads_ok++;
     if (reload_failed) {
         log_msg(LL_ERR, 0, NULL,
                 "reload failed, generation %u keeps serving: %s", shm->gen,
@@ -492,6 +513,7 @@ static void start_check(struct ev_loop *loop)
                 "reload failed, generation %u keeps serving: %s", shm->gen,
                 err);
         reload_failed = 1;
+        msup.reloads_failed++;
         maybe_ready();
     }
 }
@@ -518,6 +540,8 @@ static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 
 static void cleanup(void)
 {
+    if (O->metrics)
+        metrics_http_stop(S->loop);
     if (pidfile_written && unlink(O->pidfile) < 0 && errno != ENOENT)
         log_msg(LL_WARN, 0, NULL, "cannot remove %s: %s", O->pidfile,
                 strerror(errno));
@@ -559,6 +583,48 @@ static void on_stop(struct ev_loop *loop, ev_signal *w, int revents)
     }
     ev_timer_init(&stop_timer, on_stop_timeout, O->shutdown_timeout + 5, 0);
     ev_timer_start(loop, &stop_timer);
+}
+
+/* ---- --metrics -------------------------------------------------------- */
+
+/* Workers serving: running (not stopped) with a script loaded. */
+static int workers_ready(void)
+{
+    int n = 0;
+    for (int i = 0; i < O->workers; i++)
+        n += slots[i].pid > 0 && slots[i].done > 0 && !slots[i].stopped;
+    return n;
+}
+
+static int render(char **out, size_t *len)
+{
+    msup.generation = shm->gen;
+    msup.workers = O->workers;
+    msup.workers_ready = workers_ready();
+    return metrics_render(mslots, O->workers, &msup, out, len);
+}
+
+static int healthy(char *why, size_t n)
+{
+    for (int i = 0; i < O->workers; i++) {
+        const struct slot *sl = &slots[i];
+        if (sl->pid <= 0)
+            snprintf(why, n, "worker %d is not running", i + 1);
+        else if (sl->stopped)
+            snprintf(why, n, "worker %d (pid %d) is stopped", i + 1,
+                     (int)sl->pid);
+        else if (!sl->done)
+            snprintf(why, n, "worker %d (pid %d) has not loaded the script",
+                     i + 1, (int)sl->pid);
+        else
+            continue;
+        return 0;
+    }
+    if (stopping) {
+        snprintf(why, n, "stopping");
+        return 0;
+    }
+    return 1;
 }
 
 /* ---- daemon duties --------------------------------------------------- */
@@ -754,6 +820,12 @@ int super_run(const struct super_opts *o, struct server *srv)
         snprintf(full, sizeof full, "cannot listen on %s: %s", O->listen, err);
         return fail(-1, full);
     }
+    if (O->metrics && metrics_http_bind(O->metrics, err, sizeof err) < 0) {
+        char full[2200];
+        snprintf(full, sizeof full, "--metrics %s: %s", O->metrics, err);
+        cleanup();
+        return fail(-1, full);
+    }
     if (O->daemon && daemonize(&report) < 0) {
         cleanup();
         return fail(-1, "cannot start the daemon");
@@ -790,6 +862,10 @@ int super_run(const struct super_opts *o, struct server *srv)
         cleanup();
         return fail(report, "mmap: out of memory");
     }
+    if (O->metrics && !(mslots = metrics_map(O->workers))) {
+        cleanup();
+        return fail(report, "mmap: out of memory");
+    }
     shm->gen = S->gen = 1;
     S->next_id = &shm->next_id;
     if (report >= 0) {
@@ -809,6 +885,11 @@ int super_run(const struct super_opts *o, struct server *srv)
     signal(SIGPIPE, SIG_IGN);
     struct ev_loop *loop = ev_default_loop(EVFLAG_AUTO);
     S->loop = loop;
+    static const struct metrics_http_ops mops = {render, healthy};
+    if (O->metrics && metrics_http_start(loop, &mops, err, sizeof err) < 0) {
+        cleanup();
+        return fail(-1, err);
+    }
     log_msg(LL_INFO, 0, NULL,
             "luamilter serving %s on %s (generation 1, %d worker%s)",
             O->script, O->listen, O->workers, O->workers > 1 ? "s" : "");

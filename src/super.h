@@ -23,6 +23,7 @@ struct super_opts {
     int daemon;
     double script_timeout; /* seconds per handler call */
     size_t script_memory;  /* bytes per Lua state */
+    const char *metrics;   /* --metrics SPEC, or NULL */
 };
 
 /*
