@@ -242,8 +242,10 @@ int hplan_put(int mta, const struct hp_hdr *tops, size_t ntop,
     if (!rc)
         rc = hplan_match(mta, o, n, w, m, om, wm);
     if (!rc) {
-        memcpy(all, tops, ntop * sizeof *all);
-        memcpy(all + ntop, o, n * sizeof *all);
+        if (ntop) /* tops and o may be NULL when empty */
+            memcpy(all, tops, ntop * sizeof *all);
+        if (n)
+            memcpy(all + ntop, o, n * sizeof *all);
         rc = name_groups(all, ntop + n, grp);
     }
     for (size_t k = 0; !rc && k < ntop; k++)
