@@ -10,10 +10,10 @@ LUAJIT_LIBS   := $(or $(shell pkg-config --libs luajit 2>/dev/null),-lluajit-5.1
 LIBS    := $(LUAJIT_LIBS) -lev -lcares -lhiredis -lcurl -llmdb -lsystemd -lmicrohttpd -lm
 
 B       ?= build
-SRCS    := log buf wire sess mods msglog metrics pfsim lb lctx lverdict lwhere lsetup lwait ldns ltcp lredis \
-           lhttp lstore lstore_rds offline offline_report aio dnsr tcpc rds httpc store conn listen \
-           ctl reload notify metrics_http super main
-CORE    := log buf wire sess mods pfsim
+SRCS    := log buf wire sess mods mta hmodel hplan msglog metrics pfsim lb lctx lverdict lwhere lsetup \
+           lwait ldns ltcp lredis lhttp lstore lstore_rds offline offline_report aio dnsr tcpc rds \
+           httpc store conn listen ctl reload notify metrics_http super main
+CORE    := log buf wire sess mods mta hmodel hplan pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted
 
@@ -102,14 +102,19 @@ $(B)/test_sess: spec/c/test_sess.c spec/c/fixture.c spec/c/*.h $(CORE:%=$(B)/%.o
 $(B)/test_pfsim: spec/c/test_pfsim.c spec/c/fixture.c spec/c/*.h $(CORE:%=$(B)/%.o)
 	$(CC) $(WARN) $(DEFS) $(CFLAGS) -Isrc -o $@ spec/c/test_pfsim.c spec/c/fixture.c $(CORE:%=$(B)/%.o)
 
+# The header planners against each MTA's model (random lists, thousands).
+$(B)/test_hplan: spec/c/test_hplan.c spec/c/*.h $(CORE:%=$(B)/%.o)
+	$(CC) $(WARN) $(DEFS) $(CFLAGS) -Isrc -o $@ spec/c/test_hplan.c $(CORE:%=$(B)/%.o)
+
 # The HTTP engine on a loop of its own against a server in the same loop.
 $(B)/test_httpc: spec/c/test_httpc.c spec/c/t.h src/httpc.h src/aio.h $(B)/httpc.o $(B)/aio.o
 	$(CC) $(WARN) $(DEFS) $(CFLAGS) $(LDFLAGS) -Isrc -o $@ spec/c/test_httpc.c $(B)/httpc.o $(B)/aio.o -lev -lcurl -lm
 
-check-c: $(B)/test_wire $(B)/test_sess $(B)/test_pfsim $(B)/test_httpc
+check-c: $(B)/test_wire $(B)/test_sess $(B)/test_pfsim $(B)/test_hplan $(B)/test_httpc
 	$(B)/test_wire ../shared/fixtures
 	$(B)/test_sess ../shared/fixtures
 	$(B)/test_pfsim ../shared/fixtures
+	$(B)/test_hplan
 	$(B)/test_httpc
 
 lint:

@@ -25,12 +25,37 @@ local function misuse(msg)
   error(msg, caller and caller.what ~= "C" and 3 or 0)
 end
 
+local INDEX_KEYS = { "add_header", "insert_header", "change_header", "delete_header" }
+
+-- headers = { {name, value}, ... }: the whole header list (README, "Header
+-- lists"); checked here too, so that the error names the script's line.
+local function check_headers(action, h)
+  if type(h) ~= "table" then
+    misuse(("milter.%s: headers must be a list of {name, value}, got %s"):format(action, type(h)))
+  end
+  for i = 1, #h do
+    local e = h[i]
+    if type(e) ~= "table" or type(e[1]) ~= "string" or type(e[2]) ~= "string" then
+      misuse(("milter.%s: headers[%d] must be {name, value} (two strings), got %s")
+        :format(action, i, type(e) == "table" and "{" .. type(e[1]) .. ", " .. type(e[2]) .. "}" or type(e)))
+    end
+  end
+end
+
 local function constructor(action)
   return function(t)
     if t == nil then
       t = {}
     elseif type(t) ~= "table" then
       misuse(("milter.%s expects a table or nothing, got %s"):format(action, type(t)))
+    end
+    if t.headers ~= nil then
+      check_headers(action, t.headers)
+      for _, k in ipairs(INDEX_KEYS) do
+        if t[k] ~= nil then
+          misuse(("milter.%s: headers (the whole list) cannot be combined with %s"):format(action, k))
+        end
+      end
     end
     t.action = action
     return t

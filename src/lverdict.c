@@ -53,7 +53,10 @@ static const struct {
     {"add_rcpt", SMFIF_ADDRCPT},     {"del_rcpt", SMFIF_DELRCPT},
     {"change_from", SMFIF_CHGFROM},  {"replace_body", SMFIF_CHGBODY},
     {"quarantine", SMFIF_QUARANTINE},
+    {"headers", SMFIF_ADDHDRS | SMFIF_CHGHDRS},
 };
+#define HEADERS_KEY 9
+#define INDEX_KEYS 0xfu /* add, insert, change, delete_header */
 #define NMOD_KEYS (int)(sizeof mod_keys / sizeof mod_keys[0])
 
 /* Pushes t[key] without metamethods. */
@@ -274,6 +277,37 @@ static int read_header_mod(struct vr *r, int k, int n)
     return 0;
 }
 
+/* headers = { {name, value}, ... }: the whole list, in order. */
+static int read_header_list(struct vr *r, int n)
+{
+    lua_State *co = r->co;
+    int list = lua_gettop(co);
+    for (int i = 1; i <= n; i++) {
+        lua_settop(co, list);
+        lua_rawgeti(co, list, i);
+        struct mod *m = new_mod(r);
+        if (!m)
+            return fail(r, "out of memory");
+        m->op = MOD_HEADER;
+        if (!lua_istable(co, -1))
+            return fail(r, "headers[%d] must be {name, value}", i);
+        lua_rawgeti(co, -1, 1);
+        lua_rawgeti(co, -2, 2);
+        if (get_str(co, -2, &m->a) < 0 || !valid_header_name(m->a))
+            return fail(r, "headers[%d]: bad header name (printable ASCII, "
+                           "no colon or space)",
+                        i);
+        if (header_value(r, -1, &m->b) < 0)
+            return fail(r, "headers[%d]: the value must be a string without "
+                           "NUL",
+                        i);
+        if (fits(r, 4 + m->a.n + m->b.n + 2, "headers", i) < 0)
+            return -1;
+    }
+    lua_settop(co, list);
+    return 0;
+}
+
 static int read_rcpt_mod(struct vr *r, int k, int n)
 {
     lua_State *co = r->co;
@@ -306,7 +340,7 @@ static int read_mod(struct vr *r, int k)
 {
     lua_State *co = r->co;
     struct verdict *v = r->v;
-    if (!(r->s->actions & mod_keys[k].flag))
+    if ((r->s->actions & mod_keys[k].flag) != mod_keys[k].flag)
         return fail(r, "the MTA does not allow %s (action 0x%x not offered)",
                     mod_keys[k].key, mod_keys[k].flag);
     switch (k) {
@@ -320,6 +354,11 @@ static int read_mod(struct vr *r, int k)
             return fail(r, "replace_body must be a string");
         v->body.p = lua_tolstring(co, -1, &v->body.n);
         return 0;
+    case HEADERS_KEY:
+        if (!lua_istable(co, -1))
+            return fail(r, "headers must be a list of {name, value}");
+        v->header_list = 1;
+        return read_header_list(r, (int)lua_objlen(co, -1));
     case 8: /* quarantine */
         if (get_str(co, -1, &v->quarantine) < 0 || v->quarantine.n == 0)
             return fail(r, "quarantine must be a non-empty reason string");
@@ -395,6 +434,11 @@ static int read_all(lua_State *co)
         return 0;
     if ((act == VA_REJECT || act == VA_TEMPFAIL) && read_reply(r) < 0)
         return 0;
+    if ((r->present & (1u << HEADERS_KEY)) && (r->present & INDEX_KEYS))
+        return fail(r, "headers (the whole list) cannot be combined with "
+                       "add_header, insert_header, change_header or "
+                       "delete_header"),
+               0;
     for (int k = 0; r->present && k < NMOD_KEYS; k++) {
         if (!(r->present & (1u << k)))
             continue;

@@ -18,6 +18,7 @@
 #include "dnsr.h"
 #include "lb.h"
 #include "log.h"
+#include "mta.h"
 #include "offline.h"
 #include "rds.h"
 #include "store.h"
@@ -52,6 +53,10 @@ static void usage(FILE *f)
         "handler\n"
         "                              fails or returns a bad verdict "
         "(tempfail)\n"
+        "      --mta MTA               postfix|sendmail|stalwart|auto: whose "
+        "header\n"
+        "                              counting to use (auto: from the offer "
+        "and macros)\n"
         "      --max-body BYTES        body bytes handed to Lua per message "
         "(64 MiB)\n"
         "      --timeout SECONDS       idle time between MTA commands (300)\n"
@@ -167,13 +172,14 @@ int main(int argc, char **argv)
     enum { O_ONERR = 256, O_SET, O_PRELOAD, O_MAXBODY, O_TIMEOUT, O_LEVEL, O_FORMAT, O_SHUT,
            O_MODE, O_MAXCONN, O_VERSION, O_PIDFILE, O_USER,
            O_GROUP, O_DAEMON, O_STIMEOUT, O_SMEM, O_MAXFRAME, O_MAXHDRS,
-           O_MAXMACROS, O_MAXMSG, O_MAXCONNB, O_MAXWQ, O_DNS, O_STORE,
+           O_MAXMACROS, O_MTA, O_MAXMSG, O_MAXCONNB, O_MAXWQ, O_DNS, O_STORE,
            O_STOREMAP, O_METRICS };
     static const struct option longopts[] = {
         {"listen", required_argument, 0, 'l'},
         {"set", required_argument, 0, O_SET},
         {"preload", required_argument, 0, O_PRELOAD},
         {"on-error", required_argument, 0, O_ONERR},
+        {"mta", required_argument, 0, O_MTA},
         {"max-body", required_argument, 0, O_MAXBODY},
         {"timeout", required_argument, 0, O_TIMEOUT},
         {"log-level", required_argument, 0, O_LEVEL},
@@ -296,6 +302,13 @@ int main(int argc, char **argv)
         case O_USER: opt.user = optarg; break;
         case O_GROUP: opt.group = optarg; break;
         case O_DAEMON: opt.daemon = 1; break;
+        case O_MTA:
+            srv.cfg.mta = mta_parse(optarg);
+            if (srv.cfg.mta < 0)
+                return die_usage("--mta: expected postfix, sendmail, stalwart "
+                                 "or auto, not '%s'",
+                                 optarg);
+            break;
         case O_ONERR:
             srv.cfg.on_error = lb_parse_action(optarg);
             if (srv.cfg.on_error < 0)

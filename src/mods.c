@@ -5,6 +5,9 @@
 #include <string.h>
 #include <strings.h>
 
+#include "hplan.h"
+#include "mta.h"
+
 /*
  * The planner keeps no list it edits in place (that was quadratic: 150,000
  * inserts took seconds). It relies on the sending order lverdict gives
@@ -229,7 +232,7 @@ static int build_list(struct sess *s, const struct verdict *v, struct work *w)
 static int put_headers(struct sess *s, const struct verdict *v,
                        struct buf *out)
 {
-    uint32_t nh = s->nhdrs, hidden = s->hides_received;
+    uint32_t nh = s->nhdrs, hidden = mta_rules(s->mta)->hidden_top;
     uint32_t total = hidden + nh; /* the MTA's list length so far */
     struct work w;
     memset(&w, 0, sizeof w);
@@ -288,9 +291,168 @@ static int put_headers(struct sess *s, const struct verdict *v,
     return rc;
 }
 
+/* The message's headers as the planner takes them. */
+static struct hp_hdr *originals(const struct sess *s)
+{
+    struct hp_hdr *o = malloc((s->nhdrs + 1) * sizeof *o);
+    for (uint32_t i = 0; o && i < s->nhdrs; i++)
+        o[i] = (struct hp_hdr){
+            {sess_cstr(s, s->hdrs[i].name, 1), s->hdrs[i].name.len},
+            {sess_cstr(s, s->hdrs[i].value, 1), s->hdrs[i].value.len}};
+    return o;
+}
+
+/* A `headers` list: the planner diffs it against ctx.headers. */
+static int put_list(struct sess *s, const struct verdict *v, struct buf *out)
+{
+    struct hp_hdr *o = originals(s);
+    struct hp_hdr *w = malloc((v->nmods + 1) * sizeof *w);
+    size_t m = 0;
+    int rc = o && w ? 0 : -1;
+    for (size_t i = 0; !rc && i < v->nmods; i++)
+        if (v->mods[i].op == MOD_HEADER)
+            w[m++] = (struct hp_hdr){v->mods[i].a, v->mods[i].b};
+    if (!rc)
+        rc = hplan_put(s->mta, NULL, 0, o, s->nhdrs, w, m, out);
+    free(o);
+    free(w);
+    return rc;
+}
+
+static const struct hp_hdr *nth_base;
+
+static int nth_cmp(const void *x, const void *y)
+{
+    uint32_t i = *(const uint32_t *)x, j = *(const uint32_t *)y;
+    const struct hp_hdr *a = &nth_base[i], *b = &nth_base[j];
+    int c = name_cmp(a->name.p, (uint32_t)a->name.n, b->name.p,
+                     (uint32_t)b->name.n);
+    return c ? c : i < j ? -1 : i > j;
+}
+
+/* The original that is the nth of that name (1-based), or -1. */
+static long find_nth(const struct hp_hdr *o, const uint32_t *byname,
+                     uint32_t n, struct wire_str name, uint32_t nth)
+{
+    uint32_t lo = 0, hi = n;
+    while (lo < hi) { /* the first of that name */
+        uint32_t mid = lo + (hi - lo) / 2;
+        const struct hp_hdr *e = &o[byname[mid]];
+        if (name_cmp(e->name.p, (uint32_t)e->name.n, name.p,
+                     (uint32_t)name.n) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    uint32_t k = lo + nth - 1;
+    if (nth == 0 || k >= n)
+        return -1;
+    const struct hp_hdr *e = &o[byname[k]];
+    return name_cmp(e->name.p, (uint32_t)e->name.n, name.p,
+                    (uint32_t)name.n) == 0
+               ? (long)byname[k]
+               : -1;
+}
+
+/*
+ * Index modifications for an MTA that cannot place an INSHEADER between
+ * message headers (Sendmail, Stalwart): the list they mean, by the API's
+ * rules (inserts after original k newest first, adds and past-the-end
+ * inserts then changes of absent headers at the end, changes and deletes
+ * of the nth original of a name), then the planner. Inserts at 0 go to
+ * the very top first, as the API says, above the MTA's trace header.
+ */
+static int put_translated(struct sess *s, const struct verdict *v,
+                          struct buf *out)
+{
+    uint32_t n = s->nhdrs;
+    size_t nm = v->nmods;
+    struct hp_hdr *o = originals(s);
+    struct hp_hdr *w = malloc((n + nm + 1) * sizeof *w);
+    struct hp_hdr *tops = malloc((nm + 1) * sizeof *tops);
+    uint32_t *byname = malloc((n + 1) * sizeof *byname);
+    uint32_t *head = malloc((n + 1) * sizeof *head);
+    uint32_t *next = malloc((nm + 1) * sizeof *next);
+    uint8_t *gone = calloc(n + 1, 1);
+    int rc = o && w && tops && byname && head && next && gone ? 0 : -1;
+    size_t m = 0, ntop = 0;
+    for (uint32_t k = 0; !rc && k < n; k++) {
+        byname[k] = k;
+        head[k] = UINT32_MAX;
+    }
+    if (!rc) {
+        nth_base = o;
+        qsort(byname, n, sizeof *byname, nth_cmp);
+    }
+    for (size_t i = 0; !rc && i < nm; i++) {
+        const struct mod *d = &v->mods[i];
+        if (d->op == MOD_INSERT_HEADER && d->index == 0) {
+            rc = wire_put_idx_header(out, WIRE_R_INSHEADER, 0, d->a, d->b);
+            tops[ntop++] = (struct hp_hdr){d->a, d->b};
+        } else if (d->op == MOD_INSERT_HEADER && d->index <= n) {
+            next[i] = head[d->index - 1];
+            head[d->index - 1] = (uint32_t)i;
+        } else if (d->op == MOD_CHANGE_HEADER || d->op == MOD_DELETE_HEADER) {
+            long k = find_nth(o, byname, n, d->a, d->index);
+            int del = d->op == MOD_DELETE_HEADER || d->b.n == 0;
+            if (k >= 0 && !gone[k]) {
+                if (del)
+                    gone[k] = 1;
+                else
+                    o[k].value = d->b; /* o is ours: w copies it below */
+            }
+        }
+    }
+    struct hp_hdr *orig = rc ? NULL : originals(s); /* o has the edits */
+    rc |= orig ? 0 : -1;
+    for (uint32_t k = 0; !rc && k < n; k++) {
+        if (!gone[k])
+            w[m++] = o[k];
+        for (uint32_t i = head[k]; i != UINT32_MAX; i = next[i])
+            w[m++] = (struct hp_hdr){v->mods[i].a, v->mods[i].b};
+    }
+    for (size_t i = 0; !rc && i < nm; i++) {
+        const struct mod *d = &v->mods[i];
+        if (d->op == MOD_ADD_HEADER ||
+            (d->op == MOD_INSERT_HEADER && d->index > n))
+            w[m++] = (struct hp_hdr){d->a, d->b};
+    }
+    /* a change of a header that is not there: the MTAs append it */
+    memset(gone, 0, n + 1);
+    for (size_t i = 0; !rc && i < nm; i++) {
+        const struct mod *d = &v->mods[i];
+        if (d->op != MOD_CHANGE_HEADER && d->op != MOD_DELETE_HEADER)
+            continue;
+        long k = find_nth(orig, byname, n, d->a, d->index);
+        int del = d->op == MOD_DELETE_HEADER || d->b.n == 0;
+        if (k >= 0 && !gone[k])
+            gone[k] = (uint8_t)del;
+        else if (!del)
+            w[m++] = (struct hp_hdr){d->a, d->b};
+    }
+    if (!rc)
+        rc = hplan_put(s->mta, tops, ntop, orig, n, w, m, out);
+    free(o);
+    free(orig);
+    free(w);
+    free(tops);
+    free(byname);
+    free(head);
+    free(next);
+    free(gone);
+    return rc;
+}
+
 int mods_put(struct sess *s, const struct verdict *v, struct buf *out)
 {
-    int rc = put_headers(s, v, out);
+    mta_update(s); /* macro v may have come at DATA (mta.h) */
+    int rc;
+    if (v->header_list)
+        rc = put_list(s, v, out);
+    else if (mta_rules(s->mta)->positional)
+        rc = put_headers(s, v, out);
+    else
+        rc = put_translated(s, v, out);
     for (size_t i = 0; i < v->nmods; i++) {
         const struct mod *d = &v->mods[i];
         if (d->op == MOD_ADD_RCPT && d->b.p)

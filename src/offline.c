@@ -46,6 +46,8 @@ static int wait_handler(struct run *r)
             continue;
         if (rc < 0)
             r->failed = 1;
+        if (rc == 0 && r->s.wait.ev == SE_EOM)
+            r->hlist = v.header_list;
         return sess_resume(&r->s, rc, &v, &r->out);
     }
 }
@@ -57,6 +59,8 @@ static int call(void *ud, struct sess *s, int ev, const struct wire_cmd *cmd,
     int rc = lb_call(&r->lua, s, ev, cmd, v);
     if (rc < 0)
         r->failed = 1;
+    if (rc == 0 && ev == SE_EOM)
+        r->hlist = v->header_list;
     return rc;
 }
 
@@ -416,6 +420,7 @@ static void play_message(struct run *r, const char *sender,
         if (settle(r, &rp, 0))
             return;
     }
+    offline_headers_before(r);
     send_macros(r, 'E', im, 2);
     exchange(r, WIRE_BODYEOB, "", 0, &rp);
     offline_stage(r, SE_EOM, NULL, &rp);

@@ -33,6 +33,9 @@ struct run {
     int traced;       /* the MTA's trace header was added */
     const char *final_action;
     char final_reply[1024];
+    int hlist;        /* the eom verdict gave a `headers` list */
+    char **before;    /* name, value pairs the milter saw, for the diff */
+    size_t nbefore;
 };
 
 struct reply {
@@ -45,6 +48,8 @@ struct reply {
 const char *offline_action_of(const struct reply *rp);
 /* Records one modification packet for the report and applies it. */
 void offline_take_mod(struct run *r, uint8_t cmd, const uint8_t *p, size_t n);
+/* Remembers the headers as the milter saw them (before eom's changes). */
+void offline_headers_before(struct run *r);
 /* Records a stage of a handled event: its argument and the reply. */
 void offline_stage(struct run *r, int ev, const char *arg,
                    const struct reply *rp);

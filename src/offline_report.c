@@ -4,7 +4,11 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include "hplan.h"
+#include "mta.h"
 
 static void jstr(struct buf *o, const char *p, size_t n)
 {
@@ -145,6 +149,126 @@ void offline_take_mod(struct run *r, uint8_t cmd, const uint8_t *p, size_t n)
     put(j, "}");
 }
 
+void offline_headers_before(struct run *r)
+{
+    r->before = calloc(2 * r->msg.nh + 1, sizeof *r->before);
+    r->nbefore = 0;
+    for (size_t i = 0; r->before && i < r->msg.nh; i++) {
+        const struct pf_hdr *h = &r->msg.h[i];
+        if (h->hidden)
+            continue;
+        r->before[2 * r->nbefore] = strdup(h->name);
+        r->before[2 * r->nbefore + 1] = strdup(h->value);
+        r->nbefore++;
+    }
+}
+
+static void free_before(struct run *r)
+{
+    for (size_t i = 0; r->before && i < 2 * r->nbefore; i++)
+        free(r->before[i]);
+    free(r->before);
+    r->before = NULL;
+    r->nbefore = 0;
+}
+
+static struct wire_str ws(const char *p) { return (struct wire_str){p, strlen(p)}; }
+
+/* A value on one line of the text report: LF and tab shown escaped. */
+static void put_value(struct buf *o, const char *v)
+{
+    for (; *v; v++) {
+        if (*v == '\n')
+            buf_append(o, "\\n", 2);
+        else if (*v == '\t')
+            buf_append(o, "\\t", 2);
+        else
+            buf_append_byte(o, (uint8_t)*v);
+    }
+}
+
+/* One line of the header diff, in text and in JSON. */
+static void diff_line(struct buf *t, struct buf *j, int *n, const char *op,
+                      const struct hp_hdr *h, const struct hp_hdr *old)
+{
+    static const char *const marks[] = {"keep", "    ", "remove", "  - ",
+                                        "add", "  + ", "change", "  ~ "};
+    const char *mark = "";
+    for (int k = 0; k < 8; k += 2)
+        if (strcmp(op, marks[k]) == 0)
+            mark = marks[k + 1];
+    put(t, mark);
+    if (old) {
+        putf(t, "%s: ", old->name.p);
+        put_value(t, old->value.p);
+        put(t, "  ->  ");
+    }
+    putf(t, "%s: ", h->name.p);
+    put_value(t, h->value.p);
+    put(t, "\n");
+    putf(j, "%s{\"op\":\"%s\",\"name\":", (*n)++ ? "," : "", op);
+    JS(j, h->name.p);
+    put(j, ",\"value\":");
+    JS(j, h->value.p);
+    if (old) {
+        put(j, ",\"old_name\":");
+        JS(j, old->name.p);
+        put(j, ",\"old_value\":");
+        JS(j, old->value.p);
+    }
+    put(j, "}");
+}
+
+/*
+ * The header block before and after eom's changes, paired as the planner
+ * pairs them (Postfix's rules, as the rest of the test mode): lines kept,
+ * removed, added and changed, in the order of the new block.
+ */
+static void header_diff(struct run *r, struct buf *t, struct buf *j)
+{
+    size_t n = r->nbefore, m = 0;
+    struct hp_hdr *o = malloc((n + 1) * sizeof *o);
+    struct hp_hdr *w = malloc((r->msg.nh + 1) * sizeof *w);
+    int32_t *om = malloc((n + 1) * sizeof *om);
+    int32_t *wm = malloc((r->msg.nh + 1) * sizeof *wm);
+    int count = 0;
+    if (!o || !w || !om || !wm)
+        goto out;
+    for (size_t i = 0; i < n; i++)
+        o[i] = (struct hp_hdr){ws(r->before[2 * i]), ws(r->before[2 * i + 1])};
+    for (size_t i = 0; i < r->msg.nh; i++)
+        if (!r->msg.h[i].hidden)
+            w[m++] = (struct hp_hdr){ws(r->msg.h[i].name),
+                                     ws(r->msg.h[i].value)};
+    if (hplan_match(MTA_POSTFIX, o, n, w, m, om, wm) < 0)
+        goto out;
+    size_t i = 0;
+    for (size_t k = 0; k <= m; k++) {
+        size_t upto = k < m && wm[k] >= 0 ? (size_t)wm[k] : k == m ? n : i;
+        for (; i < upto; i++)
+            if (om[i] < 0)
+                diff_line(t, j, &count, "remove", &o[i], NULL);
+        if (k == m)
+            break;
+        if (wm[k] < 0) {
+            diff_line(t, j, &count, "add", &w[k], NULL);
+            continue;
+        }
+        const struct hp_hdr *x = &o[wm[k]];
+        int same = x->name.n == w[k].name.n && x->value.n == w[k].value.n &&
+                   !strcmp(x->name.p, w[k].name.p) &&
+                   !strcmp(x->value.p, w[k].value.p);
+        diff_line(t, j, &count, same ? "keep" : "change", &w[k],
+                  same ? NULL : x);
+        i = (size_t)wm[k] + 1;
+    }
+out:
+    free(o);
+    free(w);
+    free(om);
+    free(wm);
+}
+
 void offline_stage(struct run *r, int ev, const char *arg,
                   const struct reply *rp)
 {
@@ -179,7 +303,7 @@ void offline_msg_reset(struct run *r)
     buf_init(&r->mods_json, 0);
     buf_init(&r->mods_text, 0);
     memset(&r->msg, 0, sizeof r->msg);
-    r->nstages = r->nmods = r->failed = r->traced = 0;
+    r->nstages = r->nmods = r->failed = r->traced = r->hlist = 0;
     r->ok = 1;
     r->final_action = "continue";
     r->final_reply[0] = '\0';
@@ -188,6 +312,7 @@ void offline_msg_reset(struct run *r)
 void offline_msg_free(struct run *r)
 {
     pf_free(&r->msg);
+    free_before(r);
     buf_free(&r->json);
     buf_free(&r->text);
     buf_free(&r->mods_json);
@@ -201,6 +326,11 @@ void offline_report(struct run *r, const char *sender, const char *file,
     buf_init(&msgout, 0);
     if (r->ok)
         pf_render(&r->msg, &msgout);
+    struct buf dtext, djson;
+    buf_init(&dtext, 0);
+    buf_init(&djson, 0);
+    if (r->hlist && r->ok)
+        header_diff(r, &dtext, &djson);
     if (as_json) {
         struct buf *jp = json;
         if (file) {
@@ -221,6 +351,10 @@ void offline_report(struct run *r, const char *sender, const char *file,
         putf(jp, ",\"error\":%s},\"modifications\":[",
              r->failed ? "true" : "false");
         buf_append(jp, buf_head(&r->mods_json), buf_len(&r->mods_json));
+        if (r->hlist && r->ok) {
+            put(jp, "],\"header_diff\":[");
+            buf_append(jp, buf_head(&djson), buf_len(&djson));
+        }
         put(jp, "],\"envelope\":{\"sender\":");
         JS(jp, r->msg.sender ? r->msg.sender : sender);
         put(jp, ",\"rcpts\":[");
@@ -243,6 +377,10 @@ void offline_report(struct run *r, const char *sender, const char *file,
     } else {
         fwrite(buf_head(&r->text), 1, buf_len(&r->text), stdout);
         fwrite(buf_head(&r->mods_text), 1, buf_len(&r->mods_text), stdout);
+        if (r->hlist && r->ok) {
+            printf("header changes (under the MTA's Received:):\n");
+            fwrite(buf_head(&dtext), 1, buf_len(&dtext), stdout);
+        }
         printf("final: %s%s%s (%s)\n", r->final_action,
                r->final_reply[0] ? ": " : "", r->final_reply,
                r->ok ? "delivered" : "not delivered");
@@ -259,4 +397,6 @@ void offline_report(struct run *r, const char *sender, const char *file,
         }
     }
     buf_free(&msgout);
+    buf_free(&dtext);
+    buf_free(&djson);
 }

@@ -7,6 +7,7 @@
 
 #include "log.h"
 #include "mods.h"
+#include "mta.h"
 
 const char *const sess_event_names[SE__COUNT] = {
     "connect", "helo", "envfrom", "envrcpt", "data", "header",
@@ -291,6 +292,13 @@ static int negotiate(struct sess *s, const struct wire_cmd *c,
     }
     s->version = c->version < 6 ? c->version : 6;
     s->actions = (h & SE_BIT(SE_EOM)) ? c->actions & 0xffu : 0;
+    s->offered_actions = c->actions;
+    /* Ask for macro v where the MTA's own lists lack it (mta.h). */
+    struct wire_symlist sl = {4, {MTA_DATA_MACROS, sizeof MTA_DATA_MACROS - 1}};
+    int nsl = s->actions && s->cfg->mta == MTA_AUTO && s->version >= 6 &&
+              (c->actions & SMFIF_SETSYMLIST);
+    if (nsl)
+        s->actions |= SMFIF_SETSYMLIST;
     s->protocol = (want_no | want_nr) & c->protocol;
     if ((h & SE_BIT(SE_BODY)) && (c->protocol & SMFIP_SKIP))
         s->protocol |= SMFIP_SKIP;
@@ -300,7 +308,7 @@ static int negotiate(struct sess *s, const struct wire_cmd *c,
             "0x%x 0x%x)",
             s->version, s->actions, s->protocol, c->version, c->actions,
             c->protocol);
-    return wire_put_optneg(out, s->version, s->actions, s->protocol, NULL, 0)
+    return wire_put_optneg(out, s->version, s->actions, s->protocol, &sl, nsl)
                ? SESS_CLOSE
                : SESS_OK;
 }
@@ -435,10 +443,7 @@ static int record(struct sess *s, const struct wire_cmd *c)
     struct sess_str v;
     switch (c->cmd) {
     case WIRE_CONNECT: {
-        size_t n = 0;
-        const char *mta = sess_macro(s, "v", 1, &n);
-        /* Postfix hides its Received: header; others show all headers. */
-        s->hides_received = !mta || (n >= 7 && memcmp(mta, "Postfix", 7) == 0);
+        mta_update(s); /* its header rules (mta.h), from the macros */
         s->family = c->family;
         s->port = c->port;
         int rc = set_cstr(s, &s->host, c->s1.p, c->s1.n);
@@ -527,8 +532,8 @@ static int put_verdict(struct sess *s, int ev, const struct verdict *v,
                        struct buf *out)
 {
     size_t mark = buf_len(out);
-    if ((ev == SE_EOM && (v->nmods || v->from.p || v->body.p ||
-                          v->quarantine.p) &&
+    if ((ev == SE_EOM && (v->nmods || v->header_list || v->from.p ||
+                          v->body.p || v->quarantine.p) &&
          mods_put(s, v, out) < 0) ||
         put_reply(s, v, out) < 0) {
         buf_truncate(out, mark);

@@ -31,7 +31,8 @@ enum verdict_action {
 /* A header or recipient change from an eom verdict, in sending order. */
 enum mod_op {
     MOD_ADD_HEADER, MOD_INSERT_HEADER, MOD_CHANGE_HEADER, MOD_DELETE_HEADER,
-    MOD_ADD_RCPT, MOD_DEL_RCPT
+    MOD_ADD_RCPT, MOD_DEL_RCPT,
+    MOD_HEADER /* one entry of a `headers` list: a = name, b = value */
 };
 struct mod {
     uint8_t op;        /* enum mod_op */
@@ -49,6 +50,7 @@ struct verdict {
     int nlines;
     const struct mod *mods; /* eom only */
     size_t nmods;
+    int header_list;        /* the MOD_HEADERs in mods are the whole list */
     struct wire_str from, from_args;     /* change_from, when from.p */
     struct wire_str body;                /* replace_body, when body.p */
     struct wire_str quarantine;          /* when quarantine.p */
@@ -63,6 +65,7 @@ static inline void verdict_clear(struct verdict *v)
     v->nlines = 0;
     v->mods = NULL;
     v->nmods = 0;
+    v->header_list = 0;
     v->from = v->from_args = v->body = v->quarantine =
         (struct wire_str){NULL, 0};
 }
@@ -103,6 +106,7 @@ struct sess_cfg {
     unsigned max_macros;  /* name/value pairs per MACRO packet */
     size_t max_msg_bytes;  /* envelope + headers of one message (0: 4 GiB) */
     size_t max_conn_bytes; /* macros, client, HELO of a connection (0: 4 GiB) */
+    int mta;            /* enum mta_kind (mta.h): MTA_AUTO detects it */
 };
 
 struct sess_str { uint32_t off, len; }; /* a string in one of the arenas */
@@ -122,8 +126,9 @@ struct sess {
     uint8_t state;    /* enum sess_state */
     uint8_t msg;      /* enum sess_msg */
     uint8_t phase;    /* enum sess_phase, while MSG_OPEN */
-    uint8_t hides_received; /* MTA hides its trace header (Postfix) */
+    uint8_t mta, mta_logged; /* enum mta_kind, as mta_update() found it */
     uint32_t version, actions, protocol; /* negotiated */
+    uint32_t offered_actions;            /* the MTA's OPTNEG offer */
 
     /* Connection data (conn arena). */
     struct buf carena;

@@ -15,6 +15,7 @@
 #include "fixture.h"
 #include "log.h"
 #include "mods.h"
+#include "mta.h"
 #include "sess.h"
 #include "t.h"
 
@@ -182,7 +183,11 @@ static void neg(unsigned handlers, uint32_t v, uint32_t a, uint32_t p,
     rig_init(&r, handlers);
     optneg(&r, v, a, p);
     const uint8_t *o = buf_head(&r.out);
-    CHECK(buf_len(&r.out) == 17 && o[4] == 'O', "OPTNEG reply of 12 bytes");
+    CHECK(buf_len(&r.out) >= 17 && o[4] == 'O', "OPTNEG reply of 12 bytes+");
+    /* with an eom handler and SETSYMLIST offered: macro v asked at DATA */
+    static const char sl[] = "\0\0\0\4i v";
+    int lists = buf_len(&r.out) == 17 + sizeof sl && memcmp(o + 17, sl, sizeof sl) == 0;
+    CHECK(buf_len(&r.out) == 17 || lists, "the DATA macro list: i v");
     uint32_t x[3];
     for (int i = 0; i < 3; i++)
         x[i] = (uint32_t)o[5 + 4 * i] << 24 | (uint32_t)o[6 + 4 * i] << 16 |
@@ -199,14 +204,14 @@ static void test_negotiation(void)
     /* Postfix / Sendmail offer, eom only: envelope and headers reply-free,
      * no DATA, EOH, BODY or UNKNOWN at all. */
     neg(SE_BIT(SE_EOM), 6, 0x1ff, 0x1fffff, &v, &a, &p);
-    CHECK(v == 6 && a == 0xff, "v=%u a=0x%x", v, a);
+    CHECK(v == 6 && a == 0x1ff, "v=%u a=0x%x (SETSYMLIST for macro v)", v, a);
     CHECK(p == (SMFIP_NODATA | SMFIP_NOEOH | SMFIP_NOBODY | SMFIP_NOUNKNOWN |
                 SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_MAIL |
                 SMFIP_NR_RCPT | SMFIP_NR_HDR),
           "eom only: p=0x%x", p);
     /* Everything handled: nothing suppressed, SKIP for the body. */
     neg(ALL, 6, 0x1ff, 0x1fffff, &v, &a, &p);
-    CHECK(p == SMFIP_SKIP && a == 0xff, "all: p=0x%x a=0x%x", p, a);
+    CHECK(p == SMFIP_SKIP && a == 0x1ff, "all: p=0x%x a=0x%x", p, a);
     /* Connect only: no message events, no actions. */
     neg(SE_BIT(SE_CONNECT), 6, 0x1ff, 0x1fffff, &v, &a, &p);
     CHECK(a == 0, "no eom, no actions: 0x%x", a);
@@ -475,7 +480,12 @@ static void test_header_indexes(const char *mta)
     const char *got = plan(&r, ins, 3);
     /* Postfix: A above Received; "after X-Dup#1" is [A, Rcvd, S, X-Dup]
      * -> index 4; past the end appends (index = list length). */
-    const char *want = pf ? "i0:A i4:B i7:C" : "i0:A i3:B i6:C";
+    /* Sendmail: its .cf's slots make "after X-Dup#1" unknowable: the
+     * headers after it are deleted (the slots stay) and appended again,
+     * with INSHEADER past the end (ADDHEADER lands before a same name). */
+    const char *want = pf ? "i0:A i4:B i7:C"
+                          : "i0:A m2:X-Dup m1:To i255:B i255:X-Dup i255:To "
+                            "i255:C";
     CHECK(strcmp(got, want) == 0, "%s inserts: %s (want %s)", mta, got, want);
 
     struct mod chg[] = {HM(MOD_ADD_HEADER, 0, "X-Dup", "new"),
@@ -488,7 +498,8 @@ static void test_header_indexes(const char *mta)
     /* change #2 -> 2; delete #1 -> 1; the old #2 is now first -> 1; a
      * missing header is appended by the MTA (index 1), a missing delete is
      * not sent at all. */
-    want = "h:X-Dup m2:x-dup m1:X-Dup m1:X-DUP m1:X-None";
+    want = pf ? "h:X-Dup m2:x-dup m1:X-Dup m1:X-DUP m1:X-None"
+              : "m1:X-Dup m2:X-Dup i255:X-Dup i255:X-None";
     CHECK(strcmp(got, want) == 0, "%s changes: %s (want %s)", mta, got, want);
 
     struct mod mix[] = {HM(MOD_INSERT_HEADER, 0, "X-Dup", "top"),
@@ -819,7 +830,7 @@ static void oracle(const struct sess *s, const struct mod *m, size_t nm,
 {
     struct oentry *e = malloc((1 + s->nhdrs + nm) * sizeof *e);
     uint32_t n = 0;
-    if (s->hides_received)
+    if (s->mta == MTA_POSTFIX)
         e[n++] = (struct oentry){"Received", 8, 0, 1};
     for (uint32_t i = 0; i < s->nhdrs; i++)
         e[n++] = (struct oentry){sess_cstr(s, s->hdrs[i].name, 1),
@@ -898,10 +909,9 @@ static void test_planner_property(void)
         struct rig r;
         rig_init(&r, ALL);
         optneg(&r, 6, 0x1ff, 0x1fffff);
-        if (run % 2)
-            SEND(&r, 'D', "Cv\0Postfix 3.7.11\0");
-        else
-            SEND(&r, 'D', "Cv\0" "8.17.1\0");
+        /* Postfix only: Sendmail's plans are checked against its model
+         * in test_hplan.c */
+        SEND(&r, 'D', "Cv\0Postfix 3.7.11\0");
         SEND(&r, 'C', "h\0U");
         SEND(&r, 'M', "<a@x>\0");
         uint32_t nh = rnd(12);

@@ -76,10 +76,27 @@ describe("eom modifications", function()
       assert.are.same({ { op = "insheader", index = 0, name = "X-First", value = "top" } }, r.mods)
     end)
 
-    it("index n (middle) is INSHEADER n when macro v is not Postfix", function()
+    it("index n (middle) on Sendmail: the headers after it deleted and appended again", function()
+      -- Sendmail's .cf slots above the message make a middle index unknowable (§13b)
       local r = eom_reply('milter.accept{ insert_header = { { 2, "X-Mid", "after To" } } }',
         { cmacros = SENDMAIL_C_MACROS, offer = mc.OFFER.sendmail })
-      assert.are.same({ { op = "insheader", index = 2, name = "X-Mid", value = "after To" } }, r.mods)
+      local A = 0x7fffffff
+      assert.are.same({
+        { op = "chgheader", index = 1, name = "Subject", value = "" },
+        { op = "chgheader", index = 1, name = "X-Foo", value = "" },
+        { op = "chgheader", index = 2, name = "Subject", value = "" }, -- the slot stays
+        { op = "chgheader", index = 2, name = "X-Foo", value = "" },
+        { op = "insheader", index = A, name = "X-Mid", value = "after To" },
+        { op = "insheader", index = A, name = "Subject", value = "first subject" },
+        { op = "insheader", index = A, name = "X-Foo", value = "foo 1" },
+        { op = "insheader", index = A, name = "Subject", value = "second subject" },
+        { op = "insheader", index = A, name = "X-Foo", value = "foo 2" } }, r.mods)
+    end)
+
+    it("index past the end on Sendmail is INSHEADER past any list (appends)", function()
+      local r = eom_reply('milter.accept{ insert_header = { { 99, "X-End", "e" } } }',
+        { cmacros = SENDMAIL_C_MACROS, offer = mc.OFFER.sendmail })
+      assert.are.same({ { op = "insheader", index = 0x7fffffff, name = "X-End", value = "e" } }, r.mods)
     end)
 
     it("index of the last header is n+1 behind Postfix", function()
@@ -95,11 +112,42 @@ describe("eom modifications", function()
         { op = "insheader", index = 4, name = "X-Mid", value = "2" } }, r.mods)
     end)
 
-    it("several inserts when macro v is not Postfix", function()
+    it("several inserts on Sendmail: index 0 at the top, the last at the end", function()
       local r = eom_reply([[milter.accept{ insert_header = {
-        { 0, "X-First", "1" }, { 2, "X-Mid", "2" } } }]], { cmacros = SENDMAIL_C_MACROS })
+        { 0, "X-First", "1" }, { 6, "X-Last", "2" } } }]], { cmacros = SENDMAIL_C_MACROS })
       assert.are.same({ { op = "insheader", index = 0, name = "X-First", value = "1" },
-        { op = "insheader", index = 3, name = "X-Mid", value = "2" } }, r.mods)
+        { op = "insheader", index = 0x7fffffff, name = "X-Last", value = "2" } }, r.mods)
+    end)
+  end)
+
+  describe("on Sendmail (§13b: deleted headers keep their slot, ADDHEADER goes before a same name)", function()
+    local DUPS = { { "From", "f" }, { "X-Dup", "1" }, { "X-Dup", "2" }, { "X-Dup", "3" } }
+    local SM = { cmacros = SENDMAIL_C_MACROS, offer = mc.OFFER.sendmail, headers = DUPS }
+
+    it("deleting {X-Dup,1} and {X-Dup,2} sends indexes 1 and 2", function()
+      local r = eom_reply('milter.accept{ delete_header = { { "X-Dup", 1 }, { "X-Dup", 2 } } }', SM)
+      assert.are.same({ { op = "chgheader", index = 1, name = "X-Dup", value = "" },
+        { op = "chgheader", index = 2, name = "X-Dup", value = "" } }, r.mods)
+    end)
+
+    it("deleting 1 and 3 sends indexes 1 and 3", function()
+      local r = eom_reply('milter.accept{ delete_header = { { "X-Dup", 1 }, { "X-Dup", 3 } } }', SM)
+      assert.are.same({ { op = "chgheader", index = 1, name = "X-Dup", value = "" },
+        { op = "chgheader", index = 3, name = "X-Dup", value = "" } }, r.mods)
+    end)
+
+    it("change {X-Dup,2} after an add_header of X-Dup changes the 2nd; the add is appended", function()
+      local r = eom_reply([[milter.accept{ add_header = { { "X-Dup", "new" } },
+        change_header = { { "X-Dup", 2, "two" } } }]], SM)
+      assert.are.same({ { op = "chgheader", index = 2, name = "X-Dup", value = "two" },
+        { op = "insheader", index = 0x7fffffff, name = "X-Dup", value = "new" } }, r.mods)
+    end)
+
+    it("is recognised without macro v, by its default connect macros", function()
+      local r = eom_reply('milter.accept{ add_header = { { "X-Dup", "new" } } }',
+        { offer = mc.OFFER.sendmail, headers = DUPS, cmacros = { { "j", "mta.example.org" },
+          { "_", "client [192.0.2.1]" }, { "{daemon_name}", "MTA" }, { "{if_name}", "localhost" } } })
+      assert.are.same({ { op = "insheader", index = 0x7fffffff, name = "X-Dup", value = "new" } }, r.mods)
     end)
   end)
 

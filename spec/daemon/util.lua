@@ -180,7 +180,7 @@ local RCPT_REJ = { r = true, t = true, y = true }
 
 -- one message (MAIL .. BODYEOB) on an open connection, then ABORT as Postfix
 -- does (unless opts.no_abort).  opts: mail, mail_args, rcpts, rcpt_args,
--- headers, body, qid, mmacros.  Returns {mail=, rcpts={}, data=, headers={},
+-- headers, body, qid, mmacros, dmacros (DATA).  Returns {mail=, rcpts={}, data=, headers={},
 -- eoh=, body={}, eom=, stopped=, error=} (entries are replies, "noreply",
 -- "skipped" or an error string)
 function U.message(c, opts)
@@ -206,7 +206,7 @@ function U.message(c, opts)
     if not (type(r) == "table" and RCPT_REJ[r.cmd]) then accepted = accepted + 1 end
   end
   if accepted == 0 then return done("rcpt") end
-  r, err = c:data(qid)
+  r, err = c:data(opts.dmacros or qid)
   res.data = r or err
   if not r then return done("data", err) end
   if stops(r) then return done("data") end

@@ -763,6 +763,75 @@ def _(run):
     expect_headers(run, d, want)
 
 
+def header_list_case(run, tag, edit):
+    """eom returns headers = a copy of ctx.headers after the Lua in edit"""
+    return header_case(run, tag, r'''{}
+  local h = {}
+  for i, x in ipairs(ctx.headers) do h[i] = { x[1], x[2] } end
+  %s
+  mods.headers = h''' % edit)
+
+
+@case("header-list-reorder")
+def _(run):
+    """headers = {...}: From and To swapped, X-Tail moved to the top: the
+    block arrives in that order, under Postfix's Received:"""
+    d, orig = header_list_case(run, "header-list-reorder", r'''h[2], h[3] = h[3], h[2]
+  table.insert(h, 1, table.remove(h, #h))''')
+    o = list(orig)
+    expect_headers(run, d, [received(), o[10], o[0], o[2], o[1]] + o[3:10])
+
+
+@case("header-list-delete-first")
+def _(run):
+    """headers = {...} without the first header"""
+    d, orig = header_list_case(run, "header-list-delete-first", "table.remove(h, 1)")
+    expect_headers(run, d, [received()] + list(orig)[1:])
+
+
+@case("header-list-insert")
+def _(run):
+    """headers = {...} with a header on top (under Received:) and one in
+    the middle, after X-Anchor"""
+    d, orig = header_list_case(run, "header-list-insert", r'''table.insert(h, 9, { "X-Mid", "middle" })
+  table.insert(h, 1, { "X-Top", "top" })''')
+    o = list(orig)
+    expect_headers(run, d, [received(), ("X-Top", " top")] + o[:8] +
+                   [("X-Mid", " middle")] + o[8:])
+
+
+@case("header-list-duplicates")
+def _(run):
+    """headers = {...} editing duplicates: the 2nd X-Dup removed, the 3rd
+    changed, a new X-Dup after X-Anchor, X-Folded refolded"""
+    d, orig = header_list_case(run, "header-list-duplicates", r'''h[9][2] = "THREE"
+  h[10][2] = "re\n\tfolded"
+  table.insert(h, 9, { "X-Dup", "new" })
+  table.remove(h, 7)''')
+    o = list(orig)
+    expect_headers(run, d, [received()] + o[:6] + [o[7], ("X-Dup", " new"), ("X-Dup", " THREE"),
+                                                   ("X-Folded", " re\r\n\tfolded"), o[10]])
+
+
+@case("header-list-case")
+def _(run):
+    """headers = {...} changing only the case of names: delivered with the
+    new spelling, in place"""
+    d, orig = header_list_case(run, "header-list-case", r'''h[4][1] = "SUBJECT"
+  h[8][1] = "x-anchor"''')
+    o = list(orig)
+    o[3] = ("SUBJECT", o[3][1])
+    o[7] = ("x-anchor", o[7][1])
+    expect_headers(run, d, [received()] + o)
+
+
+@case("header-list-equal")
+def _(run):
+    """headers = ctx.headers copied unchanged: the message arrives as sent"""
+    d, orig = header_list_case(run, "header-list-equal", "")
+    expect_headers(run, d, [received()] + list(orig))
+
+
 @case("add-rcpt")
 def _(run):
     """add recipients, two of them with ESMTP arguments"""

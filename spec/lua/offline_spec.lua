@@ -252,3 +252,52 @@ describe("luamilter test", function()
     assert.matches("unknown key 'add_headers'", r.stderr)
   end)
 end)
+
+describe("luamilter test with a header list", function()
+  local POLICY = [[
+    local milter = require "milter"
+    return { eom = function(ctx)
+      local h = {}
+      for _, x in ipairs(ctx.headers) do
+        if x[1] ~= "X-Dup" or x[2] ~= "one" then h[#h + 1] = { x[1], x[2] } end
+      end
+      table.insert(h, 1, { "X-Scanned", "yes" })
+      h[3][2] = "Robert <bob@example.org>"
+      return milter.accept{ headers = h }
+    end }
+  ]]
+
+  it("reports the header diff (kept, removed, added, changed) in JSON", function()
+    local r = run(POLICY)
+    assert.are.equal(0, r.status, r.stderr)
+    assert.are.same({
+      { op = "add", name = "X-Scanned", value = "yes" },
+      { op = "keep", name = "From", value = "Alice <alice@example.net>" },
+      { op = "change", name = "To", value = "Robert <bob@example.org>",
+        old_name = "To", old_value = "bob@example.org" },
+      { op = "keep", name = "Subject", value = "plain text" },
+      { op = "keep", name = "Date", value = "Thu, 01 Jan 2026 00:00:00 +0000" },
+      { op = "keep", name = "Message-ID", value = "<plain@example.net>" },
+      { op = "remove", name = "X-Dup", value = "one" },
+      { op = "keep", name = "X-Dup", value = "two" } }, r.header_diff)
+    assert.are.equal(TRACE1 .. "X-Scanned: yes\r\nFrom: Alice <alice@example.net>\r\n" ..
+      "To: Robert <bob@example.org>\r\nSubject: plain text\r\nDate: Thu, 01 Jan 2026 00:00:00 +0000\r\n" ..
+      "Message-ID: <plain@example.net>\r\nX-Dup: two\r\n" .. PLAIN_BODY, msg(r))
+  end)
+
+  it("prints the diff in the text report", function()
+    local bin = os.getenv("LUAMILTER_BIN") or "build/luamilter"
+    local p = assert(io.popen(bin .. " test " .. script(POLICY) .. " spec/eml/plain-lf.eml"))
+    local out = p:read("*a")
+    p:close()
+    assert.truthy(out:find("header changes (under the MTA's Received:):\n" ..
+      "  + X-Scanned: yes\n    From: Alice <alice@example.net>\n" ..
+      "  ~ To: bob@example.org  ->  To: Robert <bob@example.org>\n    Subject: plain text\n", 1, true), out)
+    assert.truthy(out:find("  - X-Dup: one\n    X-Dup: two\n", 1, true), out)
+  end)
+
+  it("has no header_diff without a header list", function()
+    local r = run([[return { eom = function() return require("milter").accept{ add_header = { { "X", "y" } } } end }]])
+    assert.is_nil(r.header_diff)
+  end)
+end)
