@@ -195,6 +195,9 @@ static void put_number(struct line *l, const struct log_field *f)
     char num[40];
     if (f->type == LF_INT)
         snprintf(num, sizeof num, "%lld", f->i);
+    else if (f->type == LF_SECS)
+        snprintf(num, sizeof num, "%.6f",
+                 f->num >= 0 && f->num < 1e9 ? f->num : 0.0);
     else if (f->num != f->num || f->num - f->num != 0) /* nan, inf */
         snprintf(num, sizeof num, json_format ? "null" : "%g", f->num);
     else if (f->num == (double)(long long)f->num && f->num < 1e15 &&
@@ -218,7 +221,8 @@ static void put_field(struct line *l, const struct log_field *f)
     }
     switch (f->type) {
     case LF_INT:
-    case LF_NUM: put_number(l, f); break;
+    case LF_NUM:
+    case LF_SECS: put_number(l, f); break;
     case LF_BOOL: puts_(l, f->i ? "true" : "false"); break;
     case LF_LIST: {
         const char *s = f->s;

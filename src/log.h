@@ -47,7 +47,9 @@ void log_vmsg(int level, uint64_t cid, const char *qid, const char *fmt,
  * '_'. LF_LIST is n NUL-terminated strings one after the other in s: a
  * JSON array, comma-separated in text. Borrows everything.
  */
-enum log_ftype { LF_STR, LF_INT, LF_NUM, LF_BOOL, LF_LIST };
+/* LF_SECS: a duration in seconds, num, written to the microsecond
+ * (0.000058, never 5.8e-05) */
+enum log_ftype { LF_STR, LF_INT, LF_NUM, LF_BOOL, LF_LIST, LF_SECS };
 struct log_field {
     const char *key;
     int type;          /* enum log_ftype */

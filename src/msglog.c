@@ -202,9 +202,9 @@ int msglog_note(struct msglog *m, const struct sess *s, int what, int ev,
         if (*mods)
             str_field(&f[nf++], "mods", mods, strlen(mods));
     }
-    f[nf++] = (struct log_field){.key = "handler_seconds", .type = LF_NUM,
+    f[nf++] = (struct log_field){.key = "handler_seconds", .type = LF_SECS,
                                  .num = m->handler_s};
-    f[nf++] = (struct log_field){.key = "lookup_seconds", .type = LF_NUM,
+    f[nf++] = (struct log_field){.key = "lookup_seconds", .type = LF_SECS,
                                  .num = m->lookup_s};
     const char *q = sess_qid(s);
     log_fields(LL_INFO, s->id, q && *q ? q : m->qid, "message", f, nf);

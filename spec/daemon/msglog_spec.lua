@@ -153,6 +153,11 @@ local function check(m, list, text)
   assert.is_nil(a.code)
   assert.is_true(num(a.handler_seconds) >= 0)
   assert.are.equal(0, num(a.lookup_seconds))
+  if text then -- durations to the microsecond, never in exponent form (5.8e-05)
+    local secs = "^%d+%.%d%d%d%d%d%d$"
+    assert.truthy(a.handler_seconds:find(secs), a.handler_seconds)
+    assert.truthy(a.lookup_seconds:find(secs), a.lookup_seconds)
+  end
 
   local r = m.Q2REJECT
   assert.are.equal("reject", r.verdict)
