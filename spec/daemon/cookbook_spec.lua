@@ -8,12 +8,7 @@ local U = require "spec.daemon.util"
 local S = require "spec.support.servers"
 local stdlib = require "posix.stdlib"
 
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read = U.read
 
 local function in_readme(path)
   local src = read(path)

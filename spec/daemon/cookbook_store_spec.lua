@@ -11,12 +11,7 @@ local stdlib = require "posix.stdlib"
 
 local D = U.D
 
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read = U.read
 
 local function show(r)
   if type(r) ~= "table" then return tostring(r) end

@@ -15,12 +15,7 @@ local function show(r)
   return r.cmd .. (r.text and (" " .. r.text) or "")
 end
 
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local read = U.read
 
 describe("milter.redis", function()
   local d, srv

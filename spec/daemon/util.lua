@@ -70,6 +70,14 @@ local function decode(s)
   return f()
 end
 
+-- a file's whole contents; raises when it cannot be read
+function U.read(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
 -- every value recorded by seen(ctx, tag, ...) so far, in log order
 function U.seen(d, tag)
   local out = {}
