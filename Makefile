@@ -83,9 +83,13 @@ deb:
 	cd $(DEB_SRC) && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL dpkg-buildpackage -us -uc
 	lintian --pedantic --display-info --fail-on error,warning,info,pedantic $(DEB_DIR)/luamilter_$(VERSION)_*.changes
 
-# The package's contents and metadata (spec/deb), after building it.
+# The package's contents and metadata (spec/deb), after building it; then
+# the package installed on this machine (as root), its binary started as
+# the unit would and a private Postfix delivering through it, and purged,
+# leaving nothing behind (scripts/deb-install-check.sh).
 deb-check: deb
 	LUAMILTER_DEB_DIR=$(DEB_DIR) $(BUSTED) spec/deb
+	scripts/deb-install-check.sh $(DEB_DIR)/luamilter_$(VERSION)_$$(dpkg --print-architecture).deb
 
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/luamilter $(DESTDIR)$(LUADIR)/milter/test.lua \

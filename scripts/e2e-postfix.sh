@@ -16,6 +16,14 @@
 # removed unless E2E_KEEP=1.  E2E_TRANSPORTS=unix or =inet runs one phase.
 # A CASE-PREFIX runs the cases whose names start with it; 'NAME$' (a
 # trailing $) runs the case of exactly that name.
+#
+# External-milter mode: E2E_EXTERNAL_MILTER=unix:/path (or inet:HOST:PORT,
+# in Postfix's notation) points Postfix at a luamilter this suite neither
+# starts nor stops (scripts/deb-install-check.sh: the packaged one), whose
+# log is E2E_EXTERNAL_LOG; E2E_EXTERNAL_PID (its supervisor) and
+# E2E_EXTERNAL_POLICY (the policy it serves, /etc/luamilter/policy.lua by
+# default) are optional.  Only that transport's phase runs, and only cases
+# whose policy is that file's text (spec/e2e/harness.py, External).
 set -eu
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -48,12 +56,28 @@ PY=/usr/bin/python3
 [ -x "$PY" ] || PY=python3
 
 # --- luamilter -------------------------------------------------------------
-if [ -z "${LUAMILTER_BIN:-}" ]; then
-  make -s all >/dev/null
-  LUAMILTER_BIN=$ROOT/build/luamilter
+EXTERNAL=${E2E_EXTERNAL_MILTER:-}
+if [ -n "$EXTERNAL" ]; then
+  case $EXTERNAL in
+    unix:/*) ext_tp=unix ;;
+    inet:*:*) ext_tp=inet ;;
+    *) echo "e2e: E2E_EXTERNAL_MILTER=$EXTERNAL: expected unix:/PATH or inet:HOST:PORT" >&2; exit 1 ;;
+  esac
+  if [ "${E2E_TRANSPORTS:-$ext_tp}" != "$ext_tp" ]; then
+    echo "e2e: E2E_EXTERNAL_MILTER=$EXTERNAL runs the $ext_tp phase only (E2E_TRANSPORTS=$E2E_TRANSPORTS)" >&2
+    exit 1
+  fi
+  [ -r "${E2E_EXTERNAL_LOG:-}" ] || { echo "e2e: E2E_EXTERNAL_LOG (the external luamilter's log) is not a readable file" >&2; exit 1; }
+  export E2E_TRANSPORTS=$ext_tp
+  LUAMILTER_BIN=external
+else
+  if [ -z "${LUAMILTER_BIN:-}" ]; then
+    make -s all >/dev/null
+    LUAMILTER_BIN=$ROOT/build/luamilter
+  fi
+  case $LUAMILTER_BIN in /*) ;; *) LUAMILTER_BIN=$ROOT/$LUAMILTER_BIN ;; esac
+  [ -x "$LUAMILTER_BIN" ] || { echo "e2e: no binary at $LUAMILTER_BIN" >&2; exit 1; }
 fi
-case $LUAMILTER_BIN in /*) ;; *) LUAMILTER_BIN=$ROOT/$LUAMILTER_BIN ;; esac
-[ -x "$LUAMILTER_BIN" ] || { echo "e2e: no binary at $LUAMILTER_BIN" >&2; exit 1; }
 
 # --- temp dir and cleanup ----------------------------------------------------
 T=$(mktemp -d /tmp/luamilter-e2e.XXXXXX)
@@ -132,6 +156,13 @@ PYEOF
 SMTP_UNIX=$1 SMTP_INET=$2 SINK_PORT=$3 MILTER_PORT=$4
 shift 4
 
+# where the two smtpd listeners find luamilter (external mode: one of them)
+MILTER_UNIX=unix:$T/run/luamilter.sock
+MILTER_INET=inet:127.0.0.1:$MILTER_PORT
+if [ -n "$EXTERNAL" ]; then
+  if [ "$ext_tp" = unix ]; then MILTER_UNIX=$EXTERNAL; else MILTER_INET=$EXTERNAL; fi
+fi
+
 # --- Postfix configuration (the lines README's "Postfix notes" quote) -------
 cat > "$T/etc/main.cf" <<CF
 # private instance of the luamilter e2e suite; nothing here is system-wide
@@ -165,8 +196,8 @@ local_header_rewrite_clients =
 disable_mime_output_conversion = yes
 
 # --- milter ---
-luamilter_unix = unix:$T/run/luamilter.sock
-luamilter_inet = inet:127.0.0.1:$MILTER_PORT
+luamilter_unix = $MILTER_UNIX
+luamilter_inet = $MILTER_INET
 smtpd_milters = \$luamilter_unix
 non_smtpd_milters = \$luamilter_unix
 milter_protocol = 6
@@ -235,8 +266,12 @@ fi
 [ -f "$T/spool/pid/master.pid" ] && MASTER_PID=$(tr -d ' \n' < "$T/spool/pid/master.pid")
 wait_port "$SMTP_UNIX" "postfix smtpd (unix milter)"
 wait_port "$SMTP_INET" "postfix smtpd (inet milter)"
-log "postfix $(postconf -c "$T/etc" -h mail_version) in $T: smtpd 127.0.0.1:$SMTP_UNIX (milter unix:$T/run/luamilter.sock), 127.0.0.1:$SMTP_INET (milter inet:127.0.0.1:$MILTER_PORT), sink 127.0.0.1:$SINK_PORT"
-log "luamilter: $LUAMILTER_BIN"
+log "postfix $(postconf -c "$T/etc" -h mail_version) in $T: smtpd 127.0.0.1:$SMTP_UNIX (milter $MILTER_UNIX), 127.0.0.1:$SMTP_INET (milter $MILTER_INET), sink 127.0.0.1:$SINK_PORT"
+if [ -n "$EXTERNAL" ]; then
+  log "luamilter: external, at $EXTERNAL (log $E2E_EXTERNAL_LOG), serving ${E2E_EXTERNAL_POLICY:-/etc/luamilter/policy.lua}"
+else
+  log "luamilter: $LUAMILTER_BIN"
+fi
 
 # --- the cases ----------------------------------------------------------------
 export E2E_DIR="$T" E2E_SMTP_UNIX="$SMTP_UNIX" E2E_SMTP_INET="$SMTP_INET" \

@@ -5,7 +5,8 @@
 -- maintainer scripts are the ones intended; the packaged binary runs and
 -- loads the packaged policy; the packaged unit and options agree with the
 -- source's and put the socket in Postfix's spool.  Nothing is installed on
--- this machine.
+-- this machine here: scripts/deb-install-check.sh, after this in make
+-- deb-check, installs, runs and purges it.
 package.path = "./?.lua;" .. package.path
 local L = require "spec.daemon.lifecycle_util"
 local unistd = require "posix.unistd"
@@ -122,5 +123,9 @@ describe("make deb", function()
     assert.truthy(postinst:find("adduser --system --group", 1, true), postinst)
     assert.truthy(postinst:find("chmod 2750 /var/spool/postfix/luamilter", 1, true), postinst)
     assert.truthy(postinst:find("deb-systemd-helper enable 'luamilter.service'", 1, true), postinst)
+    -- purge removes the user and group postinst made
+    local postrm = assert(L.read(tmp .. "/ctl/postrm"))
+    assert.truthy(postrm:find("deluser --system", 1, true), postrm)
+    assert.truthy(postrm:find("delgroup --system", 1, true), postrm)
   end)
 end)

@@ -35,6 +35,17 @@ SMTP_PORT = {"unix": int(ENV.get("E2E_SMTP_UNIX", "0")),
              "inet": int(ENV.get("E2E_SMTP_INET", "0"))}
 LISTEN = {"unix": "unix:" + os.path.join(T, "run", "luamilter.sock"),
           "inet": "inet:%s@127.0.0.1" % ENV.get("E2E_MILTER_PORT", "0")}
+# External-milter mode (scripts/e2e-postfix.sh with E2E_EXTERNAL_MILTER,
+# as scripts/deb-install-check.sh runs it): Postfix talks to a luamilter
+# the suite did not start (Postfix's notation: unix:/path, inet:host:port),
+# whose log is E2E_EXTERNAL_LOG and supervisor E2E_EXTERNAL_PID (optional),
+# serving E2E_EXTERNAL_POLICY.  The suite never starts, reloads, signals or
+# stops it: a case runs only if the policy it would serve is that file's
+# text, byte for byte, and then on the daemon's own options.
+EXTERNAL = ENV.get("E2E_EXTERNAL_MILTER", "")
+EXTERNAL_LOG = ENV.get("E2E_EXTERNAL_LOG", "")
+EXTERNAL_POLICY = ENV.get("E2E_EXTERNAL_POLICY", "/etc/luamilter/policy.lua")
+EXTERNAL_PID = ENV.get("E2E_EXTERNAL_PID", "")
 
 
 class Abort(Exception):
@@ -293,6 +304,77 @@ class Luamilter:
             except OSError:
                 pass
         poll(lambda: not self.leftovers(), 5)
+
+
+class External:
+    """The luamilter of external-milter mode (EXTERNAL), in place of a
+    Luamilter: start/restart check that the case's policy is the one it
+    serves and do nothing else; whatever would act on the daemon (a reload,
+    a signal, a stop within a case) refuses the case with Abort."""
+
+    def __init__(self, transport, args=()):
+        self.transport = transport
+        self.listen = EXTERNAL
+        self.args = list(args)   # the case's options: not applied
+        self.script = EXTERNAL_POLICY
+        self.log_path = EXTERNAL_LOG
+        self.pid = int(EXTERNAL_PID) if EXTERNAL_PID else None
+        self.gen = 1
+        self.orphans = []
+        # what Run.finish reports when alive() is false
+        self.proc = type("NotOurs", (), {"returncode": "unknown: not started by the suite"})
+
+    def alive(self):
+        if self.pid is not None:
+            return pid_alive(self.pid)
+        return not EXTERNAL.startswith("unix:") or os.path.exists(EXTERNAL[5:])
+
+    def log_size(self):
+        return size_of(self.log_path)
+
+    def log_since(self, offset):
+        return read_from(self.log_path, offset)
+
+    def start(self, source=None):
+        try:
+            with open(self.script, "rb") as f:
+                installed = f.read()
+        except OSError as e:
+            raise Abort("external milter %s: cannot read its policy: %s" % (EXTERNAL, e))
+        want = source if isinstance(source, bytes) or source is None else source.encode()
+        if want is not None and want != installed:
+            raise Abort("refused in external-milter mode: the case serves a policy of its "
+                        "own, not %s (which %s serves)" % (self.script, EXTERNAL))
+        if not self.alive():
+            raise Abort("external milter %s is not running" % EXTERNAL)
+
+    restart = start
+
+    def refuse(self, *_args, **_kw):
+        raise Abort("refused in external-milter mode: the case acts on luamilter itself "
+                    "(reload, signal, stop)")
+
+    load = signal = signal_all = wait = workers = kill_leftovers = refuse
+
+    def pids(self):
+        return []
+
+    def leftovers(self):
+        return []
+
+    def stop(self, timeout=10):
+        """the suite does not stop a daemon it did not start"""
+        return None
+
+
+def daemon(transport, args=()):
+    """the luamilter of a transport's phase: one the suite starts, or the
+    external one"""
+    if not EXTERNAL:
+        return Luamilter(transport, args)
+    if MTA != "postfix":
+        raise SystemExit("e2e: E2E_EXTERNAL_MILTER is for the Postfix suite only")
+    return External(transport, args)
 
 
 # ---------------------------------------------------------------- SMTP

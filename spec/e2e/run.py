@@ -285,7 +285,7 @@ def selected(name, only):
 
 def run_all(only, transports, results):
     for tp in transports:
-        lm = h.Luamilter(tp, daemon_args())
+        lm = h.daemon(tp, daemon_args())
         try:
             for name, fn, tps, mtas, known in CASES:
                 if tp not in tps or h.MTA not in mtas or not selected(name, only):
