@@ -61,7 +61,7 @@ return {
 LUA
 valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite \
   --log-file="$dir/vg.%p.log" "$bin" --workers 1 --script-timeout 120 --dns "127.0.0.1:$udp_port" \
-  -l "unix:$dir/s.sock" "$dir/policy.lua" \
+  --store "lmdb:$dir/store.mdb" -l "unix:$dir/s.sock" "$dir/policy.lua" \
   2>"$dir/daemon.log" &
 pid=$!
 luajit scripts/valgrind-sessions.lua "unix:$dir/s.sock"

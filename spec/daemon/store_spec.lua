@@ -343,6 +343,55 @@ return H
       assert.are.equal(1, n, out)
     end)
 
+    it("with no --store: $XDG_STATE_HOME, then ~/.local/state, then /tmp/luamilter-UID (a user's own)", function()
+      -- as an unprivileged user (nobody when the suite runs as root): the
+      -- root default, /var/lib/luamilter, is the machine's to keep
+      local unistd = require "posix.unistd"
+      local root = unistd.geteuid() == 0
+      local uid = root and 65534 or unistd.geteuid()
+      assert(os.execute("chmod 0777 " .. dir) == 0)
+      local script, eml = dir .. "/t.lua", dir .. "/m.eml"
+      D.write_file(script, [[
+local milter = require "milter"
+return { envfrom = function() milter.log("info", "RUN " .. milter.store:incr("runs", 1)) end }
+]])
+      D.write_file(eml, "From: <a@example.org>\nTo: <b@example.org>\nSubject: s\n\nbody\n")
+      local bin = os.getenv("LUAMILTER_BIN") or "./build/luamilter"
+      if bin:sub(1, 1) ~= "/" then bin = unistd.getcwd() .. "/" .. bin end
+      local function run(env)
+        local argv = root and { "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "env", "-i" }
+          or { "env", "-i" }
+        for k, v in pairs(env) do argv[#argv + 1] = k .. "=" .. v end
+        argv[#argv + 1] = bin
+        for _, a in ipairs { "test", script, eml } do argv[#argv + 1] = a end
+        local pid = assert(D.spawn(argv, dir .. "/out", dir .. "/out"))
+        local code = D.wait_pid(pid, 20)
+        local out = D.read_file(dir .. "/out")
+        os.remove(dir .. "/out")
+        return code, out
+      end
+      local home = dir .. "/home"
+      assert(os.execute("mkdir -m 0777 " .. home) == 0)
+      local code, out = run { HOME = home, XDG_STATE_HOME = dir .. "/xdg" }
+      assert.are.equal(0, code, out)
+      assert.truthy(out:find("RUN 1", 1, true), out)
+      assert.is_true(L.exists(dir .. "/xdg/luamilter/store.mdb"), out)
+      code, out = run { HOME = home, XDG_STATE_HOME = dir .. "/xdg" }
+      assert.truthy(out:find("RUN 2", 1, true), out) -- the same store, the next run
+      code, out = run { HOME = home }
+      assert.are.equal(0, code, out)
+      assert.truthy(out:find("RUN 1", 1, true), out)
+      assert.is_true(L.exists(home .. "/.local/state/luamilter/store.mdb"), out)
+      -- no usable HOME: a directory of the user's own under /tmp
+      local tmpdir = "/tmp/luamilter-" .. uid
+      local existed = L.exists(tmpdir)
+      code, out = run { HOME = "/nonexistent" }
+      assert.are.equal(0, code, out)
+      assert.truthy(out:find("RUN", 1, true), out)
+      assert.is_true(L.exists(tmpdir .. "/store.mdb"), out)
+      if not existed then D.rmtree(tmpdir) end
+    end)
+
     it("an unusable path fails the start with exit 1 and a clear message", function()
       D.write_file(dir .. "/file", "")
       D.write_file(dir .. "/s.lua", "return {}\n")

@@ -196,7 +196,10 @@ class Luamilter:
         if source is not None:
             write_file(self.script, source)
         off = self.log_size()
-        argv = [BIN, "-l", self.listen, "--log-level", "info"]
+        # the store beside the policy: the default path (/var/lib/luamilter
+        # as root) is the machine's, not the suite's
+        argv = [BIN, "-l", self.listen, "--log-level", "info",
+                "--store", "lmdb:" + self.script + ".store"]
         if self.transport == "unix" and MTA == "postfix":
             # Postfix's smtpd and cleanup run as user postfix: the socket
             # becomes root:postfix 0660 (the default --socket-mode)

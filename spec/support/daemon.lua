@@ -103,10 +103,17 @@ function D.start(script_source, opts)
   local argv = { opts.bin or binary(), "-l", d.listen }
   -- One worker unless a spec asks for more: state kept in Lua globals
   -- (a per-worker thing) then behaves the same from run to run.
-  local workers = false
+  local workers, store = false, false
   for _, a in ipairs(opts.args or {}) do
     argv[#argv + 1] = a
     if a == "--workers" or a == "-w" or tostring(a):find("^%-%-workers=") then workers = true end
+    if a == "--store" or tostring(a):find("^%-%-store=") then store = true end
+  end
+  -- The store in the daemon's temp dir unless a spec chooses one: the
+  -- default path (/var/lib/luamilter as root) is the machine's, not a test's.
+  if not store then
+    argv[#argv + 1] = "--store"
+    argv[#argv + 1] = "lmdb:" .. dir .. "/store.mdb"
   end
   if not workers then
     argv[#argv + 1] = "--workers"
@@ -205,6 +212,13 @@ end
 function D.run(args, timeout)
   local dir = assert(stdlib.mkdtemp("/tmp/luamilter-run-XXXXXX"))
   local argv = { binary() }
+  local store = false
+  for _, a in ipairs(args or {}) do
+    if a == "--store" or tostring(a):find("^%-%-store=") then store = true end
+  end
+  if not store then -- as in D.start: never the machine's default store
+    argv[2], argv[3] = "--store", "lmdb:" .. dir .. "/store.mdb"
+  end
   for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
   local pid, err = spawn(argv, dir .. "/stdout", dir .. "/stderr")
   if not pid then rmtree(dir); error("fork failed: " .. tostring(err)) end
