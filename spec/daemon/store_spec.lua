@@ -377,6 +377,7 @@ return { envfrom = function() milter.log("info", "RUN " .. milter.store:incr("ru
       assert.truthy(out:find("RUN 1", 1, true), out)
       assert.is_true(L.exists(dir .. "/xdg/luamilter/store.mdb"), out)
       code, out = run { HOME = home, XDG_STATE_HOME = dir .. "/xdg" }
+      assert.are.equal(0, code, out)
       assert.truthy(out:find("RUN 2", 1, true), out) -- the same store, the next run
       code, out = run { HOME = home }
       assert.are.equal(0, code, out)
