@@ -261,4 +261,21 @@ return H
     local res2 = U.message(c, { headers = { { "X", "y" } } })
     assert.is_true(is_reply(res2.eom, "a"))
   end)
+
+  it("while a reply-free handler waits and eom is pending, progress packets flow", function()
+    d = U.start(U.script [[
+function H.header(ctx, name)
+  if name == "Subject" then milter.sleep(3.6) end
+end
+function H.eom(ctx) return milter.accept() end
+return H
+]])
+    c = U.client(d)
+    U.open(c)
+    local res = U.message(c, { headers = HEADERS })
+    assert.are.equal("a", res.eom.cmd)
+    local progress = 0
+    for _, f in ipairs(res.eom.frames) do if f.cmd == "p" then progress = progress + 1 end end
+    assert.is_true(progress >= 1, "progress packets: " .. progress)
+  end)
 end)
