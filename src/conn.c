@@ -102,7 +102,9 @@ static void watch_handler(struct conn *c, int ev)
 {
     wd.pending = buf_head(&c->wbuf);
     wd.npending = buf_len(&c->wbuf);
-    wd.reply = ev != SE_ABORT && ev != SE_CLOSE;
+    /* not for a reply-free event (a held header verdict): the MTA waits
+     * for no answer to it, and a stray one would answer its next event */
+    wd.reply = ev != SE_ABORT && ev != SE_CLOSE && c->sess.wait.reply;
     wd.ev = ev;
     wd.cid = c->id;
     wd.gen = c->gen;
@@ -125,6 +127,32 @@ static void start_progress(struct conn *c, int ev)
 {
     if (ev == SE_EOM && !c->finishing)
         ev_timer_again(c->srv->loop, &c->progress);
+}
+
+/*
+ * A reply-free handler (a held header, eoh or body verdict) waits while
+ * the MTA, having pipelined the rest of the message, already waits for
+ * the BODYEOB reply among the frames kept in p[0..n): progress packets
+ * then keep its timeout from firing, as for a waiting eom handler.
+ */
+static void progress_if_awaited(struct conn *c, const uint8_t *p, size_t n)
+{
+    if (c->finishing || !sess_waiting(&c->sess) || c->sess.wait.reply ||
+        ev_is_active(&c->progress))
+        return;
+    for (size_t off = 0;;) {
+        struct wire_frame f;
+        size_t used;
+        const char *err;
+        if (wire_next_frame(p + off, n - off, c->srv->max_frame, &f, &used,
+                            &err) != WIRE_FRAME)
+            return;
+        if (f.cmd == WIRE_BODYEOB) {
+            ev_timer_again(c->srv->loop, &c->progress);
+            return;
+        }
+        off += used;
+    }
 }
 
 static int call_lua(void *ud, struct sess *s, int ev,
@@ -380,8 +408,10 @@ static size_t process(struct conn *c, const uint8_t *p, size_t n)
         if (sess_waiting(&c->sess)) {
             int found;
             size_t off = give_up_at(c, p + done, n - done, &found);
-            if (!found)
+            if (!found) {
+                progress_if_awaited(c, p + done, n - done);
                 return done;
+            }
             done += off; /* the abandoned message's frames are dropped */
         }
         done = handle_frames(c, p, n, done);
@@ -501,6 +531,7 @@ static void conn_resume(struct ev_loop *loop, ev_timer *w, int revents)
     wd.fd = -1;
     if (rc == LB_WAIT) { /* the next lookup */
         start_progress(c, c->sess.wait.ev);
+        progress_if_awaited(c, buf_head(&c->rbuf), buf_len(&c->rbuf));
     } else {
         if (sess_resume(&c->sess, rc, &v, &c->wbuf) == SESS_CLOSE)
             c->closing = 1;

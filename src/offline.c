@@ -503,7 +503,13 @@ static int open_connection(struct run *r, const struct topts *o,
     r->lua.wake = woken;
     r->lua.wake_ud = r;
     struct reply rp;
-    uint8_t neg[12] = {0, 0, 0, 6, 0, 0, 1, 0xff, 0, 0x1f, 0xff, 0xff};
+    /* Postfix's offer without NR_HDR/NR_EOH/NR_BODY: every content event
+     * is answered, so each stage reports the verdict it decided (the
+     * daemon keeps such a verdict for eom, with the same outcome) */
+    uint32_t offer = 0x1fffffu & ~(uint32_t)SESS_NR_HELD;
+    uint8_t neg[12] = {0, 0, 0, 6, 0, 0, 1, 0xff, (uint8_t)(offer >> 24),
+                       (uint8_t)(offer >> 16), (uint8_t)(offer >> 8),
+                       (uint8_t)offer};
     exchange(r, WIRE_OPTNEG, neg, 12, &rp);
     const char *cm[4 * 2 + 2 * 64] = {
         "j", cl->mtahost, "{daemon_name}", cl->mtahost, "v",

@@ -260,6 +260,9 @@ static int proto_error(struct sess *s, const char *what, uint8_t cmd)
  * Answers OPTNEG: the highest common version, the actions the MTA offered
  * that an eom handler may use, no events the script cannot observe, and no
  * replies for the events it does not handle, wherever the MTA allows it.
+ * HEADER, EOH and BODY go reply-free even when handled (SESS_NR_HELD): the
+ * MTA acts on their verdict only at the end of the data, so the verdict is
+ * kept and given at the next event the MTA waits on (see event_done).
  */
 static int negotiate(struct sess *s, const struct wire_cmd *c,
                      struct buf *out)
@@ -287,8 +290,8 @@ static int negotiate(struct sess *s, const struct wire_cmd *c,
         }
         if (!needed)
             want_no |= r->no_bit;
-        else if (!(h & SE_BIT(r->ev)))
-            want_nr |= r->nr_bit;
+        else if (!(h & SE_BIT(r->ev)) || (r->nr_bit & SESS_NR_HELD))
+            want_nr |= r->nr_bit; /* unhandled, or its verdict is kept */
     }
     s->version = c->version < 6 ? c->version : 6;
     s->actions = (h & SE_BIT(SE_EOM)) ? c->actions & 0xffu : 0;
@@ -300,7 +303,9 @@ static int negotiate(struct sess *s, const struct wire_cmd *c,
     if (nsl)
         s->actions |= SMFIF_SETSYMLIST;
     s->protocol = (want_no | want_nr) & c->protocol;
-    if ((h & SE_BIT(SE_BODY)) && (c->protocol & SMFIP_SKIP))
+    /* SKIP is a reply to BODY: only where body chunks are answered */
+    if ((h & SE_BIT(SE_BODY)) && (c->protocol & SMFIP_SKIP) &&
+        !(s->protocol & SMFIP_NR_BODY))
         s->protocol |= SMFIP_SKIP;
     s->state = ST_NEG;
     log_msg(LL_DEBUG, s->id, NULL,
@@ -317,7 +322,7 @@ static int negotiate(struct sess *s, const struct wire_cmd *c,
 static void clear_msg_data(struct sess *s)
 {
     s->msg_seq++;
-    s->has_sender = s->skip_body = s->truncated = 0;
+    s->has_sender = s->skip_body = s->truncated = s->kept = 0;
     s->nrcpts = s->nhdrs = 0;
     s->body_bytes = 0;
     buf_reset(&s->marena);
@@ -651,7 +656,14 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
             if (r->ev == SE_EOM)
                 s->msg = MSG_NONE;
             if (!reply)
-                return SESS_OK;
+                return SESS_OK; /* read and dropped */
+            if (s->kept) {
+                log_msg(LL_DEBUG, s->id, sess_qid(s),
+                        "the kept %s verdict goes to the MTA at %s",
+                        sess_event_names[s->kept - 1],
+                        sess_event_names[r->ev]);
+                s->kept = 0;
+            }
             return buf_append(out, buf_head(&s->ended), buf_len(&s->ended)) < 0
                        ? proto_error(s, "out of memory", c->cmd)
                        : SESS_OK;
@@ -707,22 +719,52 @@ static int quit_done(struct sess *s, uint8_t cmd)
     return SESS_OK;
 }
 
-/* Sends an event's verdict and applies what it means for the session. */
+/* Whether a verdict at ev ends the message (no later handler runs). */
+static int ends_msg(int ev, const struct verdict *v)
+{
+    switch (ev) {
+    case SE_ENVRCPT: /* reject and tempfail judge that recipient only */
+        if (v->action == VA_REJECT || v->action == VA_TEMPFAIL)
+            return 0;
+        /* fall through */
+    case SE_ENVFROM:
+    case SE_DATA:
+    case SE_HEADER:
+    case SE_EOH:
+    case SE_BODY: return v->action != VA_CONTINUE && v->action != VA_SKIP;
+    default: return 0;
+    }
+}
+
+static const char *const action_names[] = {
+    "continue", "accept", "reject", "tempfail", "discard", "skip"};
+
+/*
+ * Sends an event's verdict and applies what it means for the session. The
+ * verdict of a reply-free event that ends the message is kept instead:
+ * encoded now into s->ended (its strings belong to the Lua state), it is
+ * what the next event the MTA waits on gets (sess_handle, MSG_ENDED).
+ */
 static int event_done(struct sess *s, int ev, struct verdict *v,
                       struct buf *out)
 {
-    size_t mark = buf_len(out);
-    if (s->wait.reply && put_verdict(s, ev, v, out) < 0) {
+    struct buf *dst = s->wait.reply     ? out
+                      : ends_msg(ev, v) ? &s->ended
+                                        : NULL;
+    if (dst == &s->ended)
+        buf_reset(&s->ended);
+    size_t mark = dst ? buf_len(dst) : 0;
+    if (dst && put_verdict(s, ev, v, dst) < 0) {
         log_msg(LL_ERR, s->id, sess_qid(s),
                 "the %s verdict could not be encoded (out of memory): "
                 "sending the --on-error reply instead",
                 sess_event_names[ev]);
         stage_on_error(s, ev, v);
-        if (put_verdict(s, ev, v, out) < 0)
+        if (put_verdict(s, ev, v, dst) < 0)
             return proto_error(s, "out of memory for the reply", s->wait.cmd);
     }
-    const uint8_t *rep = buf_head(out) + mark;
-    size_t replen = buf_len(out) - mark;
+    const uint8_t *rep = dst ? buf_head(dst) + mark : NULL;
+    size_t replen = dst ? buf_len(dst) - mark : 0;
 
     switch (ev) {
     case SE_CONNECT:
@@ -746,12 +788,20 @@ static int event_done(struct sess *s, int ev, struct verdict *v,
     case SE_HEADER:
     case SE_EOH:
     case SE_BODY:
-        if (v->action != VA_CONTINUE && v->action != VA_SKIP) {
-            note(s, SN_MSG_END, ev, v);
-            s->msg = MSG_ENDED;
-            buf_reset(&s->ended);
-            buf_append(&s->ended, rep, replen);
+        if (!ends_msg(ev, v))
+            break;
+        note(s, SN_MSG_END, ev, v);
+        s->msg = MSG_ENDED;
+        if (dst == &s->ended) {
+            s->kept = (uint8_t)(ev + 1);
+            log_msg(LL_INFO, s->id, sess_qid(s),
+                    "%s verdict %s kept: the MTA gets it at the next event "
+                    "it waits on, no later handler runs for this message",
+                    sess_event_names[ev], action_names[v->action]);
+            break;
         }
+        buf_reset(&s->ended);
+        buf_append(&s->ended, rep, replen);
         break;
     case SE_EOM:
         note(s, SN_MSG_END, ev, v);

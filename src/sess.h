@@ -165,9 +165,18 @@ struct sess {
     uint8_t waiting;
 
     struct buf ended;     /* reply repeated while the message is ended */
+    uint8_t kept;         /* 1 + the event of a kept verdict not yet given */
     struct buf conn_end;  /* reply repeated after a connection verdict */
     struct buf scratch;   /* eom modification planning */
 };
+
+/*
+ * The events whose handlers run reply-free where the MTA allows it: their
+ * verdict is kept and given at the next event the MTA waits on (BODYEOB at
+ * the latest), since an MTA acts on a content-phase verdict only at the end
+ * of the data anyway.
+ */
+#define SESS_NR_HELD (SMFIP_NR_HDR | SMFIP_NR_EOH | SMFIP_NR_BODY)
 
 enum { SESS_OK = 0, SESS_CLOSE = 1, SESS_WAIT = 2, SESS_RETRY = 3 };
 enum { SESS_CALL_WAIT = 1 };

@@ -127,6 +127,16 @@ describe("scripts/bench", function()
     end
   end)
 
+  it("--ref-eom-only: the reference answers BODYEOB only, and runs clean", function()
+    local res = run({ BENCH, "--quick", "--only", "ref", "--ref-eom-only" }, 120)
+    assert.are.equal(0, res.status, show(res))
+    assert.truthy(res.out:find("answers BODYEOB only", 1, true), show(res))
+    local got = runs(res.out)
+    assert.are.equal(1, #got, show(res))
+    assert.are.equal(24, got[1].msgs, show(res))
+    assert.are.equal(0, got[1].errors, show(res))
+  end)
+
   it("detects wrong replies: a reference answering 'r' to every 3rd RCPT", function()
     local res = run({ BENCH, "--quick", "--only", "ref", "--ref-fault", "reject-rcpt:3" }, 120)
     assert.are.equal(1, res.status, show(res))

@@ -45,6 +45,8 @@ static int fake_call(void *ud, struct sess *s, int ev,
 
 static const struct sess_ops fake_ops = {fake_call};
 static const unsigned ALL = (1u << SE__COUNT) - 1;
+/* Postfix's offer but for the content NR bits: every event is answered. */
+#define OFFER_REPLY (0x1fffffu & ~SESS_NR_HELD)
 
 struct rig {
     struct fake f;
@@ -121,7 +123,15 @@ static void connect_helo(struct rig *r)
     SEND(r, 'H', "client\0");
 }
 
-static void test_replay(const char *dir)
+/*
+ * Replays every capture. The recorded filter answered HEADER, EOH and BODY
+ * (it asked for no NR bit): with held = 0 the offer is replayed without
+ * NR_HDR/NR_EOH/NR_BODY, so that we answer every event too and the
+ * replies of the all-continue captures must be the recorded bytes; with
+ * held = 1 the offer is replayed as sent, and they are the recorded ones
+ * but for the replies to HEADER, EOH and BODY, which go away.
+ */
+static void test_replay(const char *dir, int held)
 {
     char **names;
     int n = fx_list(dir, &names), compared = 0;
@@ -132,6 +142,7 @@ static void test_replay(const char *dir)
         struct rig r;
         rig_init(&r, ALL);
         int closed = 0, bad = 0;
+        uint8_t last = 0; /* the last MTA command */
         struct buf want;
         buf_init(&want, 0);
         int all_c = strstr(fx.name, "basic-") == fx.name;
@@ -140,11 +151,22 @@ static void test_replay(const char *dir)
             if (p->conn != 1 || !p->cmd)
                 continue;
             if (p->dir == '<') {
-                if (p->cmd != 'O')
+                if (p->cmd != 'O' &&
+                    !(held && last && strchr("LNB", last)))
                     buf_append(&want, p->wire, p->wire_len);
                 continue;
             }
+            if (p->cmd != 'D')
+                last = p->cmd;
+            uint8_t opt[12];
             struct wire_frame f = {p->cmd, p->data, p->len};
+            if (p->cmd == 'O' && p->len == 12 && !held) {
+                uint32_t nr = SESS_NR_HELD;
+                memcpy(opt, p->data, 12);
+                for (int b = 0; b < 4; b++)
+                    opt[8 + b] &= (uint8_t) ~(nr >> (24 - 8 * b));
+                f.data = opt;
+            }
             struct wire_cmd c;
             const char *err;
             if (wire_decode(&f, &c, &err) < 0) {
@@ -162,8 +184,8 @@ static void test_replay(const char *dir)
               fx.name);
         if (all_c) {
             CHECK_MEM(buf_head(&r.out), buf_len(&r.out), buf_head(&want),
-                      buf_len(&want), "%s: replies differ from libmilter's",
-                      fx.name);
+                      buf_len(&want), "%s: replies differ from libmilter's%s",
+                      fx.name, held ? " (held)" : "");
             compared++;
         }
         buf_free(&want);
@@ -209,9 +231,20 @@ static void test_negotiation(void)
                 SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_MAIL |
                 SMFIP_NR_RCPT | SMFIP_NR_HDR),
           "eom only: p=0x%x", p);
-    /* Everything handled: nothing suppressed, SKIP for the body. */
+    /* Everything handled: nothing suppressed; HEADER, EOH and BODY
+     * reply-free (their verdict is kept), so no SKIP either. */
     neg(ALL, 6, 0x1ff, 0x1fffff, &v, &a, &p);
-    CHECK(p == SMFIP_SKIP && a == 0x1ff, "all: p=0x%x a=0x%x", p, a);
+    CHECK(p == SESS_NR_HELD && a == 0x1ff, "all: p=0x%x a=0x%x", p, a);
+    /* Without the content NR bits: every event answered, SKIP for BODY. */
+    neg(ALL, 6, 0x1ff, OFFER_REPLY, &v, &a, &p);
+    CHECK(p == SMFIP_SKIP, "all, no NR offered: p=0x%x", p);
+    /* Only NR_HDR (Postfix's no_header_reply on an old protocol): header
+     * reply-free, EOH and BODY answered, SKIP kept. */
+    neg(ALL, 6, 0x1ff, 0x7f | SMFIP_NR_HDR | SMFIP_SKIP, &v, &a, &p);
+    CHECK(p == (SMFIP_NR_HDR | SMFIP_SKIP), "NR_HDR only: p=0x%x", p);
+    /* A bare offer: nothing asked. */
+    neg(ALL, 6, 0x1ff, 0, &v, &a, &p);
+    CHECK(p == 0, "bare offer: p=0x%x", p);
     /* Connect only: no message events, no actions. */
     neg(SE_BIT(SE_CONNECT), 6, 0x1ff, 0x1fffff, &v, &a, &p);
     CHECK(a == 0, "no eom, no actions: 0x%x", a);
@@ -283,7 +316,7 @@ static void test_states(void)
     /* Reject at RCPT is per recipient; reject at MAIL ends the message and
      * later events of it get the same answer. */
     rig_init(&r, ALL);
-    optneg(&r, 6, 0x1ff, 0x1fffff);
+    optneg(&r, 6, 0x1ff, OFFER_REPLY);
     connect_helo(&r);
     SEND(&r, 'M', "<a@x>\0");
     SEND(&r, 'R', "<ok@x>\0");
@@ -373,7 +406,7 @@ static void test_noreply_and_body(void)
     /* Body limit: the chunk crossing it is cut, then SKIP. */
     rig_init(&r, ALL);
     r.cfg.max_body = 10;
-    optneg(&r, 6, 0x1ff, 0x1fffff);
+    optneg(&r, 6, 0x1ff, OFFER_REPLY);
     connect_helo(&r);
     SEND(&r, 'M', "<a@x>\0");
     replies(&r);
@@ -389,7 +422,7 @@ static void test_noreply_and_body(void)
 
     /* skip without SMFIP_SKIP offered: continue, and no more body calls. */
     rig_init(&r, ALL);
-    optneg(&r, 6, 0x1ff, 0x1fffff & ~SMFIP_SKIP);
+    optneg(&r, 6, 0x1ff, OFFER_REPLY & ~SMFIP_SKIP);
     connect_helo(&r);
     SEND(&r, 'M', "<a@x>\0");
     replies(&r);
@@ -1070,13 +1103,300 @@ static void test_waiting_handlers(void)
     rig_free(&r);
 }
 
+/* ---- held verdicts (SMFIP_NR_HDR/NR_EOH/NR_BODY) ------------------------ */
+
+/* Opens a message with a recipient and DATA under the given offer. */
+static void held_open(struct rig *r, uint32_t offer)
+{
+    optneg(r, 6, 0x1ff, offer);
+    connect_helo(r);
+    SEND(r, 'M', "<a@x>\0");
+    SEND(r, 'R', "<b@x>\0");
+    SEND(r, 'T', "");
+    buf_reset(&r->out);
+    r->f.nevents = 0;
+}
+
+/* The rest of a message as Postfix pipelines it, headers to EOM. */
+static void held_rest(struct rig *r)
+{
+    SEND(r, 'D', "Li\0QID1\0");
+    SEND(r, 'L', "Subject\0s\0");
+    SEND(r, 'D', "Li\0QID1\0");
+    SEND(r, 'L', "To\0t\0");
+    SEND(r, 'D', "Ni\0QID1\0");
+    SEND(r, 'N', "");
+    SEND(r, 'D', "Bi\0QID1\0");
+    SEND(r, 'B', "one\r\n");
+    SEND(r, 'B', "two\r\n");
+    SEND(r, 'D', "Ei\0QID1\0");
+    SEND(r, 'E', "");
+}
+
+/*
+ * Every message-ending verdict at header, eoh and body under Postfix's
+ * offer: no reply until EOM, EOM gets the verdict's bytes, no later
+ * handler runs, and the ABORT after the message is a no-op.
+ */
+static void test_held_verdicts(void)
+{
+    static const int stages[] = {SE_HEADER, SE_EOH, SE_BODY};
+    static const struct {
+        int action, code;
+        const char *want; /* the reply commands at EOM */
+    } vs[] = {{VA_REJECT, 0, "r"}, {VA_TEMPFAIL, 0, "t"},
+              {VA_REJECT, 554, "y"}, {VA_TEMPFAIL, 452, "y"},
+              {VA_DISCARD, 0, "d"}, {VA_ACCEPT, 0, "a"}};
+    for (size_t si = 0; si < 3; si++) {
+        for (size_t vi = 0; vi < sizeof vs / sizeof vs[0]; vi++) {
+            int st = stages[si];
+            struct rig r;
+            rig_init(&r, ALL);
+            held_open(&r, 0x1fffff);
+            r.f.reply[st].action = vs[vi].action;
+            r.f.reply[st].code = vs[vi].code;
+            held_rest(&r);
+            const char *name = sess_event_names[st];
+            CHECK(strcmp(replies(&r), vs[vi].want) == 0,
+                  "%s %d/%d: only EOM answered, with the kept verdict",
+                  name, vs[vi].action, vs[vi].code);
+            CHECK(r.f.nevents >= 1 && r.f.events[r.f.nevents - 1] == st &&
+                      count_ev(&r.f, st) == 1 && count_ev(&r.f, SE_EOM) == 0,
+                  "%s %d: no handler after the deciding one (%d events)",
+                  name, vs[vi].action, r.f.nevents);
+            SEND(&r, 'A', "");
+            SEND(&r, 'A', "");
+            CHECK(count_ev(&r.f, SE_ABORT) == 0 && r.s.msg == MSG_NONE,
+                  "%s: the ABORTs after the message run no abort", name);
+            /* the next message is filtered again, from scratch */
+            r.f.reply[st].action = VA_CONTINUE;
+            r.f.reply[st].code = 0;
+            r.f.nevents = 0;
+            SEND(&r, 'M', "<a2@x>\0");
+            SEND(&r, 'R', "<b@x>\0");
+            held_rest(&r);
+            CHECK(strcmp(replies(&r), "ccc") == 0 && r.s.kept == 0 &&
+                      count_ev(&r.f, SE_EOM) == 1 &&
+                      count_ev(&r.f, SE_HEADER) == 2,
+                  "%s: next message runs every handler: %d events", name,
+                  r.f.nevents);
+            rig_free(&r);
+        }
+    }
+
+    /* The text of a kept reply is encoded when decided: the verdict's
+     * strings belong to the handler (the Lua state) only until it returns. */
+    struct rig r;
+    rig_init(&r, ALL);
+    held_open(&r, 0x1fffff);
+    char text[] = "no thanks";
+    r.f.reply[SE_HEADER].action = VA_REJECT;
+    r.f.reply[SE_HEADER].lines[0] = (struct wire_str){text, 9};
+    r.f.reply[SE_HEADER].nlines = 1;
+    SEND(&r, 'L', "Subject\0s\0");
+    memcpy(text, "XXXXXXXXX", 9);
+    SEND(&r, 'E', "");
+    char cmd;
+    const char *t = first_reply(&r, &cmd);
+    CHECK(cmd == 'y' && strcmp(t, "550 5.7.1 no thanks") == 0,
+          "kept text: %c '%s'", cmd, t);
+    rig_free(&r);
+}
+
+/* Where the MTA waits before EOM, the kept verdict goes there. */
+static void test_held_next_reply(void)
+{
+    /* NR_HDR only (no NR_EOH/NR_BODY): a header reject is given at EOH,
+     * and any later event of the ended message gets it again. */
+    struct rig r;
+    rig_init(&r, ALL);
+    held_open(&r, 0x1fffff & ~(SMFIP_NR_EOH | SMFIP_NR_BODY));
+    r.f.reply[SE_HEADER].action = VA_REJECT;
+    SEND(&r, 'L', "Subject\0s\0");
+    SEND(&r, 'L', "To\0t\0");
+    CHECK(buf_len(&r.out) == 0, "headers: no reply");
+    SEND(&r, 'N', "");
+    CHECK(strcmp(replies(&r), "r") == 0, "EOH gets the kept reject");
+    SEND(&r, 'B', "x");
+    SEND(&r, 'E', "");
+    CHECK(strcmp(replies(&r), "rr") == 0 && r.f.nevents == 1,
+          "then every reply-due event, no handler");
+    rig_free(&r);
+
+    /* Stalwart (0x42) and a bare offer: nothing kept, the reply per event
+     * as ever. */
+    static const uint32_t offers[] = {0x42, 0};
+    for (int i = 0; i < 2; i++) {
+        rig_init(&r, ALL);
+        held_open(&r, offers[i]);
+        r.f.reply[SE_HEADER].action = VA_REJECT;
+        SEND(&r, 'L', "Subject\0s\0");
+        CHECK(strcmp(replies(&r), "r") == 0 && r.s.kept == 0,
+              "offer 0x%x: the header is answered with its verdict",
+              offers[i]);
+        SEND(&r, 'L', "To\0t\0");
+        SEND(&r, 'E', "");
+        CHECK(strcmp(replies(&r), "rr") == 0 && r.f.nevents == 1,
+              "offer 0x%x: ended message as before", offers[i]);
+        rig_free(&r);
+    }
+}
+
+/* skip and max_body in a reply-free body: nothing sent, no more calls. */
+static void test_held_skip(void)
+{
+    struct rig r;
+    rig_init(&r, ALL);
+    held_open(&r, 0x1fffff);
+    r.f.reply[SE_BODY].action = VA_SKIP;
+    SEND(&r, 'L', "Subject\0s\0");
+    SEND(&r, 'N', "");
+    SEND(&r, 'B', "one");
+    SEND(&r, 'B', "two");
+    SEND(&r, 'B', "three");
+    CHECK(buf_len(&r.out) == 0 && r.f.body_seen == 3 && r.s.skip_body,
+          "skip: no reply, no second body call (%zu bytes seen)",
+          r.f.body_seen);
+    SEND(&r, 'E', "");
+    CHECK(strcmp(replies(&r), "c") == 0 && count_ev(&r.f, SE_EOM) == 1,
+          "eom runs after a kept skip");
+    rig_free(&r);
+
+    rig_init(&r, ALL);
+    r.cfg.max_body = 4;
+    held_open(&r, 0x1fffff);
+    SEND(&r, 'B', "123");
+    SEND(&r, 'B', "456");
+    SEND(&r, 'B', "789");
+    SEND(&r, 'E', "");
+    CHECK(strcmp(replies(&r), "c") == 0 && r.f.body_seen == 4 &&
+              r.s.truncated && count_ev(&r.f, SE_BODY) == 2,
+          "max_body: cut, no SKIP sent, eom answered");
+    rig_free(&r);
+}
+
+/* A handler that fails in a reply-free stage: the --on-error verdict is
+ * kept like any other (continue lets the message go on). */
+static void test_held_on_error(void)
+{
+    static const struct {
+        int on_error;
+        const char *want;
+        int eom_runs;
+    } cs[] = {{VA_TEMPFAIL, "y", 0}, {VA_REJECT, "y", 0},
+              {VA_ACCEPT, "a", 0}, {VA_CONTINUE, "c", 1}};
+    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) {
+        struct rig r;
+        rig_init(&r, ALL);
+        r.cfg.on_error = cs[i].on_error;
+        held_open(&r, 0x1fffff);
+        r.f.fail[SE_HEADER] = 1;
+        held_rest(&r);
+        char cmd;
+        const char *t = first_reply(&r, &cmd);
+        CHECK(cmd == cs[i].want[0] &&
+                  (cmd != 'y' || strncmp(t, cs[i].on_error == VA_REJECT
+                                                ? "550 5.7.1"
+                                                : "451 4.3.0",
+                                         9) == 0) &&
+                  count_ev(&r.f, SE_EOM) == cs[i].eom_runs,
+              "on-error %d: EOM gets '%c' (%s), eom ran %d", cs[i].on_error,
+              cmd, t, count_ev(&r.f, SE_EOM));
+        rig_free(&r);
+    }
+}
+
+/* ABORT, EHLO, QUIT and QUIT_NC between a kept verdict and EOM; a
+ * reply-free handler that waits on a lookup. */
+static void test_held_between(void)
+{
+    struct rig r;
+    rig_init(&r, ALL);
+    held_open(&r, 0x1fffff);
+    r.f.reply[SE_HEADER].action = VA_REJECT;
+    SEND(&r, 'L', "Subject\0s\0");
+    SEND(&r, 'A', ""); /* the client went away mid-DATA */
+    CHECK(count_ev(&r.f, SE_ABORT) == 0 && r.s.msg == MSG_NONE &&
+              buf_len(&r.out) == 0,
+          "ABORT drops the kept verdict, no abort handler (as after a "
+          "reply)");
+    r.f.reply[SE_HEADER].action = VA_CONTINUE;
+    SEND(&r, 'M', "<a2@x>\0");
+    SEND(&r, 'R', "<b@x>\0");
+    held_rest(&r);
+    CHECK(strcmp(replies(&r), "ccc") == 0 && r.s.kept == 0,
+          "the next message is not touched by it");
+
+    /* EHLO mid-message, then QUIT */
+    r.f.reply[SE_EOH].action = VA_DISCARD;
+    SEND(&r, 'M', "<a3@x>\0");
+    SEND(&r, 'L', "Subject\0s\0");
+    SEND(&r, 'N', "");
+    r.f.nevents = 0;
+    SEND(&r, 'H', "again\0");
+    CHECK(r.f.nevents == 1 && r.f.events[0] == SE_HELO &&
+              strcmp(replies(&r), "cc") == 0,
+          "EHLO after a kept verdict: helo only, no abort");
+    CHECK(SEND(&r, 'Q', "") == SESS_CLOSE && count_ev(&r.f, SE_CLOSE) == 1 &&
+              count_ev(&r.f, SE_ABORT) == 0,
+          "QUIT: close, no abort");
+    rig_free(&r);
+
+    /* QUIT_NC after a kept verdict: the next session starts clean */
+    rig_init(&r, ALL);
+    held_open(&r, 0x1fffff);
+    r.f.reply[SE_BODY].action = VA_TEMPFAIL;
+    SEND(&r, 'B', "x");
+    SEND(&r, 'K', "");
+    SEND(&r, 'C', "h2\0U");
+    SEND(&r, 'M', "<a@x>\0");
+    r.f.reply[SE_BODY].action = VA_CONTINUE;
+    SEND(&r, 'B', "y");
+    SEND(&r, 'E', "");
+    CHECK(strcmp(replies(&r), "ccc") == 0, "after QUIT_NC: nothing kept");
+    rig_free(&r);
+
+    /* a reply-free header that waits: nothing sent when it resumes, the
+     * verdict is kept, the frames behind it are read and dropped */
+    rig_init(&r, ALL);
+    held_open(&r, 0x1fffff);
+    r.f.defer[SE_HEADER] = 1;
+    CHECK(SEND(&r, 'L', "Subject\0s\0") == SESS_WAIT, "header waits");
+    struct verdict v;
+    verdict_clear(&v);
+    v.action = VA_TEMPFAIL;
+    CHECK(sess_resume(&r.s, 0, &v, &r.out) == SESS_OK && buf_len(&r.out) == 0,
+          "resumed: no reply");
+    r.f.defer[SE_HEADER] = 0;
+    SEND(&r, 'L', "To\0t\0");
+    SEND(&r, 'N', "");
+    SEND(&r, 'B', "x");
+    SEND(&r, 'E', "");
+    CHECK(strcmp(replies(&r), "t") == 0 && r.f.nevents == 1,
+          "EOM gets the tempfail decided after the wait");
+    /* and one that fails after its wait gets the on-error verdict, kept */
+    SEND(&r, 'M', "<a@x>\0");
+    r.f.defer[SE_EOH] = 1;
+    CHECK(SEND(&r, 'N', "") == SESS_WAIT, "eoh waits");
+    verdict_clear(&v);
+    sess_resume(&r.s, -1, &v, &r.out);
+    replies(&r);
+    SEND(&r, 'E', "");
+    char cmd;
+    const char *t = first_reply(&r, &cmd);
+    CHECK(cmd == 'y' && strncmp(t, "451 4.3.0", 9) == 0,
+          "on-error after a wait, kept: '%s'", t);
+    rig_free(&r);
+}
+
 int main(int argc, char **argv)
 {
     char dir[1024];
     log_level = LL_ERR - 1; /* quiet: protocol errors are expected here */
     snprintf(dir, sizeof dir, "%s/postfix",
              argc > 1 ? argv[1] : "../shared/fixtures");
-    test_replay(dir);
+    test_replay(dir, 0);
+    test_replay(dir, 1);
     test_negotiation();
     test_states();
     test_noreply_and_body();
@@ -1092,5 +1412,10 @@ int main(int argc, char **argv)
     test_data_limits();
     test_planner_property();
     test_waiting_handlers();
+    test_held_verdicts();
+    test_held_next_reply();
+    test_held_skip();
+    test_held_on_error();
+    test_held_between();
     return t_done("test_sess");
 }

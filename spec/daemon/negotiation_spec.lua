@@ -60,12 +60,18 @@ describe("OPTNEG reply", function()
       local neg = c.neg
       check_common(offer, neg)
       assert.are.equal(band(offer[2], 0xff), band(neg.actions, 0xff), "modification actions")
+      -- header, eoh and body verdicts are held: reply-free iff offered
+      local held = { NR_HDR = true, NOHREPL = true, NR_EOH = true, NR_BODY = true }
       for bname, b in pairs(P) do
-        if bname:match("^NO") or bname:match("^NR_") then
+        if held[bname] then
+          assert.are.equal(has(offer[3], b), has(neg.protocol, b), bname .. " iff offered")
+        elseif bname:match("^NO") or bname:match("^NR_") then
           assert.is_false(has(neg.protocol, b), bname .. " must not be requested")
         end
       end
-      assert.are.equal(has(offer[3], P.SKIP), has(neg.protocol, P.SKIP), "SKIP iff offered")
+      -- SKIP answers a BODY: only where body chunks are answered
+      assert.are.equal(has(offer[3], P.SKIP) and not has(offer[3], P.NR_BODY),
+        has(neg.protocol, P.SKIP), "SKIP iff offered and BODY answered")
     end)
 
     it(name .. " offer, eom-only script: no event it cannot observe, no reply it does not use", function()
@@ -110,28 +116,43 @@ describe("OPTNEG reply", function()
     assert.are.equal(0, c.neg.actions)
   end)
 
-  it("header-only script: headers answered, EOH/BODY/DATA suppressed", function()
+  it("header-only script: headers reply-free (verdict held), EOH/BODY/DATA suppressed", function()
     d = U.start(only("header"))
     c = U.client(d)
     local p = c.neg.protocol
-    for _, b in ipairs({ "NOEOH", "NOBODY", "NODATA", "NOUNKNOWN" }) do
+    for _, b in ipairs({ "NOEOH", "NOBODY", "NODATA", "NOUNKNOWN", "NR_HDR" }) do
       assert.is_true(has(p, P[b]), b .. " expected")
     end
-    for _, b in ipairs({ "NOHDRS", "NR_HDR", "NOMAIL", "NORCPT" }) do
+    for _, b in ipairs({ "NOHDRS", "NOMAIL", "NORCPT" }) do
       assert.is_false(has(p, P[b]), b .. " not expected")
     end
   end)
 
-  it("body-only script: SKIP requested, headers delivered reply-free", function()
+  it("header-only script behind Stalwart: headers answered", function()
+    d = U.start(only("header"))
+    c = U.client(d, mc.OFFER.stalwart)
+    assert.is_false(has(c.neg.protocol, P.NR_HDR), "NR_HDR not offered")
+    assert.is_false(has(c.neg.protocol, P.NOHDRS), "NOHDRS")
+  end)
+
+  it("body-only script: body and headers reply-free, no SKIP", function()
     d = U.start(only("body"))
     c = U.client(d)
     local p = c.neg.protocol
-    assert.is_true(has(p, P.SKIP), "SKIP")
+    assert.is_false(has(p, P.SKIP), "SKIP: no BODY is answered")
     assert.is_true(has(p, P.NR_HDR), "NR_HDR")
     assert.is_false(has(p, P.NOHDRS), "NOHDRS")
     assert.is_false(has(p, P.NOBODY), "NOBODY")
-    assert.is_false(has(p, P.NR_BODY), "NR_BODY")
+    assert.is_true(has(p, P.NR_BODY), "NR_BODY")
     assert.is_true(has(p, P.NOEOH), "NOEOH")
+  end)
+
+  it("body-only script, an offer without NR_BODY: SKIP requested, body answered", function()
+    d = U.start(only("body"))
+    c = U.client(d, { 6, 0x1ff, band(0x1fffff, bnot(P.NR_BODY)) })
+    local p = c.neg.protocol
+    assert.is_true(has(p, P.SKIP), "SKIP")
+    assert.is_false(has(p, P.NR_BODY), "NR_BODY")
   end)
 
   it("unknown-only script: UNKNOWN answered, not suppressed", function()
@@ -193,7 +214,7 @@ describe("a full session under each offer", function()
 
   for _, name in ipairs(OFFERS) do
     local offer = mc.OFFER[name]
-    it(name .. ": every handler script, every event answered 'c', eom modifies", function()
+    it(name .. ": every handler script, every event answered 'c' or held, eom modifies", function()
       d = U.start(ALL)
       c = U.client(d, offer)
       local res = c:session { rcpts = { "<r1@example.org>", "<r2@example.org>" }, body = "body\r\n" }
@@ -203,9 +224,14 @@ describe("a full session under each offer", function()
       end
       for i, r in ipairs(res.rcpts) do assert.is_true(is_reply(r, "c"), "rcpt " .. i) end
       if offer[1] >= 4 then assert.is_true(is_reply(res.data, "c"), "data") end
-      for i, r in ipairs(res.headers) do assert.is_true(is_reply(r, "c"), "header " .. i) end
-      assert.is_true(is_reply(res.eoh, "c"), "eoh")
-      for i, r in ipairs(res.body) do assert.is_true(is_reply(r, "c"), "body " .. i) end
+      -- header, eoh and body: reply-free where offered, 'c' elsewhere
+      local function held(r, bit, what)
+        if has(offer[3], bit) then assert.are.equal("noreply", r, what)
+        else assert.is_true(is_reply(r, "c"), what) end
+      end
+      for i, r in ipairs(res.headers) do held(r, P.NR_HDR, "header " .. i) end
+      held(res.eoh, P.NR_EOH, "eoh")
+      for i, r in ipairs(res.body) do held(r, P.NR_BODY, "body " .. i) end
       assert.are.equal("a", res.eom.cmd)
       assert.are.same({ { op = "addheader", name = "X-Seen", value = "yes" } }, res.eom.mods)
     end)

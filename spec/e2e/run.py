@@ -614,6 +614,100 @@ end
     run.delivered(0)
 
 
+# Held verdicts: behind Postfix (NR_HDR, NR_EOH, NR_BODY offered) header,
+# eoh and body run reply-free and their verdict is given at the final dot.
+# The client's replies and the delivered bytes must be what a reply per
+# event gives: Postfix acts on a content-phase verdict only after the dot.
+HELD_VERDICT = {
+    "reject": 'milter.reject{ code = 554, xcode = "5.7.1", '
+              'reason = { "rejected at " .. st .. ", line one", "100% sure, line two" } }',
+    "tempfail": 'milter.tempfail{ code = 451, xcode = "4.7.1", '
+                'reason = { "tempfail at " .. st .. ", line one", "100% sure, line two" } }',
+    "discard": "milter.discard()",
+    "accept": "milter.accept()",
+}
+HELD_CODES = {"reject": ("554", "5.7.1", "rejected"), "tempfail": ("451", "4.7.1", "tempfail")}
+
+
+def held_policy(action):
+    return r'''
+local function verdict(st) return VERDICT end
+local function ran(ctx, ev, what)
+  ctx:log("info", "RAN", ev, ctx:header("Subject") or "-", what or "-")
+end
+function H.header(ctx, name, value)
+  ran(ctx, "header", name)
+  if name == "X-Decide" and value == "header" then return verdict("header") end
+end
+function H.eoh(ctx)
+  ran(ctx, "eoh")
+  if ctx:header("X-Decide") == "eoh" then return verdict("eoh") end
+end
+function H.body(ctx, chunk)
+  ran(ctx, "body")
+  if ctx:header("X-Decide") == "body" and chunk:find("DECIDE", 1, true) then
+    return verdict("body")
+  end
+end
+function H.eom(ctx)
+  ran(ctx, "eom")
+  return milter.accept{ add_header = { {"X-Filtered", "yes"} } }
+end
+'''.replace("VERDICT", HELD_VERDICT[action])
+
+
+for _action in ("reject", "tempfail", "discard", "accept"):
+    @case("held-%s" % _action)
+    def _(run, action=_action):
+        """a verdict decided at a header, at eoh and at a body chunk: the
+        client sees it at the final dot as before, the delivered bytes are
+        those of a message filtered no further, no later handler runs, and
+        the next message is filtered in full"""
+        run.policy(held_policy(action))
+        msgs = {}
+        for st in ("header", "eoh", "body"):
+            m = simple(run, "held-%s-%s" % (action, st),
+                       extra=["X-Decide: " + st, "X-After: later"],
+                       body=b"line one\r\nDECIDE\r\nline three\r\n")
+            msgs[st] = m
+            tr = run.swaks(SENDER, [RCPT], m)
+            run.reply_code(tr, "MAIL", "250")
+            run.reply_code(tr, "RCPT", "250")
+            run.reply_code(tr, "DATA", "354")
+            if action in HELD_CODES:
+                code, xcode, word = HELD_CODES[action]
+                run.reply(tr, ".", ["%s-%s %s at %s, line one" % (code, xcode, word, st),
+                                    "%s %s 100%% sure, line two" % (code, xcode)])
+            else:
+                run.reply_code(tr, ".", "250")
+        if action == "accept":
+            for d in run.delivered(3):
+                subj = (d.values("Subject") or [""])[0].strip()
+                st = subj.rsplit("-", 1)[-1]
+                if run.check(st in msgs, "unexpected delivery %r" % subj):
+                    run.eq(d.raw[d.raw.find(b"\r\nDate:") + 2:], msgs[st],
+                           "%s: message bytes after Received:" % subj)
+                    run.eq(d.values("X-Filtered"), [], "%s: X-Filtered (eom must not run)" % subj)
+        else:
+            run.delivered(0)
+        log = run.lm.log_since(run.lm_off)
+        for st, later in (("header", ["header %s X-After", "eoh %s", "body %s", "eom %s"]),
+                          ("eoh", ["body %s", "eom %s"]), ("body", ["eom %s"])):
+            subj = "e2e held-%s-%s" % (action, st)
+            run.check("RAN %s %s" % (st, subj) in log, "%s did not run for %s" % (st, subj))
+            for ev in later:
+                run.check("RAN " + ev % subj not in log,
+                          "%r ran after the %s verdict" % (ev % subj, st))
+            # logged where it was decided
+            run.eq(len(re.findall(r"\] %s verdict %s kept" % (st, action), log)), 1,
+                   "log lines of the %s verdict kept at %s" % (action, st))
+        tr = run.swaks(SENDER, [RCPT], simple(run, "held-%s-next" % action,
+                                              extra=["X-Decide: none"]))
+        expect_accepted(run, tr)
+        (d,) = run.delivered(1)
+        run.eq(d.values("X-Filtered"), [" yes"], "X-Filtered of the next message")
+
+
 @case("discard")
 def _(run):
     """discard at eom, at envrcpt (drops the whole message) and at envfrom:
@@ -1293,6 +1387,25 @@ end
     expect_accepted(run, tr)
     (d,) = run.delivered(1)
     run.eq(d.values("X-Waited"), [" 12s"], "the waiting handler's header")
+
+
+@case("held-waits-past-content-timeout")
+def _(run):
+    """header handlers that wait (milter.sleep) 6 s each, 12 s in all, past
+    Postfix's milter_content_timeout (10 s here) while Postfix, having sent
+    the rest reply-free, waits for the final reply: progress packets keep
+    it waiting, and the kept reject answers the dot"""
+    run.policy(r'''
+function H.header(ctx, name, value)
+  if name:sub(1, 7) == "X-Wait-" then milter.sleep(6) end
+  if name == "X-Wait-2" then return milter.reject{ code = 554, reason = "waited" } end
+end
+function H.eom(ctx) return milter.accept{ add_header = { {"X-Filtered", "yes"} } } end
+''', args={"--script-timeout": "8"})
+    tr = run.swaks(SENDER, [RCPT], simple(run, "held-progress",
+                                          extra=["X-Wait-1: a", "X-Wait-2: b"]), timeout=60)
+    run.reply(tr, ".", ["554 5.7.1 waited"])
+    run.delivered(0)
 
 
 @case("reply-digit-text")
