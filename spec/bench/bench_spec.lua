@@ -202,7 +202,7 @@ describe("benchgen against luamilter with other scripts", function()
     if d then d:stop(); d = nil end
   end)
 
-  it("honours SKIP: stops the body after 's' and still gets the header", function()
+  it("sends BODY reply-free where luamilter asks (NR_BODY): a skip is kept, the header still comes", function()
     local err
     d, err = D.start([[
 local milter = require "milter"
@@ -217,16 +217,16 @@ return {
 }
 ]], { args = { "--log-level", "warn" } })
     assert(d, err)
-    -- 200 KiB bodies are 4 BODY packets; after the first 's' no more may come
+    -- 200 KiB bodies are 4 BODY packets, none of them answered
     local res = run({ GEN, "-s", d.listen, "-c", "3", "-m", "2", "-n", "12", "-b", "200K",
       "-e", "X-Chunks", "-T", "5" }, 60)
     assert.are.equal(0, res.status, show(res))
     local f = result(res.out)
     assert.are.equal(12, f.msgs, show(res))
     assert.are.equal(0, f.errors, show(res))
-    -- SKIP was negotiated and BODY is answered
-    assert.are.equal(0x400, bit.band(tonumber(f.protocol), 0x400), show(res))
-    assert.are.equal(0, bit.band(tonumber(f.protocol), 0x80000), show(res))
+    -- NR_BODY negotiated, so SKIP is not (nothing answers a BODY)
+    assert.are.equal(0x80000, bit.band(tonumber(f.protocol), 0x80000), show(res))
+    assert.are.equal(0, bit.band(tonumber(f.protocol), 0x400), show(res))
     assert.falsy(d:log():find("protocol error", 1, true), d:log())
   end)
 
@@ -246,6 +246,7 @@ return {
     local f = result(res.out)
     assert.are.equal(0, f.msgs, show(res))
     assert.are.equal(3, f.err_wrong_reply, show(res))
-    assert.truthy(res.err:find("HEADER answered with 't'", 1, true), show(res))
+    -- the header's verdict is kept and given at end of message
+    assert.truthy(res.err:find("BODYEOB answered with 't'", 1, true), show(res))
   end)
 end)
