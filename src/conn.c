@@ -123,10 +123,36 @@ static void handler_ran(struct conn *c, int ev, int rc, double t0)
         metrics_call_done(ev, rc < 0, t1 - c->call_started);
 }
 
+/*
+ * Starts the progress packets unless they run. A wait that follows
+ * another (the next lookup, the next reply-free handler) keeps their
+ * cadence: the next packet is due PROGRESS_EVERY after the last one (or
+ * after the MTA's wait was first seen), not a whole interval from now,
+ * which could leave the MTA twice that long without a word (Sendmail
+ * gives up after its R= timeout, 10 s by default).
+ */
+static void progress_on(struct conn *c)
+{
+    if (ev_is_active(&c->progress))
+        return;
+    double now = ev_now(c->srv->loop), due = PROGRESS_EVERY;
+    if (c->progress_mark > 0) {
+        due = c->progress_mark + PROGRESS_EVERY - now;
+        if (due < 0.001)
+            due = 0.001;
+        if (due > PROGRESS_EVERY)
+            due = PROGRESS_EVERY;
+    } else {
+        c->progress_mark = now;
+    }
+    ev_timer_set(&c->progress, due, PROGRESS_EVERY);
+    ev_timer_start(c->srv->loop, &c->progress);
+}
+
 static void start_progress(struct conn *c, int ev)
 {
     if (ev == SE_EOM && !c->finishing)
-        ev_timer_again(c->srv->loop, &c->progress);
+        progress_on(c);
 }
 
 /*
@@ -148,7 +174,7 @@ static void progress_if_awaited(struct conn *c, const uint8_t *p, size_t n)
                             &err) != WIRE_FRAME)
             return;
         if (f.cmd == WIRE_BODYEOB) {
-            ev_timer_again(c->srv->loop, &c->progress);
+            progress_on(c);
             return;
         }
         off += used;
@@ -235,6 +261,7 @@ static int waits_on_event(const struct conn *c)
 static void abandon(struct conn *c)
 {
     ev_timer_stop(c->srv->loop, &c->progress);
+    c->progress_mark = 0;
     ev_timer_stop(c->srv->loop, &c->resume);
     lb_abandon(&c->lua);
     sess_abandon(&c->sess);
@@ -521,18 +548,22 @@ static void conn_resume(struct ev_loop *loop, ev_timer *w, int revents)
     struct conn *c = (struct conn *)((char *)w - offsetof(struct conn, resume));
     log_gen = c->gen;
     c->in_callback = 1;
-    ev_timer_stop(c->srv->loop, &c->progress);
     struct verdict v;
-    watch_handler(c, c->sess.wait.ev);
+    int ev = c->sess.wait.ev;
+    watch_handler(c, ev);
     double t0 = msglog_clock();
     msglog_lookup(&c->mlog, t0 - c->wait_since);
     int rc = lb_resume(&c->lua, &c->sess, &v);
     handler_ran(c, c->sess.wait.ev, rc, t0);
     wd.fd = -1;
-    if (rc == LB_WAIT) { /* the next lookup */
+    if (rc == LB_WAIT) { /* the next lookup: progress runs on */
         start_progress(c, c->sess.wait.ev);
         progress_if_awaited(c, buf_head(&c->rbuf), buf_len(&c->rbuf));
     } else {
+        /* no progress after the reply; a later wait picks up the cadence */
+        ev_timer_stop(c->srv->loop, &c->progress);
+        if (ev == SE_EOM)
+            c->progress_mark = 0;
         if (sess_resume(&c->sess, rc, &v, &c->wbuf) == SESS_CLOSE)
             c->closing = 1;
         if (!c->finishing && !c->closing && buf_len(&c->rbuf)) {
@@ -565,6 +596,7 @@ static void on_progress(struct ev_loop *loop, ev_timer *w, int revents)
     (void)revents;
     struct conn *c =
         (struct conn *)((char *)w - offsetof(struct conn, progress));
+    c->progress_mark = ev_now(loop);
     if (buf_append(&c->wbuf, "\0\0\0\1p", 5) == 0 && flush(c) < 0)
         conn_drop(c, "write failed: the peer is gone");
 }

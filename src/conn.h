@@ -37,6 +37,8 @@ struct conn {
     struct conn *prev, *next;
     ev_timer resume;     /* a waiting handler's answer came: resume it */
     ev_timer progress;   /* while an eom handler waits: keep the MTA patient */
+    double progress_mark; /* last progress packet, or when the MTA's wait
+                           * was first seen; 0 once the eom reply is out */
     struct msglog mlog;  /* the open message's log line, in the making */
     double call_started; /* msglog_clock() at the handler call's start */
     double wait_since;   /* and when its current lookup wait began */

@@ -434,6 +434,32 @@ return H
     assert.are.equal("X-Waited", r.mods[#r.mods].name)
   end)
 
+  it("waits one after another keep the progress cadence: 2 x 2.5 s of sleeps get a progress packet", function()
+    -- each sleep is shorter than the interval (3 s): restarting the
+    -- interval at each wait would send none, leaving the MTA 5 s without
+    -- a word (what made Sendmail give up, its R= timeout, in the e2e)
+    start [[
+function H.eom(ctx)
+  milter.sleep(2.5)
+  milter.sleep(2.5)
+  return milter.accept{ add_header = { { "X-Waited", "5s" } } }
+end
+return H
+]]
+    local c = U.client(d)
+    U.open(c)
+    assert(c:mail("<a@example.org>", {}))
+    assert(c:rcpt("<b@example.org>", {}))
+    assert(c:send("E", ""))
+    local r = assert(c:read_reply(15))
+    c:close()
+    assert.are.equal("a", r.cmd)
+    local progress = 0
+    for _, m in ipairs(r.mods) do progress = progress + (m.op == "progress" and 1 or 0) end
+    assert.is_true(progress >= 1, "progress packets: " .. progress)
+    assert.are.equal("X-Waited", r.mods[#r.mods].name)
+  end)
+
   it("reload and SIGTERM while a handler waits: it finishes on its own script", function()
     start [[
 function H.envfrom(ctx)

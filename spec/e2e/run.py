@@ -1389,12 +1389,7 @@ end
     run.eq(d.values("X-Waited"), [" 12s"], "the waiting handler's header")
 
 
-# Postfix only, like eom-waits-past-content-timeout: it is about Postfix's
-# milter_content_timeout. On Sendmail (T=...;R:5s;E:5m) one unix run got
-# "timeout before data read, where=eom" 8 s in while the inet run passed:
-# how Sendmail times a reply it waits for across progress packets is not
-# yet known (see the README's Sendmail notes)
-@case("held-waits-past-content-timeout", mtas=PF_ONLY)
+@case("held-waits-past-content-timeout")
 def _(run):
     """header handlers that wait (milter.sleep) 6 s each, 12 s in all, past
     Postfix's milter_content_timeout (10 s here) while Postfix, having sent
