@@ -77,7 +77,7 @@ end
 -- the per-run progress lines of scripts/bench: {server, msgs, errors}
 local function runs(out)
   local list = {}
-  for server, msgs, errors in out:gmatch("(%a+) msgs=(%d+) [^\n]- errors=(%d+)") do
+  for server, msgs, errors in out:gmatch("(%S+) +msgs=(%d+) [^\n]- errors=(%d+)") do
     list[#list + 1] = { server = server, msgs = tonumber(msgs), errors = tonumber(errors) }
   end
   return list
@@ -109,7 +109,7 @@ describe("scripts/bench", function()
       assert.are.equal(0, r.errors, show(res))
     end
     -- the reference negotiated what luamilter asked for; the summary has ratios
-    assert.truthy(res.out:find("luamilter negotiated protocol 0x%x+ actions 0x%x+ %(reference: the same%)"),
+    assert.truthy(res.out:find("luamilter negotiated protocol 0x%x+ actions 0x%x+\n  reference: the same\n"),
       show(res))
     assert.truthy(res.out:find("lua/ref", 1, true), show(res))
     assert.falsy(res.err:find("error", 1, true), show(res))
@@ -133,8 +133,52 @@ describe("scripts/bench", function()
     assert.truthy(res.out:find("answers BODYEOB only", 1, true), show(res))
     local got = runs(res.out)
     assert.are.equal(1, #got, show(res))
+    assert.are.equal("ref-eom", got[1].server, show(res))
     assert.are.equal(24, got[1].msgs, show(res))
     assert.are.equal(0, got[1].errors, show(res))
+  end)
+
+  it("--refs every,mre,eom: three references with the flags they name, one luamilter, ratios to each", function()
+    local res = run({ BENCH, "--quick", "--refs", "every,mre,eom" }, 120)
+    assert.are.equal(0, res.status, show(res))
+    local got = runs(res.out)
+    local names = {}
+    for i, r in ipairs(got) do
+      names[i] = r.server
+      assert.are.equal(24, r.msgs, show(res))
+      assert.are.equal(0, r.errors, show(res))
+    end
+    assert.are.same({ "ref-every", "ref-mre", "ref-eom", "luamilter" }, names, show(res))
+    local lua = tonumber(res.out:match("luamilter negotiated protocol (0x%x+)"))
+    local every = tonumber(res.out:match("\n  ref%-every: protocol (0x%x+): answers every event it receives"))
+    local mre = tonumber(res.out:match("\n  ref%-mre: protocol (0x%x+): answers MAIL, RCPT and BODYEOB only"))
+    local eom = tonumber(res.out:match("\n  ref%-eom: protocol (0x%x+): answers BODYEOB only"))
+    assert(lua and every and mre and eom, show(res))
+    local NR_ALL, NR_MAIL_RCPT = 0xff080, 0xc000
+    -- every event luamilter receives, each one answered
+    assert.are.equal(bit.band(lua, bit.bnot(NR_ALL)), every, show(res))
+    -- the same events, only MAIL, RCPT and BODYEOB answered
+    assert.are.equal(bit.bor(every, NR_ALL - NR_MAIL_RCPT), mre, show(res))
+    assert.are.equal(bit.bor(every, NR_ALL), eom, show(res))
+    for _, label in ipairs { "lua/every", "lua/mre", "lua/eom" } do
+      assert.truthy(res.out:find("\n  " .. label:gsub("%p", "%%%0") .. " +[%d.]+x"), label .. "\n" .. show(res))
+    end
+  end)
+
+  it("a timed run judges the MAIL/RCPT/eom target and the same-flags targets, each once per scenario", function()
+    local res = run({ BENCH, "--refs", "mre,same", "--concurrency", "2", "--msgs-per-conn", "3",
+      "--headers", "3", "--rounds", "1", "--duration", "0.5", "--warmup", "0", "--retries", "0" }, 120)
+    assert.are.equal(0, res.status, show(res))
+    local _, n = res.out:gsub("\n  target %(4 KiB%): msgs/s >= 0%.80x the MAIL/RCPT/eom reference: [NOT ]*met %([%d.]+x%)", "")
+    assert.are.equal(1, n, show(res))
+    _, n = res.out:gsub("\n  targets %(4 KiB%): msgs/s >= 0%.80x: [NOT ]*met %([%d.]+x%), p99 <= 1%.50x: ", "")
+    assert.are.equal(1, n, show(res))
+  end)
+
+  it("--refs rejects a reference it does not know", function()
+    local res = run({ BENCH, "--quick", "--refs", "every,bogus" }, 60)
+    assert.are.equal(2, res.status, show(res))
+    assert.truthy(res.err:find("--refs: unknown reference 'bogus'", 1, true), show(res))
   end)
 
   it("detects wrong replies: a reference answering 'r' to every 3rd RCPT", function()
