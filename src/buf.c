@@ -17,7 +17,7 @@ void buf_free(struct buf *b)
     b->start = b->end = b->size = 0;
 }
 
-uint8_t *buf_reserve(struct buf *b, size_t n)
+uint8_t *buf_grow(struct buf *b, size_t n)
 {
     if (b->size - b->end >= n)
         return b->data + b->end;
@@ -48,19 +48,6 @@ uint8_t *buf_reserve(struct buf *b, size_t n)
     b->end = len;
     return b->data + b->end;
 }
-
-int buf_append(struct buf *b, const void *p, size_t n)
-{
-    uint8_t *dst = buf_reserve(b, n);
-    if (!dst)
-        return -1;
-    if (n)
-        memcpy(dst, p, n);
-    b->end += n;
-    return 0;
-}
-
-int buf_append_byte(struct buf *b, uint8_t c) { return buf_append(b, &c, 1); }
 
 int buf_append_u32(struct buf *b, uint32_t v)
 {

@@ -10,6 +10,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 struct buf {
     uint8_t *data; /* owned; NULL until the first append */
@@ -36,11 +37,34 @@ static inline uint8_t *buf_head(const struct buf *b)
  * them (borrowed, valid until the next call that may grow), or NULL when the
  * cap would be exceeded or memory is short. Commit with buf_commit().
  */
-uint8_t *buf_reserve(struct buf *b, size_t n);
+uint8_t *buf_grow(struct buf *b, size_t n); /* the slow path: slide or grow */
+static inline uint8_t *buf_reserve(struct buf *b, size_t n)
+{
+    if (b->size - b->end >= n) /* inline: most appends find room */
+        return b->data + b->end;
+    return buf_grow(b, n);
+}
 static inline void buf_commit(struct buf *b, size_t n) { b->end += n; }
 /* Appends n bytes; returns -1 (buffer unchanged) when over the cap. */
-int buf_append(struct buf *b, const void *p, size_t n);
-int buf_append_byte(struct buf *b, uint8_t c);
+static inline int buf_append(struct buf *b, const void *p, size_t n)
+{
+    uint8_t *dst = buf_reserve(b, n);
+    if (!dst)
+        return -1;
+    if (n)
+        memcpy(dst, p, n);
+    b->end += n;
+    return 0;
+}
+static inline int buf_append_byte(struct buf *b, uint8_t c)
+{
+    uint8_t *dst = buf_reserve(b, 1);
+    if (!dst)
+        return -1;
+    *dst = c;
+    b->end++;
+    return 0;
+}
 int buf_append_u32(struct buf *b, uint32_t v); /* big-endian */
 /* Drops n bytes from the front (n <= buf_len). */
 void buf_consume(struct buf *b, size_t n);

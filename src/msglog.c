@@ -41,9 +41,18 @@ void msglog_touch(struct msglog *m, const struct sess *s)
         buf_reset(&m->refused);
         buf_shrink(&m->refused, 4096);
     }
-    const char *q = sess_qid(s);
-    if (q && *q)
-        snprintf(m->qid, sizeof m->qid, "%s", q);
+    /* A message's queue id does not change once the MTA has sent it: it
+     * is looked up (a macro search) until then, not at every call. */
+    if (!m->qid[0]) {
+        size_t n;
+        const char *q = sess_macro(s, "i", 1, &n);
+        if (q && n) {
+            if (n >= sizeof m->qid)
+                n = sizeof m->qid - 1;
+            memcpy(m->qid, q, n);
+            m->qid[n] = '\0';
+        }
+    }
 }
 
 void msglog_handler(struct msglog *m, int ev, int rc, double secs)
@@ -141,6 +150,8 @@ int msglog_note(struct msglog *m, const struct sess *s, int what, int ev,
         mv = MV_REJECT; /* every recipient refused: the MTA gave up */
         stage = SE_ENVRCPT;
     }
+    if (!log_enabled(LL_INFO))
+        return mv; /* the line would be dropped: build none of it */
     struct log_field f[16];
     size_t nf = 0;
     char client[600] = "", mods[256] = "";

@@ -97,12 +97,15 @@ void sess_free(struct sess *s)
 static struct sess_str arena_put(struct buf *a, const char *p, size_t n)
 {
     struct sess_str v = {(uint32_t)buf_len(a), (uint32_t)n};
-    if (!buf_reserve(a, n + 1)) {
+    uint8_t *dst = buf_reserve(a, n + 1);
+    if (!dst) {
         v.len = UINT32_MAX;
         return v;
     }
-    buf_append(a, p, n);
-    buf_append_byte(a, 0);
+    if (n)
+        memcpy(dst, p, n);
+    dst[n] = 0;
+    buf_commit(a, n + 1);
     return v;
 }
 
@@ -119,7 +122,10 @@ static int find_macro(const struct sess *s, const char *name, size_t n)
 {
     for (unsigned i = 0; i < s->nmacros; i++) {
         struct sess_str k = s->macro_names[i];
-        if (k.len == n && memcmp(sess_cstr(s, k, 0), name, n) == 0)
+        if (k.len != n)
+            continue;
+        const char *kp = sess_cstr(s, k, 0);
+        if ((n == 0 || kp[0] == name[0]) && memcmp(kp, name, n) == 0)
             return (int)i;
     }
     return -1;
