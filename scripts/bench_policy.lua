@@ -9,6 +9,10 @@
 -- LUAMILTER_BENCH_STORE=1 (scripts/bench --store lmdb|redis) it counts it
 -- in milter.store, as a per-client rate limit would.
 --
+-- With LUAMILTER_BENCH_EOM_ONLY=1 (scripts/bench --eom-only-policy) the
+-- policy is its eom handler alone, adding a fixed X-Bench header: luamilter
+-- then asks the MTA for no reply but the BODYEOB one, the round-trip floor.
+--
 -- With LUAMILTER_BENCH_BODY=1 in the environment the script also handles
 -- body (counting the bytes), so that luamilter asks the MTA for the body:
 -- scripts/bench --body-sweep uses it to measure the cost of body bytes.
@@ -59,6 +63,14 @@ if os.getenv("LUAMILTER_BENCH_BODY") == "1" then
   function H.body(ctx, chunk)
     ctx.msg.bytes = (ctx.msg.bytes or 0) + #chunk
   end
+end
+
+if os.getenv("LUAMILTER_BENCH_EOM_ONLY") == "1" then
+  return {
+    eom = function()
+      return milter.accept{ add_header = { { "X-Bench", "eom-only" } } }
+    end,
+  }
 end
 
 function H.eom(ctx)

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <lmdb.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,7 +26,11 @@ static int subdir;             /* path is a directory */
 static size_t map_size = STORE_DEFAULT_MAP;
 static MDB_env *env;
 static MDB_dbi dbi;
-static pid_t env_pid;          /* the process that opened env */
+/* env belongs to this process only while no fork came between: the
+ * child handler counts forks, so that no store call pays a getpid(2). */
+static unsigned fork_gen, env_gen;
+static int atfork_set;  /* else (no memory for the handler) getpid(2) tells */
+static pid_t env_pid;   /* the process that opened env */
 static unsigned writes;        /* since the last sweep */
 static char sweep_key[STORE_MAX_KEY];
 static size_t sweep_klen;      /* where the next sweep resumes */
@@ -190,10 +195,19 @@ static const char *fail_text(int rc)
     return rc == MDB_MAP_FULL ? "store full" : text(mdb_strerror(rc));
 }
 
+static void on_fork(void) { fork_gen++; }
+
+static int env_mine(void)
+{
+    return env && (atfork_set ? env_gen == fork_gen : env_pid == getpid());
+}
+
 /* This process's environment, opened now if need be; NULL with *err. */
 static MDB_env *open_env(const char **err)
 {
-    if (env && env_pid == getpid())
+    if (!atfork_set && pthread_atfork(NULL, NULL, on_fork) == 0)
+        atfork_set = 1;
+    if (env_mine())
         return env;
     env = NULL; /* a parent's, inherited across fork: left alone */
     if (resolve() < 0) {
@@ -229,6 +243,7 @@ static MDB_env *open_env(const char **err)
     int dead = 0;
     mdb_reader_check(e, &dead); /* slots of workers that were killed */
     env = e;
+    env_gen = fork_gen;
     env_pid = getpid();
     return env;
 }
@@ -251,7 +266,7 @@ int store_check(char *err, size_t n)
 
 void store_close(void)
 {
-    if (env && env_pid == getpid()) {
+    if (env_mine()) {
         mdb_env_sync(env, 1);
         mdb_env_close(env);
     }
