@@ -445,7 +445,7 @@ static int put_translated(struct sess *s, const struct verdict *v,
 
 int mods_put(struct sess *s, const struct verdict *v, struct buf *out)
 {
-    mta_update(s); /* macro v may have come at DATA (mta.h) */
+    mta_recheck(s); /* macro v may have come at DATA (mta.h) */
     int rc;
     if (v->header_list)
         rc = put_list(s, v, out);

@@ -77,6 +77,15 @@ void mta_update(struct sess *s)
                 why);
     s->mta = (uint8_t)kind;
     s->mta_logged = 1;
+    s->mta_by_v = sess_macro(s, "v", 1, NULL) != NULL;
+}
+
+void mta_recheck(struct sess *s)
+{
+    if (s->mta_logged && (s->cfg->mta != MTA_AUTO || s->mta_by_v ||
+                          !sess_macro(s, "v", 1, NULL)))
+        return;
+    mta_update(s);
 }
 
 /*

@@ -30,6 +30,10 @@ int mta_parse(const char *word);
 int mta_detect(const struct sess *s, const char **why);
 /* Detects again, stores s->mta, and logs at debug when it is news. */
 void mta_update(struct sess *s);
+/* At the end of a message: detects again only when macro v, missing
+ * until then, has come (asked for at DATA); nothing else it reads can
+ * change within a session. */
+void mta_recheck(struct sess *s);
 
 /*
  * The macro names to ask for at the DATA stage in the OPTNEG reply, so

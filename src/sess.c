@@ -118,29 +118,28 @@ static void bare_name(const char **p, size_t *n)
     }
 }
 
-static int find_macro(const struct sess *s, const char *name, size_t n)
-{
-    for (unsigned i = 0; i < s->nmacros; i++) {
-        struct sess_str k = s->macro_names[i];
-        if (k.len != n)
-            continue;
-        const char *kp = sess_cstr(s, k, 0);
-        if ((n == 0 || kp[0] == name[0]) && memcmp(kp, name, n) == 0)
-            return (int)i;
-    }
-    return -1;
-}
-
 const char *sess_macro(const struct sess *s, const char *name, size_t len,
                        size_t *vlen)
 {
     bare_name(&name, &len);
-    int i = find_macro(s, name, len);
-    if (i < 0)
-        return NULL;
-    if (vlen)
-        *vlen = s->macro_values[i].len;
-    return sess_cstr(s, s->macro_values[i], 0);
+    for (unsigned i = 0; i < s->nmstages; i++) {
+        struct sess_str l = s->mstages[i].list;
+        const char *list = sess_cstr(s, l, 0);
+        size_t pos = 0;
+        for (;;) {
+            struct wire_str k = wire_list_next(list, l.len, &pos);
+            struct wire_str v = wire_list_next(list, l.len, &pos);
+            if (!k.p || !v.p)
+                break;
+            bare_name(&k.p, &k.n);
+            if (k.n == len && memcmp(k.p, name, len) == 0) {
+                if (vlen)
+                    *vlen = v.n;
+                return v.p; /* NUL-terminated: the list's own NUL */
+            }
+        }
+    }
+    return NULL;
 }
 
 const char *sess_qid(const struct sess *s)
@@ -153,12 +152,10 @@ static void compact_carena(struct sess *s)
 {
     struct buf fresh;
     buf_init(&fresh, s->carena.cap);
-    struct sess_str *all[2 * 64 + 3];
+    struct sess_str *all[SESS_MSTAGES + 3];
     unsigned n = 0;
-    for (unsigned i = 0; i < s->nmacros; i++) {
-        all[n++] = &s->macro_names[i];
-        all[n++] = &s->macro_values[i];
-    }
+    for (unsigned i = 0; i < s->nmstages; i++)
+        all[n++] = &s->mstages[i].list;
     all[n++] = &s->host;
     all[n++] = &s->addr;
     all[n++] = &s->helo;
@@ -194,22 +191,33 @@ static int msg_stage(uint8_t cmd)
 static void clear_msg_macros(struct sess *s)
 {
     unsigned k = 0;
-    for (unsigned i = 0; i < s->nmacros; i++) {
-        if (msg_stage(s->macro_stages[i])) {
-            s->macro_dead += s->macro_names[i].len + s->macro_values[i].len + 2;
+    for (unsigned i = 0; i < s->nmstages; i++) {
+        if (msg_stage(s->mstages[i].stage)) {
+            s->macro_dead += s->mstages[i].list.len + 1;
             continue;
         }
-        s->macro_names[k] = s->macro_names[i];
-        s->macro_values[k] = s->macro_values[i];
-        s->macro_stages[k++] = s->macro_stages[i];
+        s->mstages[k++] = s->mstages[i];
     }
-    s->nmacros = k;
+    s->nmstages = k;
     s->msg_macros_fresh = 1;
 }
 
+/* Moves stage i to the front: the stage sent last is looked up first. */
+static void stage_to_front(struct sess *s, unsigned i)
+{
+    struct sess_mstage m = s->mstages[i];
+    memmove(&s->mstages[1], &s->mstages[0], i * sizeof m);
+    s->mstages[0] = m;
+}
+
+/*
+ * Keeps a MACRO packet whole as its stage's macros, in place of that
+ * stage's last packet: one copy, no parsing (names are found when asked
+ * for). A packet the same as the last one (Postfix sends i before every
+ * header) is not copied again.
+ */
 static int store_macros(struct sess *s, const struct wire_cmd *c)
 {
-    size_t pos = 0;
     /* The first message-stage packet of a new message (MAIL's, or the
      * first one when the MTA skips MAIL) drops the last message's
      * macros: message 1's queue id must not tag message 2. */
@@ -217,36 +225,30 @@ static int store_macros(struct sess *s, const struct wire_cmd *c)
         (msg_stage(c->macro_for) && s->msg == MSG_NONE &&
          !s->msg_macros_fresh))
         clear_msg_macros(s);
-    for (;;) {
-        struct wire_str k = wire_list_next(c->list, c->list_len, &pos);
-        struct wire_str v = wire_list_next(c->list, c->list_len, &pos);
-        if (!k.p || !v.p)
+    unsigned i = 0;
+    while (i < s->nmstages && s->mstages[i].stage != c->macro_for)
+        i++;
+    if (i < s->nmstages) {
+        struct sess_str l = s->mstages[i].list;
+        if (l.len == c->list_len &&
+            memcmp(sess_cstr(s, l, 0), c->list, l.len) == 0) {
+            stage_to_front(s, i);
             return 0;
-        int rc;
-        bare_name(&k.p, &k.n);
-        int i = find_macro(s, k.p, k.n);
-        if (i >= 0) {
-            struct sess_str *old = &s->macro_values[i];
-            s->macro_stages[i] = c->macro_for;
-            if (old->len == v.n && memcmp(sess_cstr(s, *old, 0), v.p, v.n) == 0)
-                continue; /* Postfix repeats i before every header */
-            if ((rc = set_cstr(s, old, v.p, v.n)) < 0)
-                return rc;
-            continue;
         }
-        if (s->nmacros == sizeof s->macro_names / sizeof s->macro_names[0]) {
-            log_msg(LL_DEBUG, s->id, NULL, "macro %.*s ignored: too many",
-                    (int)k.n, k.p);
-            continue;
-        }
-        struct sess_str name = {0, 0}, val = {0, 0};
-        if ((rc = set_cstr(s, &name, k.p, k.n)) < 0 ||
-            (rc = set_cstr(s, &val, v.p, v.n)) < 0)
-            return rc;
-        s->macro_names[s->nmacros] = name;
-        s->macro_stages[s->nmacros] = c->macro_for;
-        s->macro_values[s->nmacros++] = val;
+    } else if (s->nmstages == SESS_MSTAGES) {
+        log_msg(LL_DEBUG, s->id, NULL,
+                "macros for command 0x%02x ignored: too many stages",
+                c->macro_for);
+        return 0;
+    } else {
+        s->mstages[i] = (struct sess_mstage){c->macro_for, {0, 0}};
+        s->nmstages++;
     }
+    int rc = set_cstr(s, &s->mstages[i].list, c->list, c->list_len);
+    if (rc < 0)
+        return rc;
+    stage_to_front(s, i);
+    return 0;
 }
 
 /*
@@ -715,7 +717,7 @@ static int quit_done(struct sess *s, uint8_t cmd)
     clear_msg_data(s); /* nothing of the old session leaks into the new */
     s->msg = MSG_NONE;
     s->msg_macros_fresh = 0;
-    s->nmacros = 0;
+    s->nmstages = 0;
     s->family = 0;
     s->has_helo = 0;
     s->host = s->addr = s->helo = (struct sess_str){0, 0};

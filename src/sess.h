@@ -116,6 +116,9 @@ enum sess_state { ST_INIT, ST_NEG, ST_CONN, ST_CLOSED };
 enum sess_msg { MSG_NONE, MSG_OPEN, MSG_ENDED };
 enum sess_phase { PH_ENV, PH_HDR, PH_EOH, PH_BODY };
 
+/* Macro stages kept per connection: the MTA commands that carry some. */
+#define SESS_MSTAGES 16
+
 struct sess {
     const struct sess_cfg *cfg; /* borrowed */
     const struct sess_ops *ops; /* borrowed */
@@ -127,14 +130,21 @@ struct sess {
     uint8_t msg;      /* enum sess_msg */
     uint8_t phase;    /* enum sess_phase, while MSG_OPEN */
     uint8_t mta, mta_logged; /* enum mta_kind, as mta_update() found it */
+    uint8_t mta_by_v;        /* macro v was there when it looked */
     uint32_t version, actions, protocol; /* negotiated */
     uint32_t offered_actions;            /* the MTA's OPTNEG offer */
 
     /* Connection data (conn arena). */
     struct buf carena;
-    struct sess_str macro_names[64], macro_values[64];
-    uint8_t macro_stages[64]; /* command byte of the MACRO that set it */
-    unsigned nmacros;
+    /* Macros as the MTA sent them: each stage's (the MACRO's command
+     * byte) last packet kept whole, its list of NUL-terminated names and
+     * values, and replaced by the stage's next packet, as libmilter does;
+     * the stage sent last comes first (a name is looked up in that order). */
+    struct sess_mstage {
+        uint8_t stage;
+        struct sess_str list;
+    } mstages[SESS_MSTAGES];
+    unsigned nmstages;
     uint8_t msg_macros_fresh; /* message macros cleared for the next one */
     uint32_t macro_dead; /* arena bytes no longer referenced */
     char family;         /* '4' '6' 'L' 'U', 0 before CONNECT */
