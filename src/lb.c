@@ -486,8 +486,37 @@ static void push_list(lua_State *co, const char *list, size_t len,
     }
 }
 
+/*
+ * Pushes a header name. Names repeat message after message, so each of
+ * LB_NAMES slots keeps the last one that hashed to it as a Lua string,
+ * pushed again without hashing and interning it anew.
+ */
+static void push_name(struct lb_state *st, lua_State *co, const char *p,
+                      size_t n)
+{
+    if (n == 0 || n > LB_NAME_MAX) {
+        lua_pushlstring(co, p, n);
+        return;
+    }
+    unsigned h = (unsigned)n * 31u + (unsigned char)p[0] * 7u +
+                 (unsigned char)p[n / 2] * 3u + (unsigned char)p[n - 1];
+    struct lb_name *e = &st->names[h % LB_NAMES];
+    if (e->ref > 0 && e->len == n && memcmp(e->p, p, n) == 0) {
+        lua_rawgeti(co, LUA_REGISTRYINDEX, e->ref);
+        return;
+    }
+    lua_pushlstring(co, p, n);
+    if (e->ref > 0)
+        luaL_unref(co, LUA_REGISTRYINDEX, e->ref);
+    lua_pushvalue(co, -1);
+    e->ref = luaL_ref(co, LUA_REGISTRYINDEX);
+    e->len = (uint8_t)n;
+    memcpy(e->p, p, n);
+}
+
 /* Pushes the handler's arguments after ctx; returns how many. */
-static int push_args(lua_State *co, int ev, const struct wire_cmd *c)
+static int push_args(struct lb_state *st, lua_State *co, int ev,
+                     const struct wire_cmd *c)
 {
     switch (ev) {
     case SE_CONNECT:
@@ -512,7 +541,7 @@ static int push_args(lua_State *co, int ev, const struct wire_cmd *c)
         push_list(co, c->list, c->list_len, c->list_count);
         return 2;
     case SE_HEADER:
-        lua_pushlstring(co, c->s1.p, c->s1.n);
+        push_name(st, co, c->s1.p, c->s1.n);
         lua_pushlstring(co, c->s2.p, c->s2.n);
         return 2;
     case SE_BODY:
@@ -648,7 +677,7 @@ int lb_call(struct lb_conn *lc, struct sess *s, int ev,
     lua_rawgeti(co, LUA_REGISTRYINDEX, st->handler[ev]);
     lua_rawgeti(co, LUA_REGISTRYINDEX, lc->ctx_ref);
     lctx_sync(co, 2, lc->ctx);
-    int nargs = 1 + (cmd ? push_args(co, ev, cmd) : 0);
+    int nargs = 1 + (cmd ? push_args(st, co, ev, cmd) : 0);
     lc->ev = ev;
     lc->started = lb_now();
     lc->deadline = lc->started + script_timeout;

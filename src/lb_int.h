@@ -11,6 +11,9 @@
 
 #include "lb.h"
 
+#define LB_NAMES 128   /* header name slots */
+#define LB_NAME_MAX 32 /* longest name kept */
+
 struct lb_state {
     lua_State *L;
     struct lb_conn *running; /* whose handler runs now, NULL otherwise */
@@ -33,6 +36,13 @@ struct lb_state {
     size_t mods_cap;
     char sites[SE__COUNT][160]; /* lb_handler_site's answers, once made */
     unsigned sites_made;        /* SE_BIT()s of those */
+    /* header names handed to handlers, kept as Lua strings (registry
+     * refs, 0 = empty): the same names come with every message */
+    struct lb_name {
+        uint8_t len;
+        char p[LB_NAME_MAX];
+        int ref;
+    } names[LB_NAMES];
 };
 
 /* The C block of a ctx userdata; s is NULL once the session is over. */
