@@ -42,8 +42,9 @@ void msglog_touch(struct msglog *m, const struct sess *s)
         buf_shrink(&m->refused, 4096);
     }
     /* A message's queue id does not change once the MTA has sent it: it
-     * is looked up (a macro search) until then, not at every call. */
-    if (!m->qid[0]) {
+     * is looked up (a macro search) until then, not at every call, and
+     * only for a line that will be logged. */
+    if (!m->qid[0] && log_enabled(LL_INFO)) {
         size_t n;
         const char *q = sess_macro(s, "i", 1, &n);
         if (q && n) {
