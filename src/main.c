@@ -167,8 +167,21 @@ static int check(int argc, char **argv)
     return 0;
 }
 
+/* SIGHUP held, or let through again (test and check: their default). */
+static void hold_hup(int how)
+{
+    sigset_t hup;
+    sigemptyset(&hup);
+    sigaddset(&hup, SIGHUP);
+    sigprocmask(how, &hup, NULL);
+}
+
 int main(int argc, char **argv)
 {
+    /* A SIGHUP while the daemon starts (systemctl reload, a logrotate
+     * hook) must not kill it, nor be lost: it stays pending until the
+     * supervisor handles it (super_run), and reloads then. */
+    hold_hup(SIG_BLOCK);
     enum { O_ONERR = 256, O_SET, O_PRELOAD, O_MAXBODY, O_TIMEOUT, O_LEVEL, O_FORMAT, O_SHUT,
            O_MODE, O_MAXCONN, O_VERSION, O_PIDFILE, O_USER,
            O_GROUP, O_DAEMON, O_STIMEOUT, O_SMEM, O_MAXFRAME, O_MAXHDRS,
@@ -375,6 +388,9 @@ int main(int argc, char **argv)
         snprintf(serr, sizeof serr, "--store %s: %s", store_redis_url(), rerr);
         return die_usage("%s", serr);
     }
+    if (optind < argc && (strcmp(argv[optind], "test") == 0 ||
+                          strcmp(argv[optind], "check") == 0))
+        hold_hup(SIG_UNBLOCK);
     if (optind < argc && strcmp(argv[optind], "test") == 0)
         return offline_main(argc - optind, argv + optind, &srv.cfg);
     if (optind < argc && strcmp(argv[optind], "check") == 0)

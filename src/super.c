@@ -899,6 +899,11 @@ int super_run(const struct super_opts *o, struct server *srv)
     ev_signal_start(loop, &sig_hup);
     ev_signal_start(loop, &sig_term);
     ev_signal_start(loop, &sig_int);
+    /* main() held SIGHUP until now: one sent during the start reloads */
+    sigset_t hup;
+    sigemptyset(&hup);
+    sigaddset(&hup, SIGHUP);
+    sigprocmask(SIG_UNBLOCK, &hup, NULL);
     for (int i = 0; i < O->workers; i++) {
         ev_init(&slots[i].restart, on_restart);
         ev_init(&slots[i].child, on_child);
