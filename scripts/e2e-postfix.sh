@@ -27,13 +27,16 @@
 set -eu
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+# the helpers this suite shares with scripts/e2e-sendmail.sh; their
+# messages start with $SUITE
+SUITE=e2e
+# shellcheck source-path=SCRIPTDIR source=e2e-lib.sh
+. "$ROOT/scripts/e2e-lib.sh"
 
 if [ "$(id -u)" -ne 0 ]; then
   command -v sudo >/dev/null || { echo "e2e: needs root (Postfix must start as root)" >&2; exit 1; }
   exec sudo -E "$0" "$@"
 fi
-
-log() { echo "e2e: $*"; }
 
 # --- packages -------------------------------------------------------------
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
@@ -86,40 +89,9 @@ SINK_PID=""
 MASTER_PID=""
 DRIVER_PID=""
 
-alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
-
-# waits (bounded, tenths of a second) until pid $1 is gone
-wait_gone() {
-  n=0
-  while alive "$1" && [ "$n" -lt "$2" ]; do sleep 0.1; n=$((n + 1)); done
-  ! alive "$1"
-}
-
-stop_pid() { # pid name
-  alive "$1" || return 0
-  kill -TERM "$1" 2>/dev/null || true
-  wait_gone "$1" 50 || { log "$2 ($1) ignored SIGTERM, killing"; kill -KILL "$1" 2>/dev/null || true; wait_gone "$1" 50 || true; }
-}
-
-cleanup() {
-  rc=$?
-  trap - EXIT INT TERM
-  # luamilter processes the driver may have left behind (it stops its own;
-  # this covers a driver killed by the timeout): only pids that still run
-  # luamilter are signalled.
-  stop_pid "$DRIVER_PID" driver
-  for f in "$T"/pids/*.pid; do
-    [ -f "$f" ] || continue
-    p=$(cat "$f")
-    if alive "$p" && grep -q luamilter "/proc/$p/cmdline" 2>/dev/null; then stop_pid "$p" luamilter; fi
-  done
-  # and any luamilter process serving a policy from this temp dir (workers
-  # the driver never saw)
-  for d in /proc/[0-9]*; do
-    if tr '\0' ' ' 2>/dev/null < "$d/cmdline" | grep -q "luamilter.* $T/work/policy-"; then
-      stop_pid "${d#/proc/}" luamilter
-    fi
-  done
+# cleanup's part for Postfix: the master (from its pid file: it daemonizes)
+# and the children it had
+stop_mta() {
   if [ -f "$T/spool/pid/master.pid" ]; then
     MASTER_PID=$(tr -d ' \n' < "$T/spool/pid/master.pid")
   fi
@@ -129,9 +101,6 @@ cleanup() {
     wait_gone "$MASTER_PID" 100 || { log "postfix master ($MASTER_PID) still running, killing"; kill -KILL "$MASTER_PID" 2>/dev/null || true; wait_gone "$MASTER_PID" 50 || true; }
     for c in $children; do stop_pid "$c" "postfix child"; done
   fi
-  stop_pid "$SINK_PID" sink
-  if [ "${E2E_KEEP:-0}" = 1 ]; then log "kept $T"; else rm -rf "$T"; fi
-  exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT

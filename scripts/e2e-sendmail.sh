@@ -30,13 +30,16 @@
 set -eu
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+# the helpers this suite shares with scripts/e2e-postfix.sh; their
+# messages start with $SUITE
+SUITE=e2e-sendmail
+# shellcheck source-path=SCRIPTDIR source=e2e-lib.sh
+. "$ROOT/scripts/e2e-lib.sh"
 
 if [ "$(id -u)" -ne 0 ]; then
   command -v sudo >/dev/null || { echo "e2e-sendmail: needs root (Sendmail must start as root)" >&2; exit 1; }
   exec sudo -E "$0" "$@"
 fi
-
-log() { echo "e2e-sendmail: $*"; }
 
 # --- packages and Sendmail ---------------------------------------------------
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
@@ -74,21 +77,6 @@ SINK_PID=""
 SM_PID=""
 DRIVER_PID=""
 
-alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
-
-# waits (bounded, tenths of a second) until pid $1 is gone
-wait_gone() {
-  n=0
-  while alive "$1" && [ "$n" -lt "$2" ]; do sleep 0.1; n=$((n + 1)); done
-  ! alive "$1"
-}
-
-stop_pid() { # pid name
-  alive "$1" || return 0
-  kill -TERM "$1" 2>/dev/null || true
-  wait_gone "$1" 50 || { log "$2 ($1) ignored SIGTERM, killing"; kill -KILL "$1" 2>/dev/null || true; wait_gone "$1" 50 || true; }
-}
-
 # pids of this run's Sendmail processes: our binary, working in our queue
 # directory (Sendmail rewrites its command line, and a delivery process can
 # outlive the session that forked it)
@@ -100,25 +88,10 @@ sm_procs() {
   done
 }
 
-cleanup() {
-  rc=$?
-  trap - EXIT INT TERM
-  stop_pid "$DRIVER_PID" driver
-  for f in "$T"/pids/*.pid; do
-    [ -f "$f" ] || continue
-    p=$(cat "$f")
-    if alive "$p" && grep -q luamilter "/proc/$p/cmdline" 2>/dev/null; then stop_pid "$p" luamilter; fi
-  done
-  for d in /proc/[0-9]*; do
-    if tr '\0' ' ' 2>/dev/null < "$d/cmdline" | grep -q "luamilter.* $T/work/policy-"; then
-      stop_pid "${d#/proc/}" luamilter
-    fi
-  done
+# cleanup's part for Sendmail: the daemon, then every process of this run
+stop_mta() {
   stop_pid "$SM_PID" "sendmail daemon"
   for p in $(sm_procs); do stop_pid "$p" "sendmail child"; done
-  stop_pid "$SINK_PID" sink
-  if [ "${E2E_KEEP:-0}" = 1 ]; then log "kept $T"; else rm -rf "$T"; fi
-  exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT

@@ -1,0 +1,56 @@
+# shellcheck shell=sh
+# shellcheck disable=SC2317  # functions called from traps
+# The helpers both end-to-end suites use, scripts/e2e-postfix.sh and
+# scripts/e2e-sendmail.sh: sourced by each once it has set ROOT (the
+# repository, its working directory) and SUITE (the prefix of its
+# messages: e2e, e2e-sendmail).  Only functions: sourcing runs nothing, so
+# each suite keeps its own order of steps and its MTA's setup.
+#
+# They read and set the suite's globals: T (the temp dir), SINK_PID and
+# DRIVER_PID.  The suite defines stop_mta (cleanup calls it).
+
+log() { echo "$SUITE: $*"; }
+
+# --- processes and cleanup --------------------------------------------------
+alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
+
+# waits (bounded, tenths of a second) until pid $1 is gone
+wait_gone() {
+  n=0
+  while alive "$1" && [ "$n" -lt "$2" ]; do sleep 0.1; n=$((n + 1)); done
+  ! alive "$1"
+}
+
+stop_pid() { # pid name
+  alive "$1" || return 0
+  kill -TERM "$1" 2>/dev/null || true
+  wait_gone "$1" 50 || { log "$2 ($1) ignored SIGTERM, killing"; kill -KILL "$1" 2>/dev/null || true; wait_gone "$1" 50 || true; }
+}
+
+# the EXIT trap: stops by pid what the suite started (the driver, luamilter,
+# the MTA by the suite's stop_mta, the sink), removes the temp dir unless
+# E2E_KEEP=1, and exits with the status the suite was exiting with
+cleanup() {
+  rc=$?
+  trap - EXIT INT TERM
+  # luamilter processes the driver may have left behind (it stops its own;
+  # this covers a driver killed by the timeout): only pids that still run
+  # luamilter are signalled.
+  stop_pid "$DRIVER_PID" driver
+  for f in "$T"/pids/*.pid; do
+    [ -f "$f" ] || continue
+    p=$(cat "$f")
+    if alive "$p" && grep -q luamilter "/proc/$p/cmdline" 2>/dev/null; then stop_pid "$p" luamilter; fi
+  done
+  # and any luamilter process serving a policy from this temp dir (workers
+  # the driver never saw)
+  for d in /proc/[0-9]*; do
+    if tr '\0' ' ' 2>/dev/null < "$d/cmdline" | grep -q "luamilter.* $T/work/policy-"; then
+      stop_pid "${d#/proc/}" luamilter
+    fi
+  done
+  stop_mta
+  stop_pid "$SINK_PID" sink
+  if [ "${E2E_KEEP:-0}" = 1 ]; then log "kept $T"; else rm -rf "$T"; fi
+  exit "$rc"
+}
