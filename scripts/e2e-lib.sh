@@ -6,10 +6,61 @@
 # messages: e2e, e2e-sendmail).  Only functions: sourcing runs nothing, so
 # each suite keeps its own order of steps and its MTA's setup.
 #
-# They read and set the suite's globals: T (the temp dir), SINK_PID and
-# DRIVER_PID.  The suite defines stop_mta (cleanup calls it).
+# They read and set the suite's globals: T (the temp dir), PY,
+# LUAMILTER_BIN, SINK_PID and DRIVER_PID.  The suite defines stop_mta
+# (cleanup calls it), and may redefine preseed (below).
 
 log() { echo "$SUITE: $*"; }
+
+# re-runs the suite under sudo, environment kept, unless it is root: the
+# MTA ($1, for the message) must start as root.  Call: need_root MTA "$@"
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "$SUITE: needs root ($1 must start as root)" >&2; exit 1; }
+    shift
+    exec sudo -E "$0" "$@"
+  fi
+}
+
+# --- packages ---------------------------------------------------------------
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+# what runs after the "installing" line and before apt-get: nothing, unless
+# the suite has debconf questions to answer first (Postfix has)
+preseed() { :; }
+
+# installs those of the Debian packages "$@" that are missing
+install_missing() {
+  missing=""
+  for p in "$@"; do installed "$p" || missing="$missing $p"; done
+  if [ -n "$missing" ]; then
+    log "installing:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    preseed
+    apt-get update -qq || true
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  fi
+}
+
+# PY: Debian's python3, else the one on PATH.  Called after install_missing,
+# which may have just installed it.
+find_python() {
+  PY=/usr/bin/python3
+  [ -x "$PY" ] || PY=python3
+}
+
+# --- luamilter --------------------------------------------------------------
+# LUAMILTER_BIN: as given (relative to the repository) or build/luamilter,
+# built now; it must be executable
+find_luamilter() {
+  if [ -z "${LUAMILTER_BIN:-}" ]; then
+    make -s all >/dev/null
+    LUAMILTER_BIN=$ROOT/build/luamilter
+  fi
+  case $LUAMILTER_BIN in /*) ;; *) LUAMILTER_BIN=$ROOT/$LUAMILTER_BIN ;; esac
+  [ -x "$LUAMILTER_BIN" ] || { echo "$SUITE: no binary at $LUAMILTER_BIN" >&2; exit 1; }
+}
 
 # --- processes and cleanup --------------------------------------------------
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }

@@ -33,30 +33,18 @@ SUITE=e2e
 # shellcheck source-path=SCRIPTDIR source=e2e-lib.sh
 . "$ROOT/scripts/e2e-lib.sh"
 
-if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null || { echo "e2e: needs root (Postfix must start as root)" >&2; exit 1; }
-  exec sudo -E "$0" "$@"
-fi
+need_root Postfix "$@"
 
 # --- packages -------------------------------------------------------------
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-missing=""
-for p in postfix swaks python3; do installed "$p" || missing="$missing $p"; done
-if [ -n "$missing" ]; then
-  log "installing:$missing"
-  export DEBIAN_FRONTEND=noninteractive
-  # "No configuration": the package must not set up (or start) a system
-  # instance of its own on port 25; ours lives in the temp dir.
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  apt-get update -qq || true
-  # shellcheck disable=SC2086
-  apt-get install -y -qq --no-install-recommends $missing >/dev/null
-fi
+# preseed, run before apt-get: "No configuration", the package must not set
+# up (or start) a system instance of its own on port 25; ours lives in the
+# temp dir.
+preseed() { echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; }
+install_missing postfix swaks python3
 for c in postfix postconf postlog postqueue postsuper sendmail swaks; do
   command -v "$c" >/dev/null || { echo "e2e: $c not found after install" >&2; exit 1; }
 done
-PY=/usr/bin/python3
-[ -x "$PY" ] || PY=python3
+find_python
 
 # --- luamilter -------------------------------------------------------------
 EXTERNAL=${E2E_EXTERNAL_MILTER:-}
@@ -74,12 +62,7 @@ if [ -n "$EXTERNAL" ]; then
   export E2E_TRANSPORTS=$ext_tp
   LUAMILTER_BIN=external
 else
-  if [ -z "${LUAMILTER_BIN:-}" ]; then
-    make -s all >/dev/null
-    LUAMILTER_BIN=$ROOT/build/luamilter
-  fi
-  case $LUAMILTER_BIN in /*) ;; *) LUAMILTER_BIN=$ROOT/$LUAMILTER_BIN ;; esac
-  [ -x "$LUAMILTER_BIN" ] || { echo "e2e: no binary at $LUAMILTER_BIN" >&2; exit 1; }
+  find_luamilter
 fi
 
 # --- temp dir and cleanup ----------------------------------------------------

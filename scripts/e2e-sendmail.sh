@@ -36,22 +36,10 @@ SUITE=e2e-sendmail
 # shellcheck source-path=SCRIPTDIR source=e2e-lib.sh
 . "$ROOT/scripts/e2e-lib.sh"
 
-if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null || { echo "e2e-sendmail: needs root (Sendmail must start as root)" >&2; exit 1; }
-  exec sudo -E "$0" "$@"
-fi
+need_root Sendmail "$@"
 
 # --- packages and Sendmail ---------------------------------------------------
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-missing=""
-for p in swaks python3 m4; do installed "$p" || missing="$missing $p"; done
-if [ -n "$missing" ]; then
-  log "installing:$missing"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq || true
-  # shellcheck disable=SC2086
-  apt-get install -y -qq --no-install-recommends $missing >/dev/null
-fi
+install_missing swaks python3 m4
 SMROOT=$ROOT/build/sendmail-root
 scripts/sendmail-root.sh "$SMROOT"
 SM=$SMROOT/usr/libexec/sendmail/sendmail
@@ -60,16 +48,10 @@ SHIM=$ROOT/build/sendmail-shim.so
 if [ ! -f "$SHIM" ] || [ -n "$(find spec/e2e/sendmail_shim.c -newer "$SHIM")" ]; then
   ${CC:-cc} -std=c11 -Wall -Wextra -Werror -O2 -shared -fPIC -o "$SHIM" spec/e2e/sendmail_shim.c
 fi
-PY=/usr/bin/python3
-[ -x "$PY" ] || PY=python3
+find_python
 
 # --- luamilter -------------------------------------------------------------
-if [ -z "${LUAMILTER_BIN:-}" ]; then
-  make -s all >/dev/null
-  LUAMILTER_BIN=$ROOT/build/luamilter
-fi
-case $LUAMILTER_BIN in /*) ;; *) LUAMILTER_BIN=$ROOT/$LUAMILTER_BIN ;; esac
-[ -x "$LUAMILTER_BIN" ] || { echo "e2e-sendmail: no binary at $LUAMILTER_BIN" >&2; exit 1; }
+find_luamilter
 
 # --- temp dir and cleanup ----------------------------------------------------
 T=$(mktemp -d /tmp/luamilter-e2e-sm.XXXXXX)
