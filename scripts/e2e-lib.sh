@@ -7,8 +7,9 @@
 # each suite keeps its own order of steps and its MTA's setup.
 #
 # They read and set the suite's globals: T (the temp dir), PY,
-# LUAMILTER_BIN, SINK_PID and DRIVER_PID.  The suite defines stop_mta
-# (cleanup calls it), and may redefine preseed (below).
+# LUAMILTER_BIN, SMTP_UNIX SMTP_INET SINK_PORT MILTER_PORT, SINK_PID and
+# DRIVER_PID.  The suite defines stop_mta (cleanup calls it), and may
+# redefine preseed and py (below).
 
 log() { echo "$SUITE: $*"; }
 
@@ -49,6 +50,10 @@ find_python() {
   PY=/usr/bin/python3
   [ -x "$PY" ] || PY=python3
 }
+
+# how the helpers below run python: the Sendmail suite redefines it once its
+# LD_PRELOAD shim is exported, to keep the shim out of python
+py() { "$PY" "$@"; }
 
 # --- luamilter --------------------------------------------------------------
 # LUAMILTER_BIN: as given (relative to the repository) or build/luamilter,
@@ -104,4 +109,59 @@ cleanup() {
   stop_pid "$SINK_PID" sink
   if [ "${E2E_KEEP:-0}" = 1 ]; then log "kept $T"; else rm -rf "$T"; fi
   exit "$rc"
+}
+
+# --- ports ------------------------------------------------------------------
+# four free loopback ports: SMTP_UNIX and SMTP_INET (the MTA's listeners,
+# one per milter transport), SINK_PORT (the sink), MILTER_PORT (luamilter's
+# TCP)
+pick_ports() {
+  # shellcheck disable=SC2046  # four numbers, split on purpose
+  set -- $(py - <<'PYEOF'
+import socket
+socks = []
+for _ in range(4):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PYEOF
+)
+  # shellcheck disable=SC2034  # the suite's globals: it uses them
+  SMTP_UNIX=$1 SMTP_INET=$2 SINK_PORT=$3 MILTER_PORT=$4
+}
+
+wait_port() { # port name: bounded wait (10 s) until 127.0.0.1:port accepts
+  py - "$1" <<'PYEOF' || { echo "$SUITE: $2 not listening on 127.0.0.1:$1" >&2; return 1; }
+import socket, sys, time
+deadline = time.time() + 10
+while time.time() < deadline:
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.5).close()
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.1)
+sys.exit(1)
+PYEOF
+}
+
+# --- the cases --------------------------------------------------------------
+# runs the driver, the command "$@" with a deadline of SECONDS, and exits
+# with its status.  In the background so that INT/TERM reach this shell at
+# once; the traps stop the driver (it stops its luamilter) and the EXIT trap
+# the rest.  Call: run_driver SECONDS COMMAND...
+run_driver() {
+  secs=$1
+  shift
+  timeout -s TERM "$secs" "$@" &
+  DRIVER_PID=$!
+  trap 'stop_pid "$DRIVER_PID" driver; exit 130' INT
+  trap 'stop_pid "$DRIVER_PID" driver; exit 143' TERM
+  set +e
+  wait "$DRIVER_PID"
+  rc=$?
+  set -e
+  DRIVER_PID=""
+  [ $rc -eq 124 ] && echo "$SUITE: FAIL: the suite did not finish within $secs s" >&2
+  exit $rc
 }

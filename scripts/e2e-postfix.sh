@@ -94,19 +94,7 @@ chown postfix "$T/data"
 chmod 755 "$T/run" "$T/sink" "$T/log"
 
 # four free loopback ports: two smtpd listeners, the sink, luamilter's TCP
-# shellcheck disable=SC2046  # four numbers, split on purpose
-set -- $("$PY" - <<'PYEOF'
-import socket
-socks = []
-for _ in range(4):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PYEOF
-) "$@"
-SMTP_UNIX=$1 SMTP_INET=$2 SINK_PORT=$3 MILTER_PORT=$4
-shift 4
+pick_ports
 
 # where the two smtpd listeners find luamilter (external mode: one of them)
 MILTER_UNIX=unix:$T/run/luamilter.sock
@@ -194,20 +182,6 @@ CF
 "$PY" spec/e2e/sink.py "$T/sink" "$SINK_PORT" >"$T/log/sink.log" 2>&1 &
 SINK_PID=$!
 
-wait_port() { # port name: bounded wait (10 s) until 127.0.0.1:port accepts
-  "$PY" - "$1" <<'PYEOF' || { echo "e2e: $2 not listening on 127.0.0.1:$1" >&2; return 1; }
-import socket, sys, time
-deadline = time.time() + 10
-while time.time() < deadline:
-    try:
-        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.5).close()
-        sys.exit(0)
-    except OSError:
-        time.sleep(0.1)
-sys.exit(1)
-PYEOF
-}
-
 wait_port "$SINK_PORT" sink
 postfix -c "$T/etc" check
 if ! postfix -c "$T/etc" start >"$T/log/start.log" 2>&1; then
@@ -229,16 +203,4 @@ fi
 export E2E_DIR="$T" E2E_SMTP_UNIX="$SMTP_UNIX" E2E_SMTP_INET="$SMTP_INET" \
   E2E_SINK_PORT="$SINK_PORT" E2E_MILTER_PORT="$MILTER_PORT" \
   E2E_ROOT="$ROOT" LUAMILTER_BIN
-# in the background so that INT/TERM reach this shell at once; the traps
-# stop the driver (it stops its luamilter) and the EXIT trap the rest
-timeout -s TERM 600 "$PY" spec/e2e/run.py "$@" &
-DRIVER_PID=$!
-trap 'stop_pid "$DRIVER_PID" driver; exit 130' INT
-trap 'stop_pid "$DRIVER_PID" driver; exit 143' TERM
-set +e
-wait "$DRIVER_PID"
-rc=$?
-set -e
-DRIVER_PID=""
-[ $rc -eq 124 ] && echo "e2e: FAIL: the suite did not finish within 600 s" >&2
-exit $rc
+run_driver 600 "$PY" spec/e2e/run.py "$@"

@@ -86,19 +86,7 @@ chmod 700 "$T/queue"
 : > "$T/etc/aliases"
 
 # four free loopback ports: two Sendmail daemons, the sink, luamilter's TCP
-# shellcheck disable=SC2046  # four numbers, split on purpose
-set -- $("$PY" - <<'PYEOF'
-import socket
-socks = []
-for _ in range(4):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PYEOF
-) "$@"
-SMTP_UNIX=$1 SMTP_INET=$2 SINK_PORT=$3 MILTER_PORT=$4
-shift 4
+pick_ports
 
 # --- Sendmail configuration (the lines README's "Sendmail notes" quote) ------
 # Name resolution from files only: the instance's own hosts file (the
@@ -166,24 +154,12 @@ fi
 
 export LD_LIBRARY_PATH="$SMROOT/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LD_PRELOAD="$SHIM" SYSLOG_SHIM_FILE="$T/log/maillog" SM_SHIM_HOSTNAME=mta.e2e.test
+# the shim is Sendmail's: python (wait_port) runs without it
+py() { env -u LD_PRELOAD "$PY" "$@"; }
 
 # --- start the sink and Sendmail ----------------------------------------------
 env -u LD_PRELOAD "$PY" spec/e2e/sink.py "$T/sink" "$SINK_PORT" >"$T/log/sink.log" 2>&1 &
 SINK_PID=$!
-
-wait_port() { # port name: bounded wait (10 s) until 127.0.0.1:port accepts
-  env -u LD_PRELOAD "$PY" - "$1" <<'PYEOF' || { echo "e2e-sendmail: $2 not listening on 127.0.0.1:$1" >&2; return 1; }
-import socket, sys, time
-deadline = time.time() + 10
-while time.time() < deadline:
-    try:
-        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.5).close()
-        sys.exit(0)
-    except OSError:
-        time.sleep(0.1)
-sys.exit(1)
-PYEOF
-}
 
 wait_port "$SINK_PORT" sink
 # -bD: the daemon, in the foreground (its pid is ours to stop); queue runs
@@ -204,14 +180,4 @@ export E2E_MTA=sendmail E2E_DIR="$T" E2E_SMTP_UNIX="$SMTP_UNIX" E2E_SMTP_INET="$
 # the driver and the programs it runs do without the shim (Sendmail's own
 # commands get it back from the environment kept in E2E_SM_PRELOAD)
 export E2E_SM_PRELOAD="$LD_PRELOAD"
-timeout -s TERM 300 env -u LD_PRELOAD "$PY" spec/e2e/run.py "$@" &
-DRIVER_PID=$!
-trap 'stop_pid "$DRIVER_PID" driver; exit 130' INT
-trap 'stop_pid "$DRIVER_PID" driver; exit 143' TERM
-set +e
-wait "$DRIVER_PID"
-rc=$?
-set -e
-DRIVER_PID=""
-[ $rc -eq 124 ] && echo "e2e-sendmail: FAIL: the suite did not finish within 300 s" >&2
-exit $rc
+run_driver 300 env -u LD_PRELOAD "$PY" spec/e2e/run.py "$@"
