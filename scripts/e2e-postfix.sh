@@ -27,33 +27,24 @@
 set -eu
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+# the helpers this suite shares with scripts/e2e-sendmail.sh; their
+# messages start with $SUITE
+SUITE=e2e
+# shellcheck source-path=SCRIPTDIR source=e2e-lib.sh
+. "$ROOT/scripts/e2e-lib.sh"
 
-if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null || { echo "e2e: needs root (Postfix must start as root)" >&2; exit 1; }
-  exec sudo -E "$0" "$@"
-fi
-
-log() { echo "e2e: $*"; }
+need_root Postfix "$@"
 
 # --- packages -------------------------------------------------------------
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-missing=""
-for p in postfix swaks python3; do installed "$p" || missing="$missing $p"; done
-if [ -n "$missing" ]; then
-  log "installing:$missing"
-  export DEBIAN_FRONTEND=noninteractive
-  # "No configuration": the package must not set up (or start) a system
-  # instance of its own on port 25; ours lives in the temp dir.
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  apt-get update -qq || true
-  # shellcheck disable=SC2086
-  apt-get install -y -qq --no-install-recommends $missing >/dev/null
-fi
+# preseed, run before apt-get: "No configuration", the package must not set
+# up (or start) a system instance of its own on port 25; ours lives in the
+# temp dir.
+preseed() { echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; }
+install_missing postfix swaks python3
 for c in postfix postconf postlog postqueue postsuper sendmail swaks; do
   command -v "$c" >/dev/null || { echo "e2e: $c not found after install" >&2; exit 1; }
 done
-PY=/usr/bin/python3
-[ -x "$PY" ] || PY=python3
+find_python
 
 # --- luamilter -------------------------------------------------------------
 EXTERNAL=${E2E_EXTERNAL_MILTER:-}
@@ -71,12 +62,7 @@ if [ -n "$EXTERNAL" ]; then
   export E2E_TRANSPORTS=$ext_tp
   LUAMILTER_BIN=external
 else
-  if [ -z "${LUAMILTER_BIN:-}" ]; then
-    make -s all >/dev/null
-    LUAMILTER_BIN=$ROOT/build/luamilter
-  fi
-  case $LUAMILTER_BIN in /*) ;; *) LUAMILTER_BIN=$ROOT/$LUAMILTER_BIN ;; esac
-  [ -x "$LUAMILTER_BIN" ] || { echo "e2e: no binary at $LUAMILTER_BIN" >&2; exit 1; }
+  find_luamilter
 fi
 
 # --- temp dir and cleanup ----------------------------------------------------
@@ -86,40 +72,9 @@ SINK_PID=""
 MASTER_PID=""
 DRIVER_PID=""
 
-alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
-
-# waits (bounded, tenths of a second) until pid $1 is gone
-wait_gone() {
-  n=0
-  while alive "$1" && [ "$n" -lt "$2" ]; do sleep 0.1; n=$((n + 1)); done
-  ! alive "$1"
-}
-
-stop_pid() { # pid name
-  alive "$1" || return 0
-  kill -TERM "$1" 2>/dev/null || true
-  wait_gone "$1" 50 || { log "$2 ($1) ignored SIGTERM, killing"; kill -KILL "$1" 2>/dev/null || true; wait_gone "$1" 50 || true; }
-}
-
-cleanup() {
-  rc=$?
-  trap - EXIT INT TERM
-  # luamilter processes the driver may have left behind (it stops its own;
-  # this covers a driver killed by the timeout): only pids that still run
-  # luamilter are signalled.
-  stop_pid "$DRIVER_PID" driver
-  for f in "$T"/pids/*.pid; do
-    [ -f "$f" ] || continue
-    p=$(cat "$f")
-    if alive "$p" && grep -q luamilter "/proc/$p/cmdline" 2>/dev/null; then stop_pid "$p" luamilter; fi
-  done
-  # and any luamilter process serving a policy from this temp dir (workers
-  # the driver never saw)
-  for d in /proc/[0-9]*; do
-    if tr '\0' ' ' 2>/dev/null < "$d/cmdline" | grep -q "luamilter.* $T/work/policy-"; then
-      stop_pid "${d#/proc/}" luamilter
-    fi
-  done
+# cleanup's part for Postfix: the master (from its pid file: it daemonizes)
+# and the children it had
+stop_mta() {
   if [ -f "$T/spool/pid/master.pid" ]; then
     MASTER_PID=$(tr -d ' \n' < "$T/spool/pid/master.pid")
   fi
@@ -129,9 +84,6 @@ cleanup() {
     wait_gone "$MASTER_PID" 100 || { log "postfix master ($MASTER_PID) still running, killing"; kill -KILL "$MASTER_PID" 2>/dev/null || true; wait_gone "$MASTER_PID" 50 || true; }
     for c in $children; do stop_pid "$c" "postfix child"; done
   fi
-  stop_pid "$SINK_PID" sink
-  if [ "${E2E_KEEP:-0}" = 1 ]; then log "kept $T"; else rm -rf "$T"; fi
-  exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -142,19 +94,7 @@ chown postfix "$T/data"
 chmod 755 "$T/run" "$T/sink" "$T/log"
 
 # four free loopback ports: two smtpd listeners, the sink, luamilter's TCP
-# shellcheck disable=SC2046  # four numbers, split on purpose
-set -- $("$PY" - <<'PYEOF'
-import socket
-socks = []
-for _ in range(4):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PYEOF
-) "$@"
-SMTP_UNIX=$1 SMTP_INET=$2 SINK_PORT=$3 MILTER_PORT=$4
-shift 4
+pick_ports
 
 # where the two smtpd listeners find luamilter (external mode: one of them)
 MILTER_UNIX=unix:$T/run/luamilter.sock
@@ -242,20 +182,6 @@ CF
 "$PY" spec/e2e/sink.py "$T/sink" "$SINK_PORT" >"$T/log/sink.log" 2>&1 &
 SINK_PID=$!
 
-wait_port() { # port name: bounded wait (10 s) until 127.0.0.1:port accepts
-  "$PY" - "$1" <<'PYEOF' || { echo "e2e: $2 not listening on 127.0.0.1:$1" >&2; return 1; }
-import socket, sys, time
-deadline = time.time() + 10
-while time.time() < deadline:
-    try:
-        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.5).close()
-        sys.exit(0)
-    except OSError:
-        time.sleep(0.1)
-sys.exit(1)
-PYEOF
-}
-
 wait_port "$SINK_PORT" sink
 postfix -c "$T/etc" check
 if ! postfix -c "$T/etc" start >"$T/log/start.log" 2>&1; then
@@ -277,16 +203,4 @@ fi
 export E2E_DIR="$T" E2E_SMTP_UNIX="$SMTP_UNIX" E2E_SMTP_INET="$SMTP_INET" \
   E2E_SINK_PORT="$SINK_PORT" E2E_MILTER_PORT="$MILTER_PORT" \
   E2E_ROOT="$ROOT" LUAMILTER_BIN
-# in the background so that INT/TERM reach this shell at once; the traps
-# stop the driver (it stops its luamilter) and the EXIT trap the rest
-timeout -s TERM 600 "$PY" spec/e2e/run.py "$@" &
-DRIVER_PID=$!
-trap 'stop_pid "$DRIVER_PID" driver; exit 130' INT
-trap 'stop_pid "$DRIVER_PID" driver; exit 143' TERM
-set +e
-wait "$DRIVER_PID"
-rc=$?
-set -e
-DRIVER_PID=""
-[ $rc -eq 124 ] && echo "e2e: FAIL: the suite did not finish within 600 s" >&2
-exit $rc
+run_driver 600 "$PY" spec/e2e/run.py "$@"

@@ -30,25 +30,16 @@
 set -eu
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+# the helpers this suite shares with scripts/e2e-postfix.sh; their
+# messages start with $SUITE
+SUITE=e2e-sendmail
+# shellcheck source-path=SCRIPTDIR source=e2e-lib.sh
+. "$ROOT/scripts/e2e-lib.sh"
 
-if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null || { echo "e2e-sendmail: needs root (Sendmail must start as root)" >&2; exit 1; }
-  exec sudo -E "$0" "$@"
-fi
-
-log() { echo "e2e-sendmail: $*"; }
+need_root Sendmail "$@"
 
 # --- packages and Sendmail ---------------------------------------------------
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-missing=""
-for p in swaks python3 m4; do installed "$p" || missing="$missing $p"; done
-if [ -n "$missing" ]; then
-  log "installing:$missing"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq || true
-  # shellcheck disable=SC2086
-  apt-get install -y -qq --no-install-recommends $missing >/dev/null
-fi
+install_missing swaks python3 m4
 SMROOT=$ROOT/build/sendmail-root
 scripts/sendmail-root.sh "$SMROOT"
 SM=$SMROOT/usr/libexec/sendmail/sendmail
@@ -57,37 +48,16 @@ SHIM=$ROOT/build/sendmail-shim.so
 if [ ! -f "$SHIM" ] || [ -n "$(find spec/e2e/sendmail_shim.c -newer "$SHIM")" ]; then
   ${CC:-cc} -std=c11 -Wall -Wextra -Werror -O2 -shared -fPIC -o "$SHIM" spec/e2e/sendmail_shim.c
 fi
-PY=/usr/bin/python3
-[ -x "$PY" ] || PY=python3
+find_python
 
 # --- luamilter -------------------------------------------------------------
-if [ -z "${LUAMILTER_BIN:-}" ]; then
-  make -s all >/dev/null
-  LUAMILTER_BIN=$ROOT/build/luamilter
-fi
-case $LUAMILTER_BIN in /*) ;; *) LUAMILTER_BIN=$ROOT/$LUAMILTER_BIN ;; esac
-[ -x "$LUAMILTER_BIN" ] || { echo "e2e-sendmail: no binary at $LUAMILTER_BIN" >&2; exit 1; }
+find_luamilter
 
 # --- temp dir and cleanup ----------------------------------------------------
 T=$(mktemp -d /tmp/luamilter-e2e-sm.XXXXXX)
 SINK_PID=""
 SM_PID=""
 DRIVER_PID=""
-
-alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
-
-# waits (bounded, tenths of a second) until pid $1 is gone
-wait_gone() {
-  n=0
-  while alive "$1" && [ "$n" -lt "$2" ]; do sleep 0.1; n=$((n + 1)); done
-  ! alive "$1"
-}
-
-stop_pid() { # pid name
-  alive "$1" || return 0
-  kill -TERM "$1" 2>/dev/null || true
-  wait_gone "$1" 50 || { log "$2 ($1) ignored SIGTERM, killing"; kill -KILL "$1" 2>/dev/null || true; wait_gone "$1" 50 || true; }
-}
 
 # pids of this run's Sendmail processes: our binary, working in our queue
 # directory (Sendmail rewrites its command line, and a delivery process can
@@ -100,25 +70,10 @@ sm_procs() {
   done
 }
 
-cleanup() {
-  rc=$?
-  trap - EXIT INT TERM
-  stop_pid "$DRIVER_PID" driver
-  for f in "$T"/pids/*.pid; do
-    [ -f "$f" ] || continue
-    p=$(cat "$f")
-    if alive "$p" && grep -q luamilter "/proc/$p/cmdline" 2>/dev/null; then stop_pid "$p" luamilter; fi
-  done
-  for d in /proc/[0-9]*; do
-    if tr '\0' ' ' 2>/dev/null < "$d/cmdline" | grep -q "luamilter.* $T/work/policy-"; then
-      stop_pid "${d#/proc/}" luamilter
-    fi
-  done
+# cleanup's part for Sendmail: the daemon, then every process of this run
+stop_mta() {
   stop_pid "$SM_PID" "sendmail daemon"
   for p in $(sm_procs); do stop_pid "$p" "sendmail child"; done
-  stop_pid "$SINK_PID" sink
-  if [ "${E2E_KEEP:-0}" = 1 ]; then log "kept $T"; else rm -rf "$T"; fi
-  exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -131,19 +86,7 @@ chmod 700 "$T/queue"
 : > "$T/etc/aliases"
 
 # four free loopback ports: two Sendmail daemons, the sink, luamilter's TCP
-# shellcheck disable=SC2046  # four numbers, split on purpose
-set -- $("$PY" - <<'PYEOF'
-import socket
-socks = []
-for _ in range(4):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-PYEOF
-) "$@"
-SMTP_UNIX=$1 SMTP_INET=$2 SINK_PORT=$3 MILTER_PORT=$4
-shift 4
+pick_ports
 
 # --- Sendmail configuration (the lines README's "Sendmail notes" quote) ------
 # Name resolution from files only: the instance's own hosts file (the
@@ -211,24 +154,12 @@ fi
 
 export LD_LIBRARY_PATH="$SMROOT/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LD_PRELOAD="$SHIM" SYSLOG_SHIM_FILE="$T/log/maillog" SM_SHIM_HOSTNAME=mta.e2e.test
+# the shim is Sendmail's: python (wait_port) runs without it
+py() { env -u LD_PRELOAD "$PY" "$@"; }
 
 # --- start the sink and Sendmail ----------------------------------------------
 env -u LD_PRELOAD "$PY" spec/e2e/sink.py "$T/sink" "$SINK_PORT" >"$T/log/sink.log" 2>&1 &
 SINK_PID=$!
-
-wait_port() { # port name: bounded wait (10 s) until 127.0.0.1:port accepts
-  env -u LD_PRELOAD "$PY" - "$1" <<'PYEOF' || { echo "e2e-sendmail: $2 not listening on 127.0.0.1:$1" >&2; return 1; }
-import socket, sys, time
-deadline = time.time() + 10
-while time.time() < deadline:
-    try:
-        socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.5).close()
-        sys.exit(0)
-    except OSError:
-        time.sleep(0.1)
-sys.exit(1)
-PYEOF
-}
 
 wait_port "$SINK_PORT" sink
 # -bD: the daemon, in the foreground (its pid is ours to stop); queue runs
@@ -249,14 +180,4 @@ export E2E_MTA=sendmail E2E_DIR="$T" E2E_SMTP_UNIX="$SMTP_UNIX" E2E_SMTP_INET="$
 # the driver and the programs it runs do without the shim (Sendmail's own
 # commands get it back from the environment kept in E2E_SM_PRELOAD)
 export E2E_SM_PRELOAD="$LD_PRELOAD"
-timeout -s TERM 300 env -u LD_PRELOAD "$PY" spec/e2e/run.py "$@" &
-DRIVER_PID=$!
-trap 'stop_pid "$DRIVER_PID" driver; exit 130' INT
-trap 'stop_pid "$DRIVER_PID" driver; exit 143' TERM
-set +e
-wait "$DRIVER_PID"
-rc=$?
-set -e
-DRIVER_PID=""
-[ $rc -eq 124 ] && echo "e2e-sendmail: FAIL: the suite did not finish within 300 s" >&2
-exit $rc
+run_driver 300 env -u LD_PRELOAD "$PY" spec/e2e/run.py "$@"
