@@ -412,49 +412,6 @@ describe("reload (SIGHUP)", function()
   end)
 end)
 
-describe("a SIGHUP during the start", function()
-  local dir, p
-
-  before_each(function() dir = L.tmpdir() end)
-
-  after_each(function()
-    if p then p:stop(); p = nil end
-    L.rmtree(dir)
-  end)
-
-  -- systemctl reload or a logrotate hook can come while the daemon still
-  -- loads its script: it must neither die of it nor lose it
-  it("does not kill the supervisor: it starts, then reloads", function()
-    local script, sock = dir .. "/script.lua", dir .. "/s.sock"
-    -- the top level takes a second or two: the SIGHUP comes meanwhile
-    L.write(script, "local t = os.time() + 2\nwhile os.time() < t do end\n" .. A)
-    local err
-    p, err = L.launch({ L.binary(), "--workers", "1", "--store", "lmdb:" .. dir .. "/store.mdb",
-      "-l", "unix:" .. sock, script }, { log = dir .. "/stderr" })
-    assert(p, err)
-    -- the supervisor holds SIGHUP from main() on (SigBlk bit 0): only then
-    -- is the signal a test of the start, not of the exec before it
-    local held, deadline = false, L.now() + 10
-    while not held and L.now() < deadline do
-      local mask = (L.read("/proc/" .. p.pid .. "/status") or ""):match("SigBlk:%s*(%x+)")
-      held = mask ~= nil and tonumber(mask:sub(-1), 16) % 2 == 1
-      if not held then socket.sleep(0.01) end
-    end
-    assert.is_true(held, "SIGHUP never held:\n" .. p:log())
-    assert(p:signal("HUP"))
-    assert(mc.wait_socket("unix:" .. sock, 15), "not listening:\n" .. p:log())
-    assert.is_true(p:alive(), p:log())
-    assert.are.equal("A", session_tag("unix:" .. sock))
-    -- the signal was kept, not dropped: a reload follows the start
-    deadline = L.now() + 15
-    while not p:log():find("reloaded " .. script .. ": generation 2", 1, true) and L.now() < deadline do
-      socket.sleep(0.05)
-    end
-    assert.truthy(p:log():find("reloaded " .. script .. ": generation 2", 1, true), p:log())
-    assert.is_true(p:alive(), p:log())
-  end)
-end)
-
 describe("supervisor", function()
   local d
 
@@ -685,7 +642,7 @@ describe("--pidfile", function()
   end)
 end)
 
-describe("logging in the foreground", function()
+describe("in the foreground", function()
   local dir, p
 
   before_each(function() dir = L.tmpdir() end)
@@ -695,7 +652,39 @@ describe("logging in the foreground", function()
     L.rmtree(dir)
   end)
 
-  it("goes to stderr, connection lines carry the generation, nothing goes to stdout", function()
+  -- systemctl reload or a logrotate hook can come while the daemon still
+  -- loads its script: it must neither die of it nor lose it
+  it("a SIGHUP during the start does not kill the supervisor: it starts, then reloads", function()
+    local script, sock = dir .. "/script.lua", dir .. "/s.sock"
+    -- the top level takes a second or two: the SIGHUP comes meanwhile
+    L.write(script, "local t = os.time() + 2\nwhile os.time() < t do end\n" .. A)
+    local err
+    p, err = L.launch({ L.binary(), "--workers", "1", "--store", "lmdb:" .. dir .. "/store.mdb",
+      "-l", "unix:" .. sock, script }, { log = dir .. "/stderr" })
+    assert(p, err)
+    -- the supervisor holds SIGHUP from main() on (SigBlk bit 0): only then
+    -- is the signal a test of the start, not of the exec before it
+    local held, deadline = false, L.now() + 10
+    while not held and L.now() < deadline do
+      local mask = (L.read("/proc/" .. p.pid .. "/status") or ""):match("SigBlk:%s*(%x+)")
+      held = mask ~= nil and tonumber(mask:sub(-1), 16) % 2 == 1
+      if not held then socket.sleep(0.01) end
+    end
+    assert.is_true(held, "SIGHUP never held:\n" .. p:log())
+    assert(p:signal("HUP"))
+    assert(mc.wait_socket("unix:" .. sock, 15), "not listening:\n" .. p:log())
+    assert.is_true(p:alive(), p:log())
+    assert.are.equal("A", session_tag("unix:" .. sock))
+    -- the signal was kept, not dropped: a reload follows the start
+    deadline = L.now() + 15
+    while not p:log():find("reloaded " .. script .. ": generation 2", 1, true) and L.now() < deadline do
+      socket.sleep(0.05)
+    end
+    assert.truthy(p:log():find("reloaded " .. script .. ": generation 2", 1, true), p:log())
+    assert.is_true(p:alive(), p:log())
+  end)
+
+  it("logging goes to stderr, connection lines carry the generation, nothing goes to stdout", function()
     local script, sock = dir .. "/script.lua", dir .. "/s.sock"
     L.write(script, A)
     local err
