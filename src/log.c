@@ -44,6 +44,21 @@ void log_use_syslog(const char *ident)
 }
 
 /* A text line (or a syslog one): "TS LEVEL [tag] msg". */
+/* The line's time, "2026-12-01T16:40:00Z": formatted once a second. */
+static const char *timestamp(void)
+{
+    static _Thread_local time_t last = (time_t)-1;
+    static _Thread_local char ts[32];
+    time_t now = time(NULL);
+    if (now != last) {
+        struct tm tm;
+        gmtime_r(&now, &tm);
+        strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%SZ", &tm);
+        last = now;
+    }
+    return ts;
+}
+
 static void emit_text(int level, const char *tag, const char *msg)
 {
     static const int prio[] = {LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG};
@@ -51,12 +66,7 @@ static void emit_text(int level, const char *tag, const char *msg)
         syslog(prio[level], "%s %s%s", upper[level], tag, msg);
         return;
     }
-    char ts[32];
-    time_t now = time(NULL);
-    struct tm tm;
-    gmtime_r(&now, &tm);
-    strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%SZ", &tm);
-    fprintf(stderr, "%s %s %s%s\n", ts, upper[level], tag, msg);
+    fprintf(stderr, "%s %s %s%s\n", timestamp(), upper[level], tag, msg);
 }
 
 /* The text tag of a line: "[c=1 g=2 q=ABC] ", or "" when cid is 0. */
@@ -172,22 +182,44 @@ static void put_text_value(struct line *l, const char *s, size_t n)
     puts_(l, "\"");
 }
 
+static int key_char(char ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+           (ch >= '0' && ch <= '9') || ch == '_' || ch == '.' || ch == '-';
+}
+
 static void put_key(struct line *l, const char *key)
 {
     static const char *const own[] = {"ts", "level", "conn", "gen", "qid",
                                       "msg"};
     for (size_t k = 0; k < sizeof own / sizeof own[0]; k++)
-        if (strcmp(key, own[k]) == 0)
+        if (key[0] == own[k][0] && strcmp(key, own[k]) == 0)
             puts_(l, "_");
     if (!*key)
         puts_(l, "_");
-    for (const char *c = key; *c; c++) {
-        char ch = *c;
-        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
-              (ch >= '0' && ch <= '9') || ch == '_' || ch == '.' || ch == '-'))
-            ch = '_';
+    size_t n = 0;
+    while (key[n] && key_char(key[n]))
+        n++;
+    put(l, key, n); /* the usual key, whole; then any odd one's rest */
+    for (const char *c = key + n; *c; c++) {
+        char ch = key_char(*c) ? *c : '_';
         put(l, &ch, 1);
     }
+}
+
+/* secs >= 0 as "%.6f" would print it, without printf's cost. */
+static void put_secs(struct line *l, double secs)
+{
+    long long us = (long long)(secs * 1e6 + 0.5);
+    char num[32], *p = num + sizeof num;
+    long long whole = us / 1000000, frac = us % 1000000;
+    for (int k = 0; k < 6; k++, frac /= 10)
+        *--p = (char)('0' + frac % 10);
+    *--p = '.';
+    do
+        *--p = (char)('0' + whole % 10);
+    while ((whole /= 10) > 0);
+    put(l, p, (size_t)(num + sizeof num - p));
 }
 
 static void put_number(struct line *l, const struct log_field *f)
@@ -195,9 +227,10 @@ static void put_number(struct line *l, const struct log_field *f)
     char num[40];
     if (f->type == LF_INT)
         snprintf(num, sizeof num, "%lld", f->i);
-    else if (f->type == LF_SECS)
-        snprintf(num, sizeof num, "%.6f",
-                 f->num >= 0 && f->num < 1e9 ? f->num : 0.0);
+    else if (f->type == LF_SECS) {
+        put_secs(l, f->num >= 0 && f->num < 1e9 ? f->num : 0.0);
+        return;
+    }
     else if (f->num != f->num || f->num - f->num != 0) /* nan, inf */
         snprintf(num, sizeof num, json_format ? "null" : "%g", f->num);
     else if (f->num == (double)(long long)f->num && f->num < 1e15 &&
@@ -268,13 +301,8 @@ void log_fields(int level, uint64_t cid, const char *qid, const char *msg,
     struct line l = {0};
     char tmp[160];
     if (json_format && !to_syslog) {
-        char ts[32];
-        time_t now = time(NULL);
-        struct tm tm;
-        gmtime_r(&now, &tm);
-        strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%SZ", &tm);
-        snprintf(tmp, sizeof tmp, "{\"ts\":\"%s\",\"level\":\"%s\"", ts,
-                 names[level]);
+        snprintf(tmp, sizeof tmp, "{\"ts\":\"%s\",\"level\":\"%s\"",
+                 timestamp(), names[level]);
         puts_(&l, tmp);
         if (cid) {
             snprintf(tmp, sizeof tmp, ",\"conn\":%llu,\"gen\":%u",

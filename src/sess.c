@@ -124,18 +124,23 @@ const char *sess_macro(const struct sess *s, const char *name, size_t len,
     bare_name(&name, &len);
     for (unsigned i = 0; i < s->nmstages; i++) {
         struct sess_str l = s->mstages[i].list;
-        const char *list = sess_cstr(s, l, 0);
-        size_t pos = 0;
-        for (;;) {
-            struct wire_str k = wire_list_next(list, l.len, &pos);
-            struct wire_str v = wire_list_next(list, l.len, &pos);
-            if (!k.p || !v.p)
-                break;
-            bare_name(&k.p, &k.n);
-            if (k.n == len && memcmp(k.p, name, len) == 0) {
+        /* a stored list is whole pairs of NUL-terminated strings (wire
+         * checked it), so strlen stays inside it */
+        const char *p = sess_cstr(s, l, 0), *end = p + l.len;
+        while (p < end) {
+            size_t kn = strlen(p);
+            const char *k = p, *v = p + kn + 1;
+            size_t vn = strlen(v);
+            p = v + vn + 1;
+            if (kn >= 2 && k[0] == '{' && k[kn - 1] == '}') {
+                k++;
+                kn -= 2;
+            }
+            if (kn == len && (len == 0 || k[0] == name[0]) &&
+                memcmp(k, name, len) == 0) {
                 if (vlen)
-                    *vlen = v.n;
-                return v.p; /* NUL-terminated: the list's own NUL */
+                    *vlen = vn;
+                return v;
             }
         }
     }
