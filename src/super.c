@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "ctl.h"
+#include "daemon.h"
 #include "lb.h"
 #include "aio.h"
 #include "dnsr.h"
@@ -627,141 +628,6 @@ static int healthy(char *why, size_t n)
     return 1;
 }
 
-/* ---- daemon duties --------------------------------------------------- */
-
-/* Refuses a pidfile that names a live process. */
-static int pidfile_check(char *err, size_t n)
-{
-    FILE *f = fopen(O->pidfile, "r");
-    long pid = 0;
-    if (!f)
-        return 0;
-    if (fscanf(f, "%ld", &pid) != 1)
-        pid = 0;
-    fclose(f);
-    if (pid > 0 && (kill((pid_t)pid, 0) == 0 || errno == EPERM)) {
-        snprintf(err, n, "%s: another instance (pid %ld) is running",
-                 O->pidfile, pid);
-        return -1;
-    }
-    return 0;
-}
-
-/* Writes our pid to a temporary file and renames it into place. */
-static int pidfile_write(char *err, size_t n)
-{
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.%d.tmp", O->pidfile, (int)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f || fprintf(f, "%d\n", (int)getpid()) < 0 || fclose(f) != 0 ||
-        rename(tmp, O->pidfile) < 0) {
-        snprintf(err, n, "%s: %s", O->pidfile, strerror(errno));
-        unlink(tmp);
-        return -1;
-    }
-    pidfile_written = 1;
-    return 0;
-}
-
-struct ids {
-    uid_t uid;
-    gid_t gid;
-    const char *name; /* for initgroups */
-    int set_uid, set_gid;
-};
-
-static int resolve_ids(struct ids *id, char *err, size_t n)
-{
-    memset(id, 0, sizeof *id);
-    if (O->user) {
-        struct passwd *pw = getpwnam(O->user);
-        if (!pw) {
-            snprintf(err, n, "--user %s: no such user", O->user);
-            return -1;
-        }
-        id->uid = pw->pw_uid;
-        id->gid = pw->pw_gid;
-        id->name = O->user;
-        id->set_uid = id->set_gid = 1;
-    }
-    if (O->group) {
-        struct group *gr = getgrnam(O->group);
-        if (!gr) {
-            snprintf(err, n, "--group %s: no such group", O->group);
-            return -1;
-        }
-        id->gid = gr->gr_gid;
-        id->set_gid = 1;
-    }
-    if ((id->set_uid || id->set_gid) && geteuid() != 0) {
-        snprintf(err, n, "--user/--group need root to switch identity");
-        return -1;
-    }
-    return 0;
-}
-
-/* Hands the socket to the run-time identity, then drops root for good. */
-static int drop_privileges(const struct ids *id, char *err, size_t n)
-{
-    if (L.path[0] && (id->set_uid || id->set_gid) &&
-        chown(L.path, id->set_uid ? id->uid : (uid_t)-1,
-              id->set_gid ? id->gid : (gid_t)-1) < 0) {
-        snprintf(err, n, "chown %s: %s", L.path, strerror(errno));
-        return -1;
-    }
-    if (id->set_gid && (setgroups(0, NULL) < 0 || setgid(id->gid) < 0)) {
-        snprintf(err, n, "setgid: %s", strerror(errno));
-        return -1;
-    }
-    if (id->set_uid && ((id->name && initgroups(id->name, id->gid) < 0) ||
-                        setuid(id->uid) < 0)) {
-        snprintf(err, n, "setuid: %s", strerror(errno));
-        return -1;
-    }
-    if (id->set_uid && setuid(0) == 0) {
-        snprintf(err, n, "could regain root after dropping it");
-        return -1;
-    }
-    return 0;
-}
-
-/*
- * Detaches from the terminal. The original process waits on a pipe for the
- * daemon to report that it started (or why not) and exits 0 or 1.
- */
-static int daemonize(int *report)
-{
-    int p[2];
-    if (pipe(p) < 0)
-        return -1;
-    pid_t pid = fork();
-    if (pid < 0)
-        return -1;
-    if (pid > 0) {
-        close(p[1]);
-        char msg[2048];
-        ssize_t n = read(p[0], msg, sizeof msg - 1);
-        if (n == 1 && msg[0] == '\0')
-            _exit(0);
-        if (n > 0)
-            fprintf(stderr, "luamilter: %.*s\n", (int)n, msg);
-        else
-            fprintf(stderr, "luamilter: the daemon failed to start\n");
-        _exit(1);
-    }
-    close(p[0]);
-    setsid();
-    pid = fork();
-    if (pid < 0)
-        _exit(1);
-    if (pid > 0)
-        _exit(0);
-    if (chdir("/") < 0)
-        _exit(1);
-    *report = p[1];
-    return 0;
-}
-
 static int fail(int report, const char *err)
 {
     if (report >= 0) {
@@ -773,27 +639,14 @@ static int fail(int report, const char *err)
     return 1;
 }
 
-/* Makes a relative path absolute (the daemon's cwd becomes /). */
-static const char *absolute(const char *path, char *buf, size_t n)
-{
-    char cwd[4096];
-    if (!path || path[0] == '/' || !getcwd(cwd, sizeof cwd))
-        return path;
-    int w = snprintf(buf, n, "%s/", cwd);
-    if (w < 0 || (size_t)w + strlen(path) >= n)
-        return path;
-    memcpy(buf + w, path, strlen(path) + 1);
-    return buf;
-}
-
 int super_run(const struct super_opts *o, struct server *srv)
 {
     static struct super_opts own;
     static char script[4096], pidfile[4096], listen[4200];
     notify_init(); /* before any fork: only we talk to systemd */
     own = *o;
-    own.script = absolute(o->script, script, sizeof script);
-    own.pidfile = absolute(o->pidfile, pidfile, sizeof pidfile);
+    own.script = daemon_absolute(o->script, script, sizeof script);
+    own.pidfile = daemon_absolute(o->pidfile, pidfile, sizeof pidfile);
     const char *colon = strchr(o->listen, ':');
     const char *upath = o->listen[0] == '/'         ? NULL
                         : !strncmp(o->listen, "unix:", 5)  ? o->listen + 5
@@ -802,7 +655,7 @@ int super_run(const struct super_opts *o, struct server *srv)
     if (upath && upath[0] != '/') {
         char abs[4096];
         snprintf(listen, sizeof listen, "%.*s:%s", (int)(colon - o->listen),
-                 o->listen, absolute(upath, abs, sizeof abs));
+                 o->listen, daemon_absolute(upath, abs, sizeof abs));
         own.listen = listen;
     }
     o = &own;
@@ -810,10 +663,10 @@ int super_run(const struct super_opts *o, struct server *srv)
     S = srv;
     lb_set_limits(O->script_timeout, O->script_memory);
     char err[2048];
-    struct ids id;
+    struct daemon_ids id;
     int report = -1;
-    if (resolve_ids(&id, err, sizeof err) < 0 ||
-        (O->pidfile && pidfile_check(err, sizeof err) < 0))
+    if (daemon_ids(O->user, O->group, &id, err, sizeof err) < 0 ||
+        (O->pidfile && daemon_pidfile_check(O->pidfile, err, sizeof err) < 0))
         return fail(-1, err);
     if (listen_open(&L, S, O->listen, O->socket_mode, err, sizeof err) < 0) {
         char full[2200];
@@ -826,12 +679,17 @@ int super_run(const struct super_opts *o, struct server *srv)
         cleanup();
         return fail(-1, full);
     }
-    if (O->daemon && daemonize(&report) < 0) {
+    if (O->daemon && daemon_detach(&report) < 0) {
         cleanup();
         return fail(-1, "cannot start the daemon");
     }
-    if ((O->pidfile && pidfile_write(err, sizeof err) < 0) ||
-        drop_privileges(&id, err, sizeof err) < 0) {
+    if (O->pidfile && daemon_pidfile_write(O->pidfile, err, sizeof err) == 0)
+        pidfile_written = 1;
+    else if (O->pidfile) {
+        cleanup();
+        return fail(report, err);
+    }
+    if (daemon_drop_privileges(&id, L.path, err, sizeof err) < 0) {
         cleanup();
         return fail(report, err);
     }
