@@ -314,21 +314,11 @@ function H.abort(ctx) seen(ctx, "abort", true) end
 function H.close(ctx) seen(ctx, "close", true) end
 return H
 ]]
-    local c = U.client(d)
-    U.open(c)
-    assert(c:mail("<a@example.org>", {}))
-    assert(c:rcpt("<b@example.org>", {}))
-    assert(c:send("E", ""))
-    U.wait_seen(d, "waiting", 1)
-    assert(c:abort())
-    U.wait_seen(d, "abort", 1)
-    srv:get("/release/kb")
-    local r = U.message(c, { mail = "<n@example.org>" })
-    assert.are.equal("c", r.eom and r.eom.cmd, tostring(r.error))
-    c:quit()
-    c:close()
-    U.wait_seen(d, "close", 1)
-    assert.are.same({}, U.seen(d, "resumed"))
+    U.abandoned(d, "abort", {
+      release = function() srv:get("/release/kb") end,
+      mail = "<n@example.org>",
+      served = function(r) assert.are.equal("c", r.eom and r.eom.cmd, tostring(r.error)) end,
+    })
     assert.is_true(d:alive())
   end)
 
@@ -345,16 +335,11 @@ function H.close(ctx)
 end
 return H
 ]]
-    local c = U.client(d)
-    U.open(c)
-    assert(c:mail("<a@example.org>", {}))
-    assert(c:send("R", "<held@example.org>\0"))
-    U.wait_seen(d, "waiting", 1)
-    c:close()
-    assert.are.same({ 204 }, U.wait_seen(d, "close", 1))
-    srv:get("/release/kc")
-    assert.is_true(U.normal_session(d).eom ~= nil)
-    assert.are.same({}, U.seen(d, "resumed"))
+    U.abandoned(d, "hang up", {
+      handled = function(close) assert.are.same({ 204 }, close) end,
+      release = function() srv:get("/release/kc") end,
+      served = function(res) assert.is_true(res.eom ~= nil) end,
+    })
   end)
 
   it("works in luamilter test too", function()

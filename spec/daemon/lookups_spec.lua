@@ -326,23 +326,13 @@ function H.abort(ctx) seen(ctx, "abort", true) end
 function H.close(ctx) seen(ctx, "close", true) end
 return H
 ]]
-    local c = U.client(d)
-    U.open(c)
-    assert(c:mail("<a@example.org>", {}))
-    assert(c:rcpt("<b@example.org>", {}))
-    assert(c:send("E", ""))
-    U.wait_seen(d, "waiting", 1)
-    assert(c:abort())
-    U.wait_seen(d, "abort", 1)
-    tcp:ask("RELEASE k2")
     -- the connection goes on: a new message is served (its eom waits
     -- on a key released at once)
-    local r = U.message(c, { mail = "<n@example.org>" })
-    assert.are.equal("c", r.eom and r.eom.cmd, tostring(r.error))
-    c:quit()
-    c:close()
-    U.wait_seen(d, "close", 1)
-    assert.are.same({}, U.seen(d, "resumed"))
+    U.abandoned(d, "abort", {
+      release = function() tcp:ask("RELEASE k2") end,
+      mail = "<n@example.org>",
+      served = function(r) assert.are.equal("c", r.eom and r.eom.cmd, tostring(r.error)) end,
+    })
   end)
 
   it("an ABORT in the same read as the EOM it abandons is seen at once", function()
@@ -381,16 +371,10 @@ end
 function H.close(ctx) seen(ctx, "close", true) end
 return H
 ]]
-    local c = U.client(d)
-    U.open(c)
-    assert(c:mail("<a@example.org>", {}))
-    assert(c:send("R", "<held@example.org>\0"))
-    U.wait_seen(d, "waiting", 1)
-    c:close()
-    U.wait_seen(d, "close", 1)
-    tcp:ask("RELEASE k3")
-    assert.is_true(U.normal_session(d).eom ~= nil)
-    assert.are.same({}, U.seen(d, "resumed"))
+    U.abandoned(d, "hang up", {
+      release = function() tcp:ask("RELEASE k3") end,
+      served = function(res) assert.is_true(res.eom ~= nil) end,
+    })
   end)
 
   it("--script-timeout counts waiting: a long wait returns nil, 'timeout' and the handler goes on", function()

@@ -351,6 +351,12 @@ return H
     assert.is_truthy(run.stderr:find(":3:", 1, true), run.stderr)
   end)
 
+  -- the message after an abandoned eom: its eom answers with a PING's reply
+  local function served_pong(r)
+    assert.are.equal("a", r.eom and r.eom.cmd, tostring(r.error))
+    assert.are.equal("PONG", r.eom.mods[1].value)
+  end
+
   it("ABORT or a hang-up while a call waits: the handler is abandoned, abort and close run", function()
     local silent = assert(socket.bind("127.0.0.1", 0))
     finally(function() silent:close() end)
@@ -377,32 +383,19 @@ function H.abort(ctx) seen(ctx, "abort", r:call("PING")) end
 function H.close(ctx) seen(ctx, "close", r:call("PING")) end
 return H
 ]]):format(sport, sport))
-    -- ABORT while eom waits
-    local c = U.client(d)
-    U.open(c)
-    assert(c:mail("<a@example.org>", {}))
-    assert(c:rcpt("<b@example.org>", {}))
-    assert(c:send("E", ""))
-    U.wait_seen(d, "waiting", 1)
-    assert(c:abort())
-    assert.are.same({ "PONG" }, U.wait_seen(d, "abort", 1))
-    local r = U.message(c, { mail = "<n@example.org>" })
-    assert.are.equal("a", r.eom and r.eom.cmd, tostring(r.error))
-    assert.are.equal("PONG", r.eom.mods[1].value)
-    c:quit()
-    c:close()
-    U.wait_seen(d, "close", 1)
+    -- ABORT while eom waits (on a server that never answers: no release)
+    U.abandoned(d, "abort", {
+      handled = function(abort) assert.are.same({ "PONG" }, abort) end,
+      mail = "<n@example.org>",
+      served = served_pong,
+    })
     -- hang-up while envrcpt waits
-    c = U.client(d)
-    U.open(c)
-    assert(c:mail("<a@example.org>", {}))
-    assert(c:send("R", "<held@example.org>\0"))
-    U.wait_seen(d, "waiting", 2)
-    c:close()
-    U.wait_seen(d, "close", 2)
-    assert.are.same({ "PONG", "PONG" }, U.seen(d, "close"))
-    assert.are.equal("a", U.normal_session(d, { mail = "<n@example.org>" }).eom.cmd)
-    assert.are.same({}, U.seen(d, "resumed"))
+    U.abandoned(d, "hang up", {
+      nth = 2,
+      handled = function(close) assert.are.same({ "PONG", "PONG" }, close) end,
+      mail = "<n@example.org>",
+      served = function(res) assert.are.equal("a", res.eom.cmd) end,
+    })
     assert.is_true(d:alive())
   end)
 
@@ -421,22 +414,15 @@ end
 function H.abort(ctx) seen(ctx, "abort", true) end
 return H
 ]]
-    local c = U.client(d)
-    U.open(c)
-    assert(c:mail("<a@example.org>", {}))
-    assert(c:rcpt("<b@example.org>", {}))
-    assert(c:send("E", ""))
-    U.wait_seen(d, "waiting", 1)
-    assert(c:abort())
-    U.wait_seen(d, "abort", 1)
-    assert.are.equal(1, srv:cmd("RPUSH", "blq", "late")) -- BLPOP answers now
-    local r = U.message(c, { mail = "<n@example.org>" })
-    assert.are.equal("a", r.eom and r.eom.cmd, tostring(r.error))
-    assert.are.equal("PONG", r.eom.mods[1].value)
-    c:quit()
-    c:close()
+    U.abandoned(d, "abort", {
+      close = false, -- no close handler
+      release = function()
+        assert.are.equal(1, srv:cmd("RPUSH", "blq", "late")) -- BLPOP answers now
+      end,
+      mail = "<n@example.org>",
+      served = served_pong,
+    })
     assert.are.equal(false, srv:cmd("LPOP", "blq")) -- the late reply took it
-    assert.are.same({}, U.seen(d, "resumed"))
   end)
 
   describe("the README's Redis counter", function()

@@ -9,6 +9,7 @@ package.path = "./?.lua;" .. package.path
 local D = require "spec.support.daemon"
 local mc = require "spec.support.milter_client"
 local socket = require "socket"
+local luassert = require "luassert" -- busted's assert, for the helpers that check
 
 local U = { D = D, mc = mc }
 
@@ -247,6 +248,60 @@ function U.message(c, opts)
   res.eom = r or err
   if not r then return done("eom", err) end
   return done(nil)
+end
+
+-- A handler abandoned while it waits on a lookup the test holds, from the
+-- MTA's side.  The script records seen(ctx, "waiting", ...) just before the
+-- wait, seen(ctx, "resumed", ...) just after it, and "abort" / "close" in
+-- those handlers.  how:
+--   "abort"    MAIL <a@example.org>, RCPT <b@example.org>, EOM, and the
+--              MTA's ABORT while eom waits; the same connection then serves
+--              a second message (U.message), QUITs and closes
+--   "hang up"  MAIL <a@example.org>, RCPT <held@example.org>, and the MTA
+--              hangs up while envrcpt waits; a second message is served on a
+--              new connection (U.normal_session)
+-- Last it checks that no handler was resumed.  opts:
+--   release()      lets the held lookup answer, once abort (or close) ran;
+--                  without it the lookup is never answered
+--   mail           the second message's sender (default theirs)
+--   handled(got)   checks what abort (or close) recorded, before the release
+--   served(res)    checks the second message's result
+--   nth            this is the daemon's nth abandoned handler: the number of
+--                  records to wait for (default 1)
+--   close          false when the script has no close handler: nothing to
+--                  wait for after the QUIT ("abort" only)
+-- Returns the second message's result.
+function U.abandoned(d, how, opts)
+  opts = opts or {}
+  assert(how == "abort" or how == "hang up", "how: abort or hang up")
+  local hang_up, n = how == "hang up", opts.nth or 1
+  local c = U.client(d)
+  U.open(c)
+  assert(c:mail("<a@example.org>", {}))
+  if hang_up then
+    assert(c:send("R", "<held@example.org>\0"))
+  else
+    assert(c:rcpt("<b@example.org>", {}))
+    assert(c:send("E", ""))
+  end
+  U.wait_seen(d, "waiting", n)
+  if hang_up then c:close() else assert(c:abort()) end
+  local got = U.wait_seen(d, hang_up and "close" or "abort", n)
+  if opts.handled then opts.handled(got) end
+  if opts.release then opts.release() end
+  local res
+  if hang_up then
+    res = U.normal_session(d, { mail = opts.mail })
+    if opts.served then opts.served(res) end
+  else
+    res = U.message(c, { mail = opts.mail })
+    if opts.served then opts.served(res) end
+    c:quit()
+    c:close()
+    if opts.close ~= false then U.wait_seen(d, "close", n) end
+  end
+  luassert.are.same({}, U.seen(d, "resumed"))
+  return res
 end
 
 -- bytes of a REPLYCODE as libmilter builds it
