@@ -47,13 +47,34 @@ static void send_state(const char *state)
     }
 }
 
+/* "STATUS=serving generation ..." after prefix, into m. */
+static void serving_line(char *m, size_t n, const char *prefix, unsigned gen,
+                         int serving, int workers, int reload_failed)
+{
+    const char *failed =
+        reload_failed ? " (the last reload failed: see the log)" : "";
+    if (serving < workers)
+        snprintf(m, n,
+                 "%sSTATUS=serving generation %u with %d of %d workers "
+                 "(replacing a worker)%s",
+                 prefix, gen, serving, workers, failed);
+    else
+        snprintf(m, n, "%sSTATUS=serving generation %u with %d worker%s%s",
+                 prefix, gen, workers, workers == 1 ? "" : "s", failed);
+}
+
 void notify_ready(unsigned gen, int workers, int reload_failed)
 {
     char m[256];
-    snprintf(m, sizeof m,
-             "READY=1\nSTATUS=serving generation %u with %d worker%s%s", gen,
-             workers, workers == 1 ? "" : "s",
-             reload_failed ? " (the last reload failed: see the log)" : "");
+    serving_line(m, sizeof m, "READY=1\n", gen, workers, workers,
+                 reload_failed);
+    send_state(m);
+}
+
+void notify_serving(unsigned gen, int serving, int workers, int reload_failed)
+{
+    char m[256];
+    serving_line(m, sizeof m, "", gen, serving, workers, reload_failed);
     send_state(m);
 }
 

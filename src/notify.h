@@ -20,6 +20,11 @@ void notify_init(void);
  * note that the last reload failed when reload_failed. */
 void notify_ready(unsigned gen, int workers, int reload_failed);
 
+/* A STATUS= line alone while serving: "serving generation GEN with S of N
+ * workers (replacing a worker)" while fewer than all serve, the READY
+ * line's STATUS again once all do. */
+void notify_serving(unsigned gen, int serving, int workers, int reload_failed);
+
 /* RELOADING=1 (with MONOTONIC_USEC) and a STATUS= saying what is loaded. */
 void notify_reloading(unsigned gen);
 

@@ -319,14 +319,30 @@ static void maybe_ready(void)
     notify_ready(shm->gen, O->workers, reload_failed);
 }
 
+/*
+ * Between a start or reload's READY and the next reload, systemd's STATUS
+ * follows the workers: a dead one being replaced, then all serving again.
+ */
+static void status_serving(void)
+{
+    if (ready_owed || stopping)
+        return; /* READY=1 is still to come, with its own STATUS */
+    int serving = 0;
+    for (int i = 0; i < O->workers; i++)
+        serving += slots[i].pid > 0 && slots[i].done >= shm->gen;
+    notify_serving(shm->gen, serving, O->workers, reload_failed);
+}
+
 static void on_ctl(struct ev_loop *loop, ev_io *w, int revents)
 {
     struct slot *sl = (struct slot *)((char *)w - offsetof(struct slot, io));
     if (revents & EV_READ) {
         uint32_t done = sl->done;
         int r = ctl_read_requests(sl->ctl, &sl->done);
-        if (sl->done != done)
+        if (sl->done != done && ready_owed)
             maybe_ready();
+        else if (sl->done != done)
+            status_serving(); /* a replaced worker serves again */
         if (r < 0) { /* the worker is gone; on_child reaps it */
             ev_io_stop(loop, w);
             return;
@@ -407,6 +423,7 @@ static void on_child(struct ev_loop *loop, ev_child *w, int revents)
     else
         log_death((int)(sl - slots), w->rpid, st);
     msup.restarts++;
+    status_serving();
     /* a worker that dies at once would make us fork in a tight loop */
     double delay = ev_now(loop) - sl->started < 1.0 ? 1.0 : 0.0;
     log_msg(LL_INFO, 0, NULL, "starting a new worker%s",

@@ -115,6 +115,32 @@ describe("sd_notify", function()
     assert.falsy(d:log():find("cannot notify", 1, true), log())
   end)
 
+  it("STATUS follows a worker that dies and is replaced", function()
+    local path
+    fd, path = notify_socket(dir)
+    local err
+    d, err = U.start(POLICY, { args = { "--workers", "2" }, env = { NOTIFY_SOCKET = path } })
+    assert(d, err)
+    local log = function() return "\n" .. d:log() end
+    local m = next_message(fd, 10)
+    assert(m and m.READY == "1", "no READY" .. log())
+    local workers = L.wait_until(function()
+      local w = L.children(d.pid)
+      return #w == 2 and w
+    end, 10)
+    assert(workers, "not 2 workers" .. log())
+    assert.are.equal(0, L.kill(workers[1], "KILL"))
+    m = next_message(fd, 10)
+    assert(m, "no STATUS after a worker died" .. log())
+    assert.is_nil(m.READY, m._raw)
+    assert.are.equal("serving generation 1 with 1 of 2 workers (replacing a worker)", m.STATUS)
+    m = next_message(fd, 15)
+    assert(m, "no STATUS once the new worker serves" .. log())
+    assert.is_nil(m.READY, m._raw)
+    assert.are.equal("serving generation 1 with 2 workers", m.STATUS)
+    assert.truthy(d:log():find("was killed by signal 9", 1, true), log())
+  end)
+
   it("a SIGHUP during a check gets one READY, after the last check", function()
     local path
     fd, path = notify_socket(dir)
