@@ -205,8 +205,9 @@ static int env_mine(void)
 /* This process's environment, opened now if need be; NULL with *err. */
 static MDB_env *open_env(const char **err)
 {
-    if (!atfork_set && pthread_atfork(NULL, NULL, on_fork) == 0)
-        atfork_set = 1;
+    static int atfork_tried; /* once: a late success would miss earlier forks */
+    if (!atfork_tried++)
+        atfork_set = pthread_atfork(NULL, NULL, on_fork) == 0;
     if (env_mine())
         return env;
     env = NULL; /* a parent's, inherited across fork: left alone */
