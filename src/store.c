@@ -206,8 +206,10 @@ static int env_mine(void)
 static MDB_env *open_env(const char **err)
 {
     static int atfork_tried; /* once: a late success would miss earlier forks */
-    if (!atfork_tried++)
+    if (!atfork_tried) {
+        atfork_tried = 1;
         atfork_set = pthread_atfork(NULL, NULL, on_fork) == 0;
+    }
     if (env_mine())
         return env;
     env = NULL; /* a parent's, inherited across fork: left alone */
