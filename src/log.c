@@ -43,7 +43,6 @@ void log_use_syslog(const char *ident)
     to_syslog = 1;
 }
 
-/* A text line (or a syslog one): "TS LEVEL [tag] msg". */
 /* The line's time, "2026-12-01T16:40:00Z": formatted once a second. */
 static const char *timestamp(void)
 {
@@ -59,6 +58,7 @@ static const char *timestamp(void)
     return ts;
 }
 
+/* A text line (or a syslog one): "TS LEVEL [tag] msg". */
 static void emit_text(int level, const char *tag, const char *msg)
 {
     static const int prio[] = {LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG};
