@@ -70,14 +70,39 @@ static void emit_text(int level, const char *tag, const char *msg)
 }
 
 /* The text tag of a line: "[c=1 g=2 q=ABC] ", or "" when cid is 0. */
+/* Appends s (or v in decimal when s is NULL) at tag[*k], within n. */
+static void tag_put(char *tag, size_t n, size_t *k, const char *s,
+                    unsigned long long v)
+{
+    char num[24], *p = num + sizeof num;
+    if (!s) {
+        *--p = '\0';
+        do
+            *--p = (char)('0' + v % 10);
+        while ((v /= 10) > 0);
+        s = p;
+    }
+    while (*s && *k + 1 < n)
+        tag[(*k)++] = *s++;
+    tag[*k] = '\0';
+}
+
+/* (every line has one: built without printf) */
 static void make_tag(char *tag, size_t n, uint64_t cid, const char *qid)
 {
+    size_t k = 0;
     *tag = '\0';
-    if (cid && qid && *qid)
-        snprintf(tag, n, "[c=%llu g=%u q=%s] ", (unsigned long long)cid,
-                 log_gen, qid);
-    else if (cid)
-        snprintf(tag, n, "[c=%llu g=%u] ", (unsigned long long)cid, log_gen);
+    if (!cid)
+        return;
+    tag_put(tag, n, &k, "[c=", 0);
+    tag_put(tag, n, &k, NULL, (unsigned long long)cid);
+    tag_put(tag, n, &k, " g=", 0);
+    tag_put(tag, n, &k, NULL, log_gen);
+    if (qid && *qid) {
+        tag_put(tag, n, &k, " q=", 0);
+        tag_put(tag, n, &k, qid, 0);
+    }
+    tag_put(tag, n, &k, "] ", 0);
 }
 
 void log_vmsg(int level, uint64_t cid, const char *qid, const char *fmt,

@@ -160,9 +160,17 @@ int msglog_note(struct msglog *m, const struct sess *s, int what, int ev,
     buf_init(&rcpts, 0);
     buf_init(&reply, 0);
     if (s->family) {
-        snprintf(client, sizeof client, "%s[%s]", sess_cstr(s, s->host, 0),
-                 s->family == 'L' ? "unix" : sess_cstr(s, s->addr, 0));
-        str_field(&f[nf++], "client", client, strlen(client));
+        /* "host[addr]", as snprintf would cut it, without its cost */
+        const char *parts[4] = {sess_cstr(s, s->host, 0), "[",
+                                s->family == 'L' ? "unix"
+                                                 : sess_cstr(s, s->addr, 0),
+                                "]"};
+        size_t k = 0;
+        for (int i = 0; i < 4; i++)
+            for (const char *c = parts[i]; *c && k + 1 < sizeof client; c++)
+                client[k++] = *c;
+        client[k] = '\0';
+        str_field(&f[nf++], "client", client, k);
     }
     if (s->has_sender)
         str_field(&f[nf++], "from", sess_cstr(s, s->sender, 1), s->sender.len);
