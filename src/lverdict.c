@@ -40,8 +40,6 @@ static int fail(struct vr *r, const char *fmt, ...)
     return -1;
 }
 
-static const char *const action_names[] = {"continue", "accept",  "reject",
-                                           "tempfail", "discard", "skip"};
 
 /* Modification keys in sending order, with the action each one needs. */
 static const struct {
@@ -126,7 +124,7 @@ static int read_reply(struct vr *r)
     if (!lua_isnil(co, -1) &&
         get_int(co, -1, cls * 100, cls * 100 + 99, &code) < 0)
         return fail(r, "code must be a %dxx number for %s", cls,
-                    action_names[v->action]);
+                    sess_action_names[v->action]);
     v->code = (int)code;
     rawfield(co, r->t, "xcode");
     if (!lua_isnil(co, -1)) {
@@ -134,7 +132,7 @@ static int read_reply(struct vr *r)
         if (get_str(co, -1, &x) < 0 || !wire_xcode_valid(x.p, x.n, cls))
             return fail(r, "xcode must look like \"%d.7.1\" (class %d for "
                            "%s, then 1 to 3 digits, a dot, 1 to 3 digits)",
-                        cls, cls, action_names[v->action]);
+                        cls, cls, sess_action_names[v->action]);
         v->xcode = x;
     }
     rawfield(co, r->t, "reason");
@@ -419,9 +417,9 @@ static int read_all(lua_State *co)
     const char *a = lua_type(co, -1) == LUA_TSTRING ? lua_tostring(co, -1)
                                                     : NULL;
     int act = 0;
-    while (a && act < 6 && strcmp(a, action_names[act]) != 0)
+    while (a && act < VA__COUNT && strcmp(a, sess_action_names[act]) != 0)
         act++;
-    if (!a || act == 6)
+    if (!a || act == VA__COUNT)
         return fail(r, "no valid action (build verdicts with milter.accept{}, "
                        "milter.reject{}...)"), 0;
     v->action = act;

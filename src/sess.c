@@ -10,6 +10,9 @@
 #include "mods.h"
 #include "mta.h"
 
+const char *const sess_action_names[VA__COUNT] = {
+    "continue", "accept", "reject", "tempfail", "discard", "skip"};
+
 const char *const sess_event_names[SE__COUNT] = {
     "connect", "helo", "envfrom", "envrcpt", "data", "header",
     "eoh", "body", "eom", "abort", "close", "unknown",
@@ -301,7 +304,8 @@ static int record(struct sess *s, const struct wire_cmd *c)
         s->port = c->port;
         int rc = sess_set_cstr(s, &s->host, c->s1.p, c->s1.n);
         return rc < 0 ? rc
-                      : sess_set_cstr(s, &s->addr, c->s2.p ? c->s2.p : "", c->s2.n);
+                      : sess_set_cstr(s, &s->addr, c->s2.p ? c->s2.p : "",
+                                      c->s2.n);
     }
     case WIRE_HELO:
         s->has_helo = 1;
@@ -584,8 +588,6 @@ static int ends_msg(int ev, const struct verdict *v)
     }
 }
 
-static const char *const action_names[] = {
-    "continue", "accept", "reject", "tempfail", "discard", "skip"};
 
 /*
  * Sends an event's verdict and applies what it means for the session. The
@@ -645,7 +647,7 @@ static int event_done(struct sess *s, int ev, struct verdict *v,
             log_msg(LL_INFO, s->id, sess_qid(s),
                     "%s verdict %s kept: the MTA gets it at the next event "
                     "it waits on, no later handler runs for this message",
-                    sess_event_names[ev], action_names[v->action]);
+                    sess_event_names[ev], sess_action_names[v->action]);
             break;
         }
         buf_reset(&s->ended);

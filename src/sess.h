@@ -25,8 +25,11 @@ enum sess_event {
 extern const char *const sess_event_names[SE__COUNT];
 
 enum verdict_action {
-    VA_CONTINUE, VA_ACCEPT, VA_REJECT, VA_TEMPFAIL, VA_DISCARD, VA_SKIP
+    VA_CONTINUE, VA_ACCEPT, VA_REJECT, VA_TEMPFAIL, VA_DISCARD, VA_SKIP,
+    VA__COUNT
 };
+/* "continue", "accept", ...: the names scripts use, by enum verdict_action */
+extern const char *const sess_action_names[VA__COUNT];
 
 /* A header or recipient change from an eom verdict, in sending order. */
 enum mod_op {

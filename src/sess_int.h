@@ -15,7 +15,8 @@ enum { REC_NOMEM = -1, REC_HEADERS = -2, REC_MSG_FULL = -3,
        REC_CONN_FULL = -4 };
 
 /* Copies p[0..n) and a NUL into the arena; len = UINT32_MAX on failure. */
-static inline struct sess_str sess_arena_put(struct buf *a, const char *p, size_t n)
+static inline struct sess_str sess_arena_put(struct buf *a, const char *p,
+                                             size_t n)
 {
     struct sess_str v = {(uint32_t)buf_len(a), (uint32_t)n};
     uint8_t *dst = buf_reserve(a, n + 1);
