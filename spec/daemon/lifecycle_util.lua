@@ -157,6 +157,17 @@ function L.wait_children(pid, n, timeout)
   end, timeout or 5)
 end
 
+-- the n workers of a supervisor that logs to log_path (or nil).  Its
+-- start-up check of the script runs in a child too, one that has a
+-- worker's name until it renames itself; it is over once the supervisor
+-- logged that it serves, and the workers come only after that line.
+function L.wait_workers(pid, n, log_path, timeout)
+  local serving = L.wait_until(function()
+    return (L.read(log_path) or ""):find("luamilter serving ", 1, true)
+  end, timeout or 5)
+  return serving and L.wait_children(pid, n, timeout)
+end
+
 -- /proc/PID/status as a table: name -> value string
 function L.status(pid)
   local s = L.read("/proc/" .. pid .. "/status")

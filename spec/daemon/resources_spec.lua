@@ -11,7 +11,7 @@ local SANITIZED = os.getenv("LUAMILTER_SANITIZED")
 
 -- the worker of a one-worker daemon (a child of the supervisor)
 local function worker_of(d)
-  local ch = L.wait_children(d.pid, 1, 5)
+  local ch = L.wait_workers(d.pid, 1, d.log_path, 5)
   assert(ch, "no single worker under supervisor " .. d.pid)
   return ch[1]
 end
