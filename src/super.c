@@ -78,6 +78,7 @@ static struct metrics_super msup;   /* the supervisor's own numbers */
  * supervisor is gone.
  */
 static ev_io control;
+static ev_prepare orphaned; /* fed when the control channel ends */
 static uint32_t lost_logged; /* newest lost generation already reported */
 
 /* Loads the checked bytes behind fd; a state, or NULL with err set. */
@@ -132,7 +133,10 @@ static void control_drain(void)
         log_msg(LL_ERR, 0, NULL, "worker %d: the supervisor is gone: stopping",
                 (int)getpid());
         ev_io_stop(S->loop, &control);
-        kill(getpid(), SIGTERM);
+        /* from the loop, not from here (an accept may be under way), and
+         * not as a signal to ourselves: one still pending would merge
+         * with it and this stop would go unseen */
+        ev_feed_event(S->loop, &orphaned, EV_CUSTOM);
     }
     if (fd >= 0) {
         if (gen > S->gen)
@@ -170,12 +174,11 @@ static void worker_drain_timeout(struct ev_loop *loop, ev_timer *w, int rev)
     ev_break(loop, EVBREAK_ALL);
 }
 
-static void worker_stop(struct ev_loop *loop, ev_signal *w, int revents)
+/* Stops accepting; open connections finish (at most --shutdown-timeout). */
+static void worker_begin_stop(struct ev_loop *loop)
 {
-    (void)w;
-    (void)revents;
     if (S->stopping)
-        _exit(0); /* a second signal: at once */
+        return;
     S->stopping = 1;
     listen_close(&L);
     if (!S->conns) {
@@ -186,6 +189,22 @@ static void worker_stop(struct ev_loop *loop, ev_signal *w, int revents)
             (int)getpid(), S->nconns);
     ev_timer_init(&stop_timer, worker_drain_timeout, O->shutdown_timeout, 0);
     ev_timer_start(loop, &stop_timer);
+}
+
+static void worker_stop(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)w;
+    (void)revents;
+    if (S->stopping)
+        _exit(0); /* a second signal: at once */
+    worker_begin_stop(loop);
+}
+
+static void worker_orphaned(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+    (void)w;
+    (void)revents;
+    worker_begin_stop(loop);
 }
 
 /*
@@ -214,8 +233,8 @@ static void worker_run(int i, int ctl)
     ev_signal_stop(loop, &sig_int);
     signal(SIGHUP, SIG_IGN); /* reloads come from the supervisor only */
     /* Ctrl-C reaches the whole process group: the supervisor stops us with
-     * SIGTERM, so its second Ctrl-C (our second signal) ends us at once,
-     * and one Ctrl-C lets open conversations finish. */
+     * SIGTERM, so one Ctrl-C lets open conversations finish, and its
+     * second Ctrl-C ends us at once (SIGKILL from the supervisor). */
     signal(SIGINT, SIG_IGN);
     L.path[0] = '\0';        /* the supervisor removes the socket file */
     metrics_http_forget(loop);
@@ -235,6 +254,7 @@ static void worker_run(int i, int ctl)
     log_msg(LL_DEBUG, 0, NULL, "worker %d now serves generation %u",
             (int)getpid(), S->gen);
     ctl_loaded(ctl, S->gen);
+    ev_prepare_init(&orphaned, worker_orphaned); /* fed, never started */
     ev_io_init(&control, worker_control, ctl, EV_READ);
     ev_io_start(loop, &control);
     L.before_accept = control_drain;
@@ -581,7 +601,10 @@ static void on_stop(struct ev_loop *loop, ev_signal *w, int revents)
     if (stopping) {
         log_msg(LL_WARN, 0, NULL, "second signal %d: exiting now",
                 w->signum);
-        signal_workers(SIGTERM); /* their second signal: at once */
+        /* not a second SIGTERM: one that reached a worker before it ran
+         * its handler for the first would merge with it, and that worker
+         * would go on finishing its sessions */
+        signal_workers(SIGKILL);
         cleanup();
         exit(0);
     }

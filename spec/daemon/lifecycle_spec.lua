@@ -34,7 +34,7 @@ local function start(src, n, args, opts)
   opts = opts or {}
   opts.args = argv
   local d = U.start(src, opts)
-  local workers = L.wait_children(d.pid, n, 5)
+  local workers = L.wait_workers(d.pid, n, d.log_path, 5)
   assert(workers, "the supervisor did not start " .. n .. " worker(s):\n" .. d:log())
   return d, L.tail(d.log_path), workers
 end
@@ -546,10 +546,61 @@ describe("stop", function()
     assert(code, "still running 2 s after the second signal")
     assert(L.now() - t < 2)
     assert.are.equal("exited", how)
-    for _, w in ipairs(workers) do assert(L.wait_dead(w, 2), "worker " .. w .. " outlived the supervisor") end
+    for _, w in ipairs(workers) do
+      assert(L.wait_dead(w, 2), "worker " .. w .. " outlived the supervisor:\n" .. d:log())
+    end
     local _, err = c:read_frame(2)
     assert.are.equal("closed", err)
     assert.is_false(L.exists(d.listen:sub(6)), "the socket file is still there")
+  end)
+
+  -- Signals of one kind merge while pending: a worker that has not run its
+  -- handler for the first SIGTERM when the second arrives sees one, and
+  -- would go on finishing its session.  A stopped worker cannot act on
+  -- any signal it gets: the second signal must end it all the same.
+  it("a second SIGTERM ends a worker that could not act on the first", function()
+    local _, workers
+    d, _, workers = start(A, 1)
+    local c = assert(d:client())
+    finally(function() c:close() end)
+    assert(L.open(c))
+    assert.are.equal("A", assert(L.begin_message(c)))
+    local w = workers[1]
+    assert(L.kill(w, "STOP"))
+    finally(function() if L.alive(w) then L.kill(w, "KILL") end end)
+    assert(L.wait_until(function() return (L.stat(w) or {}).state == "T" end, 2, 0.01),
+      "the worker did not stop")
+    assert(d:signal("TERM"))
+    assert(refused(d.listen))
+    assert(d:signal("TERM"))
+    local code, how = d:wait(2)
+    assert(code, "still running 2 s after the second signal")
+    assert.are.equal("exited", how)
+    assert(L.wait_dead(w, 3), "worker " .. w .. " outlived the supervisor:\n" .. d:log())
+    local _, err = c:read_frame(2)
+    assert.are.equal("closed", err)
+  end)
+
+  -- a supervisor killed outright (kill -9, the OOM killer): its worker
+  -- accepts nothing more, finishes the open session, then exits
+  it("a worker whose supervisor died finishes its session, then exits", function()
+    local _, workers
+    d, _, workers = start(A, 1, { "--shutdown-timeout", "20" })
+    local c = assert(d:client())
+    finally(function() c:close() end)
+    assert(L.open(c))
+    assert.are.equal("A", assert(L.begin_message(c)))
+    local w = workers[1]
+    finally(function() if L.alive(w) then L.kill(w, "KILL") end end)
+    local tail = L.tail(d.log_path)
+    assert(d:signal("KILL"))
+    assert.are.equal("killed", select(2, d:wait(2)))
+    assert(tail:wait("the supervisor is gone: stopping", 1, 5, 0.01), d:log())
+    assert(refused(d.listen), "a new connection is still accepted")
+    assert(L.alive(w), "the worker dropped its open session:\n" .. d:log())
+    assert.are.equal("A", assert(L.end_message(c)))
+    c:quit()
+    assert(L.wait_dead(w, 3), "the worker outlived its last session:\n" .. d:log())
   end)
 
   it("--shutdown-timeout bounds the wait for an idle open session, then exit 0", function()
@@ -920,7 +971,7 @@ describe("--user/--group", function()
     assert.are.equal(pw.pw_uid, st.st_uid)
     assert.are.equal(gr.gr_gid, st.st_gid)
     assert.are.equal("660", ("%o"):format(st.st_mode % 512))
-    local workers = assert(L.wait_children(p.pid, 2, 5), "no workers:\n" .. p:log())
+    local workers = assert(L.wait_workers(p.pid, 2, p.log_path, 5), "no workers:\n" .. p:log())
     expect_nobody(p.pid)
     for _, w in ipairs(workers) do expect_nobody(w) end
 
@@ -954,7 +1005,7 @@ describe("--user/--group", function()
     p, err = L.launch({ abs(L.binary()), "--user", "nobody", "--group", "nogroup", "--workers", "1",
       "-l", listen, script }, { log = dir .. "/daemon.log", listen = listen })
     assert(p, err)
-    local workers = assert(L.wait_children(p.pid, 1, 5))
+    local workers = assert(L.wait_workers(p.pid, 1, p.log_path, 5))
     expect_nobody(p.pid)
     expect_nobody(workers[1])
     assert.are.equal("A", session_tag(listen))
