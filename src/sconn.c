@@ -88,7 +88,12 @@ int sess_set_cstr(struct sess *s, struct sess_str *dst, const char *p,
 /* Macros sent for MAIL and later commands describe one message. */
 static int msg_stage(uint8_t cmd)
 {
-    return cmd && strchr("MRTLNEB", cmd) != NULL;
+    switch (cmd) {
+    case 'M': case 'R': case 'T': case 'L': case 'N': case 'E': case 'B':
+        return 1;
+    default:
+        return 0;
+    }
 }
 
 /* Forgets the message-stage macros (as libmilter does at each MAIL). */
@@ -109,6 +114,8 @@ static void clear_msg_macros(struct sess *s)
 /* Moves stage i to the front: the stage sent last is looked up first. */
 static void stage_to_front(struct sess *s, unsigned i)
 {
+    if (i == 0)
+        return; /* Postfix's MACRO 'L' before every header: already there */
     struct sess_mstage m = s->mstages[i];
     memmove(&s->mstages[1], &s->mstages[0], i * sizeof m);
     s->mstages[0] = m;
