@@ -12,7 +12,7 @@ LIBS    := $(LUAJIT_LIBS) -lev -lcares -lhiredis -lcurl -llmdb -lsystemd -lmicro
 B       ?= build
 SRCS    := log buf wire sess sconn mods mta hmodel hplan msglog metrics pfsim lb lctx lverdict lwhere lsetup \
            lwait ldns ltcp lredis lhttp lstore lstore_rds offline offline_report aio dnsr tcpc rds \
-           httpc store conn listen ctl reload notify metrics_http daemon super main
+           httpc store watchdog conn listen ctl reload notify metrics_http daemon super main
 CORE    := log buf wire sess sconn mods mta hmodel hplan pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted

@@ -3,8 +3,6 @@
 #include "conn.h"
 
 #include <errno.h>
-#include <signal.h>
-#include <sys/time.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
@@ -15,100 +13,21 @@
 #include "log.h"
 #include "metrics.h"
 
+
 #define READ_CHUNK (64 * 1024)
 /* Seconds between progress packets while an eom handler waits: well
  * below any MTA's content timeout (Postfix: 300 s, Sendmail: 5 min). */
 #define PROGRESS_EVERY 3.0
 
-/*
- * The watchdog: LuaJIT cannot interrupt compiled code or a long C call, so
- * a handler that overruns --script-timeout by WATCHDOG_GRACE seconds ends
- * the worker from SIGALRM: the stuck connection first gets its pending
- * replies and the on-error reply, the report page says which handler and
- * connection it was, then the supervisor logs it and starts a new worker.
- * The same holds for a script's top level that overruns in a worker.
- */
-#define WATCHDOG_GRACE 1.0
-static struct {
-    double timeout;
-    int fd;                 /* connection whose handler runs, or -1 */
-    const uint8_t *pending; /* its replies not yet written (borrowed) */
-    size_t npending;
-    int reply;              /* the MTA waits for an answer */
-    int ev;                 /* the event whose handler runs */
-    uint64_t cid;           /* its connection */
-    unsigned gen;           /* and that connection's script generation */
-    volatile struct conn_wd_report *rep; /* where the supervisor reads why */
-    uint8_t onerr[128];
-    size_t nonerr;
-} wd = {.fd = -1};
-
-static void write_all(int fd, const void *p, size_t n)
-{
-    const char *s = p;
-    while (n > 0) {
-        ssize_t w = write(fd, s, n);
-        if (w <= 0)
-            return;
-        s += w;
-        n -= (size_t)w;
-    }
-}
-
-static void on_alarm(int sig)
-{
-    (void)sig;
-    double since = lb_busy_since;
-    if (since == 0 || lb_now() - since < wd.timeout + WATCHDOG_GRACE)
-        return;
-    /* only async-signal-safe work from here: plain stores, write(2) and
-     * _exit(2); the supervisor logs what the report says */
-    if (wd.rep) {
-        wd.rep->cid = wd.fd >= 0 ? wd.cid : 0;
-        wd.rep->gen = wd.gen;
-        wd.rep->ev = wd.fd >= 0 ? wd.ev : CONN_WD_TOPLEVEL;
-    }
-    if (wd.fd >= 0) {
-        write_all(wd.fd, wd.pending, wd.npending);
-        if (wd.reply)
-            write_all(wd.fd, wd.onerr, wd.nonerr);
-    }
-    _exit(CONN_WD_STATUS);
-}
-
-void conn_watchdog_start(const struct sess_cfg *cfg, double script_timeout,
-                         volatile struct conn_wd_report *rep)
-{
-    struct buf b;
-    buf_init(&b, sizeof wd.onerr);
-    if (sess_put_on_error(cfg, &b) == 0) {
-        memcpy(wd.onerr, buf_head(&b), buf_len(&b));
-        wd.nonerr = buf_len(&b);
-    }
-    buf_free(&b);
-    wd.timeout = script_timeout;
-    wd.rep = rep;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_alarm;
-    sa.sa_flags = SA_RESTART;
-    sigaction(SIGALRM, &sa, NULL);
-    struct itimerval it = {{1, 0}, {1, 0}};
-    setitimer(ITIMER_REAL, &it, NULL);
-}
-
 /* What the watchdog writes if the handler about to run never returns. */
 static void watch_handler(struct conn *c, int ev)
 {
-    wd.pending = buf_head(&c->wbuf);
-    wd.npending = buf_len(&c->wbuf);
-    /* not for a reply-free event (a held header verdict): the MTA waits
-     * for no answer to it, and a stray one would answer its next event */
-    wd.reply = ev != SE_ABORT && ev != SE_CLOSE && c->sess.wait.reply;
-    wd.ev = ev;
-    wd.cid = c->id;
-    wd.gen = c->gen;
-    wd.fd = c->finishing ? -1 : c->fd;
+    /* no reply for a reply-free event (a held header verdict): the MTA
+     * waits for no answer to it, and a stray one would answer its next */
+    watchdog_watch(c->finishing ? -1 : c->fd, buf_head(&c->wbuf),
+                   buf_len(&c->wbuf),
+                   ev != SE_ABORT && ev != SE_CLOSE && c->sess.wait.reply, ev,
+                   c->id, c->gen);
 }
 
 /* Handler and lookup times are read only where something reports them:
@@ -199,7 +118,7 @@ static int call_lua(void *ud, struct sess *s, int ev,
     c->call_started = t0;
     int rc = lb_call(&c->lua, s, ev, cmd, v);
     handler_ran(c, ev, rc, t0);
-    wd.fd = -1;
+    watchdog_unwatch();
     if (rc == LB_WAIT)
         start_progress(c, ev);
     return rc;
@@ -562,7 +481,7 @@ static void conn_resume(struct ev_loop *loop, ev_timer *w, int revents)
     msglog_lookup(&c->mlog, t0 - c->wait_since);
     int rc = lb_resume(&c->lua, &c->sess, &v);
     handler_ran(c, c->sess.wait.ev, rc, t0);
-    wd.fd = -1;
+    watchdog_unwatch();
     if (rc == LB_WAIT) { /* the next lookup: progress runs on */
         start_progress(c, c->sess.wait.ev);
         progress_if_awaited(c, buf_head(&c->rbuf), buf_len(&c->rbuf));

@@ -16,6 +16,7 @@
 #include "lb.h"
 #include "msglog.h"
 #include "sess.h"
+#include "watchdog.h"
 
 struct server;
 
@@ -66,25 +67,6 @@ struct server {
 
 /* Takes ownership of fd (nonblocking) and starts serving it. */
 void conn_new(struct server *srv, int fd, int is_tcp);
-/*
- * What the watchdog leaves for the supervisor (in memory both share) before
- * the worker exits with CONN_WD_STATUS: the event whose handler overran
- * (CONN_WD_TOPLEVEL: the script's top level), its connection and that
- * connection's generation. The supervisor sets ev to CONN_WD_NONE.
- */
-struct conn_wd_report {
-    int ev;
-    unsigned gen;
-    uint64_t cid;
-};
-#define CONN_WD_NONE (-2)
-#define CONN_WD_TOPLEVEL (-1)
-#define CONN_WD_STATUS 70
-
-/* Arms the worker's watchdog for handlers (and a top level) that overrun
- * their budget; rep (borrowed, may be NULL) receives the report. */
-void conn_watchdog_start(const struct sess_cfg *cfg, double script_timeout,
-                         volatile struct conn_wd_report *rep);
 /* Ends a connection now: runs abort/close handlers, frees it. */
 void conn_drop(struct conn *c, const char *why);
 

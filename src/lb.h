@@ -101,6 +101,9 @@ void lb_set_limits(double script_timeout, size_t max_memory);
 /* Monotonic start of the handler call (or script top level) in progress,
  * 0 when none (read by the watchdog in a signal handler). */
 extern volatile double lb_busy_since;
+/* Nonzero from the moment the running call was refused memory at
+ * --script-memory until that call ends (for a crash report). */
+extern volatile int lb_refused_memory;
 /* A coarse monotonic clock in seconds (no system call). */
 double lb_now(void);
 

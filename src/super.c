@@ -382,7 +382,26 @@ static void on_ctl(struct ev_loop *loop, ev_io *w, int revents)
 static void log_death(int i, pid_t pid, int st)
 {
     const struct conn_wd_report *wd = &shm->wd[i];
-    if (WIFSIGNALED(st))
+    if (wd->crash && wd->ev != CONN_WD_NONE) { /* a fault in a handler */
+        char what[96], how[64];
+        if (wd->ev >= 0 && wd->ev < SE__COUNT)
+            snprintf(what, sizeof what, "handler %s on connection c=%llu",
+                     sess_event_names[wd->ev], (unsigned long long)wd->cid);
+        else
+            snprintf(what, sizeof what, "the script's top level");
+        if (WIFSIGNALED(st)) /* else a sanitizer reported it and exited */
+            snprintf(how, sizeof how, "was killed by");
+        else
+            snprintf(how, sizeof how, "exited with status %d after",
+                     WEXITSTATUS(st));
+        log_gen = wd->gen;
+        log_msg(LL_ERR, wd->cid, NULL, "worker %d %s signal %d (%s) in %s%s",
+                (int)pid, how, wd->crash, strsignal(wd->crash), what,
+                wd->oom ? ", after the Lua state was refused memory at "
+                          "--script-memory (a LuaJIT fault)"
+                        : "");
+        log_gen = 0;
+    } else if (WIFSIGNALED(st))
         log_msg(LL_ERR, 0, NULL, "worker %d was killed by signal %d (%s)",
                 (int)pid, WTERMSIG(st), strsignal(WTERMSIG(st)));
     else if (WEXITSTATUS(st) == CONN_WD_STATUS && wd->ev >= 0 &&
@@ -459,6 +478,7 @@ static void spawn(struct ev_loop *loop, int i)
     if (ctl_pair(sv) < 0)
         sv[0] = sv[1] = -1;
     shm->wd[i].ev = CONN_WD_NONE;
+    shm->wd[i].crash = shm->wd[i].oom = 0;
     pid_t pid = sv[0] < 0 ? -1 : fork();
     if (pid < 0) {
         log_msg(LL_ERR, 0, NULL, "cannot start a worker: %s: retrying in 1s",
