@@ -3,12 +3,17 @@
  *
  * ctx is a plain Lua table, so the hot fields cost a table lookup that the
  * JIT compiles: ctx.conn, ctx.msg (replaced when a message starts, see
- * lctx_sync), ctx.id and the methods (closures bound to this connection).
- * Everything else (sender, rcpts, headers, helo, client, truncated) is
- * absent from the table and served by __index from the C session, with
- * rcpts and headers built incrementally and cached. When the session ends
- * (lctx_detach) the fields are cleared and the block's session pointer is
- * NULLed, so any later use raises instead of touching freed memory.
+ * lctx_sync), ctx.id and the methods. Everything else (sender, rcpts,
+ * headers, helo, client, truncated) is absent from the table and served by
+ * __index from the C session, with rcpts and headers built incrementally
+ * and cached.
+ *
+ * The functions are the same for every connection (made once per state:
+ * a connection allocates no closure); they find the connection's C block
+ * in ctx's metatable, which is protected, so a script cannot forge one.
+ * When the session ends (lctx_detach) the fields are cleared and the
+ * block's session pointer is NULLed, so any later use raises instead of
+ * touching freed memory.
  */
 #include "lb_int.h"
 
@@ -18,8 +23,13 @@
 
 #include "log.h"
 
-/* The connection's C block, the upvalue of every closure of its ctx. */
-#define BLOCK lua_upvalueindex(1)
+/*
+ * ctx's metatable: [1] the connection's C block (a userdata whose
+ * environment holds the cached rcpts and headers tables), [2] &ctx_tag,
+ * which no script can make: a table that merely claims to be a ctx has
+ * no such key.
+ */
+static char ctx_tag;
 
 static struct sess *live(lua_State *L, struct lctx *x)
 {
@@ -28,15 +38,39 @@ static struct sess *live(lua_State *L, struct lctx *x)
     return x->s;
 }
 
+/* Pushes the block of the ctx at index i; raises for anything else. */
+static struct lctx *push_block_of(lua_State *L, int i)
+{
+    struct lctx *x = NULL;
+    if (lua_getmetatable(L, i)) {
+        lua_rawgeti(L, -1, 2);
+        int ours = lua_touserdata(L, -1) == (void *)&ctx_tag;
+        lua_pop(L, 1);
+        if (ours) {
+            lua_rawgeti(L, -1, 1);
+            x = lua_touserdata(L, -1);
+        }
+        lua_remove(L, x ? -2 : -1);
+    }
+    if (!x)
+        luaL_error(L, "not a ctx (call its methods as ctx:name(...))");
+    return x;
+}
+
+/* The block of self (argument 1), pushing nothing. */
 static struct lctx *block(lua_State *L)
 {
-    return lua_touserdata(L, BLOCK);
+    struct lctx *x = push_block_of(L, 1);
+    lua_pop(L, 1);
+    return x;
 }
 
 /* Pushes cache[key] (the block's environment), creating an empty table. */
 static void cache_table(lua_State *L, const char *key)
 {
-    lua_getfenv(L, BLOCK);
+    push_block_of(L, 1);
+    lua_getfenv(L, -1);
+    lua_remove(L, -2);
     lua_getfield(L, -1, key);
     if (lua_isnil(L, -1)) {
         lua_pop(L, 1);
@@ -55,10 +89,11 @@ static void push_mstr(lua_State *L, const struct sess *s, struct sess_str v)
 static void push_rcpts(lua_State *L, struct lctx *x, const struct sess *s)
 {
     if (x->rcpts_dropped != s->rcpts_dropped) { /* a recipient was refused */
-        lua_getfenv(L, BLOCK);
+        push_block_of(L, 1);
+        lua_getfenv(L, -1);
         lua_pushnil(L);
         lua_setfield(L, -2, "rcpts");
-        lua_pop(L, 1);
+        lua_pop(L, 2);
         x->nrcpts = 0;
         x->rcpts_dropped = s->rcpts_dropped;
     }
@@ -332,17 +367,34 @@ static int ctx_tostring(lua_State *L)
     return 1;
 }
 
-/* Sets t[name] = a closure of fn bound to the block at index bi. */
-static void bind(lua_State *L, int t, int bi, const char *name,
-                 lua_CFunction fn)
+/* The functions every ctx of the state shares, in a table kept in the
+ * registry under &ctx_tag; pushes it. */
+enum { P_MACRO = 1, P_HEADER, P_LOG, P_INDEX, P_NEWINDEX, P_TOSTRING };
+
+static void push_shared(lua_State *L)
 {
-    lua_pushvalue(L, bi);
-    lua_pushcclosure(L, fn, 1);
-    lua_setfield(L, t, name);
+    lua_pushlightuserdata(L, &ctx_tag);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    if (!lua_isnil(L, -1))
+        return;
+    lua_pop(L, 1);
+    static const lua_CFunction fns[] = {ctx_macro,    ctx_header,
+                                        ctx_log,      ctx_index,
+                                        ctx_newindex, ctx_tostring};
+    lua_createtable(L, (int)(sizeof fns / sizeof fns[0]), 0);
+    for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
+        lua_pushcfunction(L, fns[i]);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    lua_pushlightuserdata(L, &ctx_tag);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
 }
 
 struct lctx *lctx_push(lua_State *L, struct sess *s)
 {
+    push_shared(L);
+    int fi = lua_gettop(L);
     struct lctx *x = lua_newuserdata(L, sizeof *x);
     int bi = lua_gettop(L);
     memset(x, 0, sizeof *x);
@@ -362,19 +414,32 @@ struct lctx *lctx_push(lua_State *L, struct sess *s)
     snprintf(id, sizeof id, "%llu", (unsigned long long)s->id);
     lua_pushstring(L, id);
     lua_setfield(L, t, "id");
-    bind(L, t, bi, "macro", ctx_macro);
-    bind(L, t, bi, "header", ctx_header);
-    bind(L, t, bi, "log", ctx_log);
+    static const struct {
+        const char *name;
+        int fn;
+    } methods[] = {{"macro", P_MACRO}, {"header", P_HEADER}, {"log", P_LOG}};
+    for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++) {
+        lua_rawgeti(L, fi, methods[i].fn);
+        lua_setfield(L, t, methods[i].name);
+    }
 
-    lua_createtable(L, 0, 4); /* its metatable, bound to the block */
+    lua_createtable(L, 2, 4); /* its metatable, holding the block */
     int mt = lua_gettop(L);
-    bind(L, mt, bi, "__index", ctx_index);
-    bind(L, mt, bi, "__newindex", ctx_newindex);
-    bind(L, mt, bi, "__tostring", ctx_tostring);
+    lua_pushvalue(L, bi);
+    lua_rawseti(L, mt, 1);
+    lua_pushlightuserdata(L, &ctx_tag);
+    lua_rawseti(L, mt, 2);
+    lua_rawgeti(L, fi, P_INDEX);
+    lua_setfield(L, mt, "__index");
+    lua_rawgeti(L, fi, P_NEWINDEX);
+    lua_setfield(L, mt, "__newindex");
+    lua_rawgeti(L, fi, P_TOSTRING);
+    lua_setfield(L, mt, "__tostring");
     lua_pushliteral(L, "milter.ctx");
-    lua_setfield(L, -2, "__metatable");
+    lua_setfield(L, mt, "__metatable");
     lua_setmetatable(L, t);
-    lua_remove(L, bi); /* leaves the ctx table on top */
+    lua_replace(L, fi); /* leaves the ctx table on top */
+    lua_settop(L, fi);
     return x;
 }
 
@@ -388,15 +453,13 @@ void lctx_sync(lua_State *L, int idx, struct lctx *x)
     lua_pushliteral(L, "msg");
     lua_newtable(L);
     lua_rawset(L, idx);
-    lua_getmetatable(L, idx);
-    lua_getfield(L, -1, "__index");
-    lua_getupvalue(L, -1, 1); /* the block */
+    push_block_of(L, idx);
     lua_getfenv(L, -1);
     lua_pushnil(L);
     lua_setfield(L, -2, "rcpts");
     lua_pushnil(L);
     lua_setfield(L, -2, "headers");
-    lua_pop(L, 4);
+    lua_pop(L, 2);
 }
 
 void lctx_detach(lua_State *L, int idx, struct lctx *x)

@@ -514,6 +514,37 @@ return H
     assert.is_true(d:alive())
   end)
 
+  -- every connection's ctx shares its functions; they find the connection
+  -- through ctx's protected metatable, so nothing else passes for a ctx
+  it("ctx methods called on anything but a ctx raise, and a ctx's own still work", function()
+    d = U.start(U.script [[
+function H.connect(ctx, host)
+  local function try(f, ...) local ok, err = pcall(f, ...); return { ok, tostring(err) } end
+  local fake = setmetatable({}, { io.stdout, io.stdout, __index = function() end })
+  seen(ctx, "dot", try(function() return ctx.macro("j") end))
+  seen(ctx, "table", try(ctx.macro, {}, "j"))
+  seen(ctx, "forged", try(ctx.header, fake, "Subject"))
+  seen(ctx, "string", try(ctx.log, "info", "x"))
+  seen(ctx, "mt", { getmetatable(ctx), (pcall(setmetatable, ctx, {})) })
+  seen(ctx, "own", { ctx:macro("j"), ctx.id == tostring(ctx.id), tostring(ctx):match("^milter%.ctx%(") ~= nil })
+end
+return H
+]])
+    U.normal_session(d)
+    for _, tag in ipairs({ "dot", "table", "forged", "string" }) do
+      local got = U.seen(d, tag)
+      assert.are.equal(1, #got, tag)
+      assert.is_false(got[1][1], tag .. " must raise")
+      assert.is_truthy(got[1][2]:find("not a ctx", 1, true), tag .. ": " .. got[1][2])
+    end
+    assert.are.same({ { "milter.ctx", false } }, U.seen(d, "mt"))
+    local own = U.seen(d, "own")[1]
+    assert.is_string(own[1])
+    assert.is_true(own[2])
+    assert.is_true(own[3])
+    assert.is_true(d:alive())
+  end)
+
   it("an unprotected use of a dead ctx is a logged handler error, never a crash", function()
     d = U.start(U.script [[
 function H.connect(ctx)
