@@ -96,7 +96,7 @@ static void *alloc(void *ud, void *ptr, size_t osize, size_t nsize)
      * (errors, tracebacks, ctx) must not fail, or Lua would panic. */
     if (nsize > osize && st->in_call &&
         st->mem + (nsize - osize) > max_memory) {
-        lb_refused_memory = st->refused = 1;
+        lb_refused_memory = 1; /* for a crash report (watchdog.h) */
         return NULL;
     }
     void *p = st->base_alloc(st->base_ud, ptr, osize, nsize);
@@ -131,20 +131,11 @@ static void hook(lua_State *L, lua_Debug *ar)
                script_timeout);
 }
 
-/*
- * After a call (or the top level): the hook's pace and the collector's.
- * A call that was refused memory may have been refused it inside compiled
- * code, and LuaJIT (Debian 12's) can leave a trace that then crashes the
- * next call that runs it: the traces are flushed (hot code compiles again).
- */
+/* After a call (or the top level): the hook's pace and the collector's. */
 static void end_call(struct lb_state *st)
 {
     st->in_call = 0;
     lb_refused_memory = 0;
-    if (st->refused) {
-        st->refused = 0;
-        luaJIT_setmode(st->L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_FLUSH);
-    }
     if (st->overdue) {
         st->overdue = 0;
         lua_sethook(st->L, hook, LUA_MASKCOUNT, HOOK_COUNT);

@@ -6,7 +6,6 @@
 #define LUAMILTER_LB_INT_H
 
 #include <lauxlib.h>
-#include <luajit.h>
 #include <lua.h>
 #include <lualib.h>
 
@@ -26,7 +25,6 @@ struct lb_state {
     void *base_ud;
     double deadline;        /* of the running handler call */
     int in_call;            /* a handler runs: the memory cap binds */
-    int refused;            /* the call was refused memory: flush the JIT */
     int overdue;            /* past the deadline: the hook runs every
                                instruction until the call ends */
     int loading;            /* the top level runs (for the hook's message) */

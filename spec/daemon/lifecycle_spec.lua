@@ -530,13 +530,20 @@ describe("stop", function()
     end)
   end
 
-  it("a second SIGTERM exits at once even with a session open", function()
+  -- a daemon of n workers with a session open in the middle of a message;
+  -- returns its workers and the session's client
+  local function with_session(n, args)
     local _, workers
-    d, _, workers = start(A, 2)
+    d, _, workers = start(A, n, args)
     local c = assert(d:client())
     finally(function() c:close() end)
     assert(L.open(c))
     assert.are.equal("A", assert(L.begin_message(c)))
+    return workers, c
+  end
+
+  it("a second SIGTERM exits at once even with a session open", function()
+    local workers, c = with_session(2)
     assert(d:signal("TERM"))
     assert(refused(d.listen))
     assert(d:alive())
@@ -559,12 +566,7 @@ describe("stop", function()
   -- would go on finishing its session.  A stopped worker cannot act on
   -- any signal it gets: the second signal must end it all the same.
   it("a second SIGTERM ends a worker that could not act on the first", function()
-    local _, workers
-    d, _, workers = start(A, 1)
-    local c = assert(d:client())
-    finally(function() c:close() end)
-    assert(L.open(c))
-    assert.are.equal("A", assert(L.begin_message(c)))
+    local workers, c = with_session(1)
     local w = workers[1]
     assert(L.kill(w, "STOP"))
     finally(function() if L.alive(w) then L.kill(w, "KILL") end end)
@@ -584,12 +586,7 @@ describe("stop", function()
   -- a supervisor killed outright (kill -9, the OOM killer): its worker
   -- accepts nothing more, finishes the open session, then exits
   it("a worker whose supervisor died finishes its session, then exits", function()
-    local _, workers
-    d, _, workers = start(A, 1, { "--shutdown-timeout", "20" })
-    local c = assert(d:client())
-    finally(function() c:close() end)
-    assert(L.open(c))
-    assert.are.equal("A", assert(L.begin_message(c)))
+    local workers, c = with_session(1, { "--shutdown-timeout", "20" })
     local w = workers[1]
     finally(function() if L.alive(w) then L.kill(w, "KILL") end end)
     local tail = L.tail(d.log_path)
