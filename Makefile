@@ -114,7 +114,12 @@ $(B)/test_hplan: spec/c/test_hplan.c spec/c/*.h $(CORE:%=$(B)/%.o)
 $(B)/test_httpc: spec/c/test_httpc.c spec/c/t.h src/httpc.h src/aio.h $(B)/httpc.o $(B)/aio.o
 	$(CC) $(WARN) $(DEFS) $(CFLAGS) $(LDFLAGS) -Isrc -o $@ spec/c/test_httpc.c $(B)/httpc.o $(B)/aio.o -lev -lcurl -lm
 
-check-c: $(B)/test_wire $(B)/test_sess $(B)/test_pfsim $(B)/test_hplan $(B)/test_httpc
+# The log line's format, against log.c alone.
+$(B)/test_log: spec/c/test_log.c spec/c/t.h src/log.h $(B)/log.o
+	$(CC) $(WARN) $(DEFS) $(CFLAGS) $(LDFLAGS) -Isrc -o $@ spec/c/test_log.c $(B)/log.o
+
+check-c: $(B)/test_wire $(B)/test_sess $(B)/test_pfsim $(B)/test_hplan $(B)/test_httpc $(B)/test_log
+	$(B)/test_log
 	$(B)/test_wire ../shared/fixtures
 	$(B)/test_sess ../shared/fixtures
 	$(B)/test_pfsim ../shared/fixtures

@@ -1,11 +1,13 @@
 /* log: see log.h. */
 #include "log.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <syslog.h>
 #include <time.h>
+#include <unistd.h>
 
 int log_level = LL_INFO;
 unsigned log_gen;
@@ -132,31 +134,67 @@ void log_msg(int level, uint64_t cid, const char *qid, const char *fmt, ...)
 
 int log_is_json(void) { return json_format; }
 
-/* A line being built: grows on the heap up to LINE_CAP, then truncates. */
+/* A line being built: in its own buffer first, then on the heap up to
+ * LINE_CAP, then truncated. */
 #define LINE_CAP (64 * 1024)
+#define LINE_INLINE 1024
 struct line {
     char *p;
     size_t n, cap;
+    char inl[LINE_INLINE];
 };
+
+static void line_init(struct line *l)
+{
+    l->p = l->inl;
+    l->n = 0;
+    l->cap = sizeof l->inl;
+    l->inl[0] = '\0';
+}
+
+static void line_free(struct line *l)
+{
+    if (l->p != l->inl)
+        free(l->p);
+}
 
 static void put(struct line *l, const char *s, size_t n)
 {
     if (l->n + n + 1 > l->cap && l->cap < LINE_CAP) {
-        size_t cap = l->cap ? l->cap : 1024;
+        size_t cap = l->cap;
         while (cap < l->n + n + 1 && cap < LINE_CAP)
             cap *= 2;
-        char *p = realloc(l->p, cap);
+        char *p = l->p == l->inl ? malloc(cap) : realloc(l->p, cap);
         if (p) {
+            if (l->p == l->inl)
+                memcpy(p, l->inl, l->n + 1);
             l->p = p;
             l->cap = cap;
         }
     }
-    if (!l->p)
-        return;
     if (l->n + n + 1 > l->cap)
         n = l->cap - l->n - 1;
     memcpy(l->p + l->n, s, n);
     l->n += n;
+    l->p[l->n] = '\0';
+}
+
+/* Writes the line and a newline to stderr in one write(2), so that the
+ * workers' lines never interleave (a full line: its last byte gives way). */
+static void line_emit(struct line *l)
+{
+    l->p[l->n] = '\n';
+    const char *s = l->p;
+    size_t left = l->n + 1;
+    while (left > 0) {
+        ssize_t w = write(2, s, left);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            break;
+        s += w;
+        left -= (size_t)w;
+    }
     l->p[l->n] = '\0';
 }
 
@@ -184,15 +222,34 @@ static void put_escaped(struct line *l, const char *s, size_t n)
     put(l, s + run, n - run);
 }
 
+/* Bytes a text value cannot carry bare: controls, space, '"', '=', '\\'
+ * and DEL (bit 0); the bytes of a bare key, [A-Za-z0-9_.-] (bit 1). */
+static const unsigned char cclass[256] = {
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 0,
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 1, 0, 0,
+    0, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0, 1, 0, 0, 2,
+    0, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+    2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 1,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+};
+
 static int needs_quotes(const char *s, size_t n)
 {
     if (n == 0)
         return 1;
-    for (size_t k = 0; k < n; k++) {
-        unsigned char c = (unsigned char)s[k];
-        if (c <= 0x20 || c == '"' || c == '=' || c == '\\' || c == 0x7f)
+    for (size_t k = 0; k < n; k++)
+        if (cclass[(unsigned char)s[k]] & 1)
             return 1;
-    }
     return 0;
 }
 
@@ -207,20 +264,25 @@ static void put_text_value(struct line *l, const char *s, size_t n)
     puts_(l, "\"");
 }
 
-static int key_char(char ch)
+static int key_char(char ch) { return cclass[(unsigned char)ch] & 2; }
+
+/* The line's own keys: a field of that name gets a '_' before it. */
+static int own_key(const char *key)
 {
-    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
-           (ch >= '0' && ch <= '9') || ch == '_' || ch == '.' || ch == '-';
+    switch (key[0]) {
+    case 't': return strcmp(key, "ts") == 0;
+    case 'l': return strcmp(key, "level") == 0;
+    case 'c': return strcmp(key, "conn") == 0;
+    case 'g': return strcmp(key, "gen") == 0;
+    case 'q': return strcmp(key, "qid") == 0;
+    case 'm': return strcmp(key, "msg") == 0;
+    default: return 0;
+    }
 }
 
 static void put_key(struct line *l, const char *key)
 {
-    static const char *const own[] = {"ts", "level", "conn", "gen", "qid",
-                                      "msg"};
-    for (size_t k = 0; k < sizeof own / sizeof own[0]; k++)
-        if (key[0] == own[k][0] && strcmp(key, own[k]) == 0)
-            puts_(l, "_");
-    if (!*key)
+    if (!*key || own_key(key))
         puts_(l, "_");
     size_t n = 0;
     while (key[n] && key_char(key[n]))
@@ -247,21 +309,36 @@ static void put_secs(struct line *l, double secs)
     put(l, p, (size_t)(num + sizeof num - p));
 }
 
+static void put_int(struct line *l, long long v)
+{
+    char num[24], *p = num + sizeof num;
+    unsigned long long u = v < 0 ? 0ull - (unsigned long long)v
+                                 : (unsigned long long)v;
+    do
+        *--p = (char)('0' + u % 10);
+    while ((u /= 10) > 0);
+    if (v < 0)
+        *--p = '-';
+    put(l, p, (size_t)(num + sizeof num - p));
+}
+
 static void put_number(struct line *l, const struct log_field *f)
 {
     char num[40];
-    if (f->type == LF_INT)
-        snprintf(num, sizeof num, "%lld", f->i);
-    else if (f->type == LF_SECS) {
+    if (f->type == LF_INT) {
+        put_int(l, f->i);
+        return;
+    } else if (f->type == LF_SECS) {
         put_secs(l, f->num >= 0 && f->num < 1e9 ? f->num : 0.0);
         return;
     }
     else if (f->num != f->num || f->num - f->num != 0) /* nan, inf */
         snprintf(num, sizeof num, json_format ? "null" : "%g", f->num);
-    else if (f->num == (double)(long long)f->num && f->num < 1e15 &&
-             f->num > -1e15)
-        snprintf(num, sizeof num, "%lld", (long long)f->num);
-    else
+    else if (f->num < 1e15 && f->num > -1e15 &&
+             f->num == (double)(long long)f->num) {
+        put_int(l, (long long)f->num);
+        return;
+    } else
         snprintf(num, sizeof num, "%.6g", f->num);
     puts_(l, num);
 }
@@ -283,9 +360,17 @@ static void put_field(struct line *l, const struct log_field *f)
     case LF_SECS: put_number(l, f); break;
     case LF_BOOL: puts_(l, f->i ? "true" : "false"); break;
     case LF_LIST: {
+        /* text: the elements joined by commas, quoted as one value (a
+         * comma needs no quotes: an element or an empty list does) */
+        int quote = !json_format && f->n == 0;
         const char *s = f->s;
-        struct line v = {0};
-        puts_(l, json_format ? "[" : "");
+        for (size_t k = 0; !json_format && !quote && k < f->n; k++) {
+            size_t len = strlen(s);
+            quote = needs_quotes(s, len) && (len > 0 || f->n == 1);
+            s += len + 1;
+        }
+        puts_(l, json_format ? "[" : quote ? "\"" : "");
+        s = f->s;
         for (size_t k = 0; k < f->n; k++) {
             size_t len = strlen(s);
             if (json_format) {
@@ -294,16 +379,15 @@ static void put_field(struct line *l, const struct log_field *f)
                 puts_(l, "\"");
             } else {
                 if (k)
-                    puts_(&v, ",");
-                put(&v, s, len);
+                    puts_(l, ",");
+                if (quote)
+                    put_escaped(l, s, len);
+                else
+                    put(l, s, len);
             }
             s += len + 1;
         }
-        if (json_format)
-            puts_(l, "]");
-        else
-            put_text_value(l, v.p ? v.p : "", v.n);
-        free(v.p);
+        puts_(l, json_format ? "]" : quote ? "\"" : "");
         break;
     }
     default:
@@ -323,7 +407,8 @@ void log_fields(int level, uint64_t cid, const char *qid, const char *msg,
 {
     if (!log_enabled(level))
         return;
-    struct line l = {0};
+    struct line l;
+    line_init(&l);
     char tmp[160];
     if (json_format && !to_syslog) {
         snprintf(tmp, sizeof tmp, "{\"ts\":\"%s\",\"level\":\"%s\"",
@@ -345,19 +430,27 @@ void log_fields(int level, uint64_t cid, const char *qid, const char *msg,
         for (size_t k = 0; k < nf; k++)
             put_field(&l, &f[k]);
         puts_(&l, "}");
-        if (l.p)
-            fprintf(stderr, "%s\n", l.p);
-        free(l.p);
+        line_emit(&l);
+        line_free(&l);
         return;
     }
     int json = json_format;
     json_format = 0; /* syslog lines are text */
+    make_tag(tmp, sizeof tmp, cid, qid);
+    if (!to_syslog) { /* "TS LEVEL [tag] msg fields", as emit_text puts it */
+        puts_(&l, timestamp());
+        puts_(&l, " ");
+        puts_(&l, upper[level]);
+        puts_(&l, " ");
+        puts_(&l, tmp);
+    }
     puts_(&l, msg);
     for (size_t k = 0; k < nf; k++)
         put_field(&l, &f[k]);
     json_format = json;
-    make_tag(tmp, sizeof tmp, cid, qid);
-    if (l.p)
+    if (to_syslog)
         emit_text(level, tmp, l.p);
-    free(l.p);
+    else
+        line_emit(&l);
+    line_free(&l);
 }

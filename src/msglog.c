@@ -97,6 +97,22 @@ static int reply_of(const struct verdict *v, struct buf *text)
     return code;
 }
 
+/* Appends ",name:count" (no comma first) to out[0..n), cut to fit. */
+static void mods_put(char *out, size_t n, size_t *pos, const char *name,
+                     size_t count)
+{
+    char num[24], *p = num + sizeof num;
+    *--p = '\0';
+    do
+        *--p = (char)('0' + count % 10);
+    while ((count /= 10) > 0);
+    const char *parts[4] = {*pos ? "," : "", name, ":", p};
+    for (int i = 0; i < 4; i++)
+        for (const char *c = parts[i]; *c && *pos + 1 < n; c++)
+            out[(*pos)++] = *c;
+    out[*pos] = '\0';
+}
+
 /* "add_header:2,change_header:1,change_from:1" from an eom verdict. */
 static void mods_of(const struct verdict *v, char *out, size_t n)
 {
@@ -110,16 +126,14 @@ static void mods_of(const struct verdict *v, char *out, size_t n)
     size_t pos = 0;
     *out = '\0';
     for (int k = 0; k < 6; k++)
-        if (count[k] && pos < n)
-            pos += (size_t)snprintf(out + pos, n - pos, "%s%s:%zu",
-                                    pos ? "," : "", names[k], count[k]);
+        if (count[k])
+            mods_put(out, n, &pos, names[k], count[k]);
     const char *one[] = {v->from.p ? "change_from" : NULL,
                          v->body.p ? "replace_body" : NULL,
                          v->quarantine.p ? "quarantine" : NULL};
     for (int k = 0; k < 3; k++)
-        if (one[k] && pos < n)
-            pos += (size_t)snprintf(out + pos, n - pos, "%s%s:1",
-                                    pos ? "," : "", one[k]);
+        if (one[k])
+            mods_put(out, n, &pos, one[k], 1);
 }
 
 static void str_field(struct log_field *f, const char *key, const char *s,
