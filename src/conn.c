@@ -13,7 +13,6 @@
 #include "log.h"
 #include "metrics.h"
 
-
 #define READ_CHUNK (64 * 1024)
 /* Seconds between progress packets while an eom handler waits: well
  * below any MTA's content timeout (Postfix: 300 s, Sendmail: 5 min). */

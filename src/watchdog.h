@@ -3,7 +3,7 @@
  * runs no hook in compiled code or a long C call, so a handler past
  * --script-timeout + WATCHDOG_GRACE is ended from SIGALRM; a fault (SIGSEGV,
  * SIGBUS) while a handler runs is caught the same way. Either way the
- * connection whose handler ran first gets its pending replies and the
+ * connection whose handler was running gets its pending replies and the
  * on-error reply, and a report in shared memory tells the supervisor which
  * handler and connection it was.
  */
@@ -17,9 +17,10 @@
 
 /*
  * What the watchdog leaves for the supervisor (in memory both share) before
- * the worker exits with CONN_WD_STATUS: the event whose handler overran
- * (CONN_WD_TOPLEVEL: the script's top level), its connection and that
- * connection's generation. The supervisor sets ev to CONN_WD_NONE.
+ * the worker exits with CONN_WD_STATUS, or dies of a fault: the event whose
+ * handler overran or faulted (CONN_WD_TOPLEVEL: the script's top level),
+ * its connection and that connection's generation. The supervisor sets ev
+ * to CONN_WD_NONE (and crash, oom to 0) before each worker starts.
  */
 struct conn_wd_report {
     int ev;
