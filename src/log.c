@@ -60,15 +60,20 @@ static const char *timestamp(void)
     return ts;
 }
 
-/* A text line (or a syslog one): "TS LEVEL [tag] msg". */
-static void emit_text(int level, const char *tag, const char *msg)
+/* A syslog line: "LEVEL [tag] msg" (syslog adds the time). */
+static void emit_syslog(int level, const char *tag, const char *msg)
 {
     static const int prio[] = {LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG};
-    if (to_syslog) {
-        syslog(prio[level], "%s %s%s", upper[level], tag, msg);
-        return;
-    }
-    fprintf(stderr, "%s %s %s%s\n", timestamp(), upper[level], tag, msg);
+    syslog(prio[level], "%s %s%s", upper[level], tag, msg);
+}
+
+/* v in decimal, ending at end (exclusive); returns where it starts. */
+static char *digits(char *end, unsigned long long v)
+{
+    do
+        *--end = (char)('0' + v % 10);
+    while ((v /= 10) > 0);
+    return end;
 }
 
 /* The text tag of a line: "[c=1 g=2 q=ABC] ", or "" when cid is 0. */
@@ -76,13 +81,10 @@ static void emit_text(int level, const char *tag, const char *msg)
 static void tag_put(char *tag, size_t n, size_t *k, const char *s,
                     unsigned long long v)
 {
-    char num[24], *p = num + sizeof num;
+    char num[24];
     if (!s) {
-        *--p = '\0';
-        do
-            *--p = (char)('0' + v % 10);
-        while ((v /= 10) > 0);
-        s = p;
+        num[sizeof num - 1] = '\0';
+        s = digits(num + sizeof num - 1, v);
     }
     while (*s && *k + 1 < n)
         tag[(*k)++] = *s++;
@@ -110,15 +112,10 @@ static void make_tag(char *tag, size_t n, uint64_t cid, const char *qid)
 void log_vmsg(int level, uint64_t cid, const char *qid, const char *fmt,
               va_list ap)
 {
-    char msg[4096], tag[96];
+    char msg[4096];
     if (!log_enabled(level))
         return;
     vsnprintf(msg, sizeof msg, fmt, ap);
-    make_tag(tag, sizeof tag, cid, qid);
-    if (to_syslog || !json_format) {
-        emit_text(level, tag, msg);
-        return;
-    }
     log_fields(level, cid, qid, msg, NULL, 0);
 }
 
@@ -299,24 +296,19 @@ static void put_secs(struct line *l, double secs)
 {
     long long us = (long long)(secs * 1e6 + 0.5);
     char num[32], *p = num + sizeof num;
-    long long whole = us / 1000000, frac = us % 1000000;
+    long long frac = us % 1000000;
     for (int k = 0; k < 6; k++, frac /= 10)
         *--p = (char)('0' + frac % 10);
     *--p = '.';
-    do
-        *--p = (char)('0' + whole % 10);
-    while ((whole /= 10) > 0);
+    p = digits(p, (unsigned long long)(us / 1000000));
     put(l, p, (size_t)(num + sizeof num - p));
 }
 
 static void put_int(struct line *l, long long v)
 {
-    char num[24], *p = num + sizeof num;
-    unsigned long long u = v < 0 ? 0ull - (unsigned long long)v
-                                 : (unsigned long long)v;
-    do
-        *--p = (char)('0' + u % 10);
-    while ((u /= 10) > 0);
+    char num[24];
+    char *p = digits(num + sizeof num, v < 0 ? 0ull - (unsigned long long)v
+                                             : (unsigned long long)v);
     if (v < 0)
         *--p = '-';
     put(l, p, (size_t)(num + sizeof num - p));
@@ -437,7 +429,7 @@ void log_fields(int level, uint64_t cid, const char *qid, const char *msg,
     int json = json_format;
     json_format = 0; /* syslog lines are text */
     make_tag(tmp, sizeof tmp, cid, qid);
-    if (!to_syslog) { /* "TS LEVEL [tag] msg fields", as emit_text puts it */
+    if (!to_syslog) { /* "TS LEVEL [tag] msg fields" */
         puts_(&l, timestamp());
         puts_(&l, " ");
         puts_(&l, upper[level]);
@@ -449,7 +441,7 @@ void log_fields(int level, uint64_t cid, const char *qid, const char *msg,
         put_field(&l, &f[k]);
     json_format = json;
     if (to_syslog)
-        emit_text(level, tmp, l.p);
+        emit_syslog(level, tmp, l.p);
     else
         line_emit(&l);
     line_free(&l);

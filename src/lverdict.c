@@ -40,7 +40,6 @@ static int fail(struct vr *r, const char *fmt, ...)
     return -1;
 }
 
-
 /* Modification keys in sending order, with the action each one needs. */
 static const struct {
     const char *key;

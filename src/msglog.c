@@ -97,7 +97,18 @@ static int reply_of(const struct verdict *v, struct buf *text)
     return code;
 }
 
-/* Appends ",name:count" (no comma first) to out[0..n), cut to fit. */
+/* Appends the strings of parts to out[0..n) at *pos, cut to fit (as
+ * snprintf would cut them, without its cost). */
+static void cat(char *out, size_t n, size_t *pos, const char *const *parts,
+                int count)
+{
+    for (int i = 0; i < count; i++)
+        for (const char *c = parts[i]; *c && *pos + 1 < n; c++)
+            out[(*pos)++] = *c;
+    out[*pos] = '\0';
+}
+
+/* Appends ",name:count" (no comma first). */
 static void mods_put(char *out, size_t n, size_t *pos, const char *name,
                      size_t count)
 {
@@ -107,10 +118,7 @@ static void mods_put(char *out, size_t n, size_t *pos, const char *name,
         *--p = (char)('0' + count % 10);
     while ((count /= 10) > 0);
     const char *parts[4] = {*pos ? "," : "", name, ":", p};
-    for (int i = 0; i < 4; i++)
-        for (const char *c = parts[i]; *c && *pos + 1 < n; c++)
-            out[(*pos)++] = *c;
-    out[*pos] = '\0';
+    cat(out, n, pos, parts, 4);
 }
 
 /* "add_header:2,change_header:1,change_from:1" from an eom verdict. */
@@ -174,16 +182,12 @@ int msglog_note(struct msglog *m, const struct sess *s, int what, int ev,
     buf_init(&rcpts, 0);
     buf_init(&reply, 0);
     if (s->family) {
-        /* "host[addr]", as snprintf would cut it, without its cost */
         const char *parts[4] = {sess_cstr(s, s->host, 0), "[",
                                 s->family == 'L' ? "unix"
                                                  : sess_cstr(s, s->addr, 0),
                                 "]"};
         size_t k = 0;
-        for (int i = 0; i < 4; i++)
-            for (const char *c = parts[i]; *c && k + 1 < sizeof client; c++)
-                client[k++] = *c;
-        client[k] = '\0';
+        cat(client, sizeof client, &k, parts, 4); /* "host[addr]" */
         str_field(&f[nf++], "client", client, k);
     }
     if (s->has_sender)

@@ -30,10 +30,7 @@ const char *sess_macro(const struct sess *s, const char *name, size_t len,
             const char *k = p, *v = p + kn + 1;
             size_t vn = strlen(v);
             p = v + vn + 1;
-            if (kn >= 2 && k[0] == '{' && k[kn - 1] == '}') {
-                k++;
-                kn -= 2;
-            }
+            bare_name(&k, &kn);
             if (kn == len && (len == 0 || k[0] == name[0]) &&
                 memcmp(k, name, len) == 0) {
                 if (vlen)
@@ -161,4 +158,3 @@ int sess_store_macros(struct sess *s, const struct wire_cmd *c)
     stage_to_front(s, i);
     return 0;
 }
-

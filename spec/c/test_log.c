@@ -92,6 +92,8 @@ static void json_fields(void)
     log_set_format("text");
 }
 
+static void plain_line(void) { log_msg(LL_WARN, 3, "Q9", "hello %d", 5); }
+
 static char big[100 * 1024];
 static void long_line(void)
 {
@@ -114,6 +116,10 @@ int main(void)
     CHECK(strcmp(body(out), want) == 0, "text line:\n got: %s want: %s",
           body(out), want);
     CHECK(writes == 1, "%d writes for one line", writes);
+
+    out = capture(plain_line, &n, &writes);
+    CHECK(strcmp(body(out), "WARN [c=3 g=0 q=Q9] hello 5\n") == 0 && writes == 1,
+          "log_msg line: %s (%d writes)", out, writes);
 
     out = capture(json_fields, &n, &writes);
     const char *rest = strstr(out, "\"level\":\"warn\"");
