@@ -2,6 +2,7 @@
 #include "store.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <lmdb.h>
 #include <math.h>
 #include <pthread.h>
@@ -195,6 +196,42 @@ static const char *fail_text(int rc)
     return rc == MDB_MAP_FULL ? "store full" : text(mdb_strerror(rc));
 }
 
+/*
+ * Gives the whole map its disk blocks now. Commits write straight into
+ * the shared map (MDB_WRITEMAP), and a page the file system cannot back
+ * would be SIGBUS in the worker that touched it, not an error: so a disk
+ * that cannot hold the map fails the open instead, and a disk that fills
+ * later never reaches the store. A file system without the call
+ * (EINVAL, EOPNOTSUPP) keeps the sparse file, as knot-resolver does.
+ */
+static int reserve(MDB_env *e, const char **err)
+{
+    mdb_filehandle_t fd;
+    MDB_envinfo info;
+    struct stat sb;
+    int rc;
+    if ((rc = mdb_env_get_fd(e, &fd)) || (rc = mdb_env_info(e, &info))) {
+        *err = fail_text(rc);
+        return -1;
+    }
+    if (fstat(fd, &sb) < 0) {
+        *err = text(strerror(errno));
+        return -1;
+    }
+    off_t want = (off_t)info.me_mapsize > sb.st_size ? (off_t)info.me_mapsize
+                                                      : sb.st_size;
+    rc = posix_fallocate(fd, 0, want);
+    if (rc == 0 || rc == EINVAL || rc == EOPNOTSUPP)
+        return 0;
+    char why[160];
+    snprintf(why, sizeof why,
+             "cannot reserve the map's %lld bytes on disk "
+             "(--store-map-size): %s",
+             (long long)want, strerror(rc));
+    *err = text(why);
+    return -1;
+}
+
 static void on_fork(void) { fork_gen++; }
 
 static int env_mine(void)
@@ -224,10 +261,20 @@ static MDB_env *open_env(const char **err)
         *err = fail_text(rc);
         return NULL;
     }
-    unsigned flags = MDB_NOSYNC | (subdir ? 0 : MDB_NOSUBDIR);
+    /* MDB_WRITEMAP: a commit is stores into the map, not a pwrite(2)
+     * per page; see reserve() for what that asks of the disk */
+    unsigned flags = MDB_NOSYNC | MDB_WRITEMAP | (subdir ? 0 : MDB_NOSUBDIR);
     if ((rc = mdb_env_set_mapsize(e, map_size)) ||
-        (rc = mdb_env_open(e, path, flags, 0640)) ||
-        (rc = mdb_txn_begin(e, NULL, 0, &txn))) {
+        (rc = mdb_env_open(e, path, flags, 0640))) {
+        mdb_env_close(e);
+        *err = fail_text(rc);
+        return NULL;
+    }
+    if (reserve(e, err) < 0) {
+        mdb_env_close(e);
+        return NULL;
+    }
+    if ((rc = mdb_txn_begin(e, NULL, 0, &txn))) {
         mdb_env_close(e);
         *err = fail_text(rc);
         return NULL;

@@ -318,6 +318,62 @@ return H
       assert.is_true(d:alive())
     end)
 
+    -- A tmpfs of `size` at dir/small for body(small); unmounted after it,
+    -- whatever happens. Pending where this host forbids mounting (not root).
+    local function on_small_disk(size, body)
+      local small = dir .. "/small"
+      assert(os.execute("mkdir " .. small) == 0)
+      if os.execute("mount -t tmpfs -o size=" .. size .. " tmpfs " .. small .. " 2>/dev/null") ~= 0 then
+        return pending("this host cannot mount a tmpfs (the test needs root)")
+      end
+      local ok, err = pcall(body, small)
+      if d then d:stop(); d = nil end
+      os.execute("umount " .. small)
+      assert(ok, err)
+    end
+
+    it("the map's blocks are taken at start: a disk that fills up later is \"store full\", not a crash", function()
+      on_small_disk("2m", function(small)
+        store = small .. "/store.mdb"
+        start([[
+  function H.envfrom(ctx, from)
+    if from == "<fill>" then
+      store:set("small", "s")
+      local chunk = string.rep("z", 4000)
+      for i = 1, 1000 do
+        local ok, err = store:set("k" .. i, chunk)
+        if not ok then seen(ctx, "full", { i > 10, err }); break end
+      end
+    else
+      seen(ctx, "after", { store:get("small"), #store:get("k1") })
+    end
+  end
+  return H
+  ]], { "--store-map-size", "1048576" })
+        local st = require("posix.sys.stat").stat(store)
+        assert.is_true(st.st_blocks * 512 >= 1048576, "allocated: " .. st.st_blocks * 512)
+        -- someone else takes the rest of the disk
+        os.execute("dd if=/dev/zero of=" .. small .. "/hog bs=64k count=64 2>/dev/null")
+        assert.are.equal("c", op(d, "<fill>").cmd)
+        assert.are.same({ { true, "store full" } }, U.seen(d, "full"))
+        assert.are.equal("c", op(d, "<after>").cmd)
+        assert.are.same({ { "s", 4000 } }, U.seen(d, "after"))
+        assert.is_true(d:alive())
+      end)
+    end)
+
+    it("a disk too small for the map fails the start with exit 1, naming the size", function()
+      on_small_disk("1m", function(small)
+        D.write_file(dir .. "/s.lua", "return {}\n")
+        local r = D.run({ "--store", "lmdb:" .. small .. "/store.mdb", "-l", "unix:" .. dir .. "/m.sock",
+          "--workers", "1", dir .. "/s.lua" }, 10)
+        assert.are.equal(1, r.status, r.stderr)
+        assert.is_truthy(r.stderr:find("cannot open the store at " .. small .. "/store.mdb: cannot reserve the " ..
+          "map's 67108864 bytes on disk (--store-map-size): no space left on device", 1, true), r.stderr)
+        assert.is_false(L.exists(dir .. "/m.sock"))
+      end)
+    end)
+
     it("expired keys nobody reads again are swept out of the file by later writes", function()
       start [[
   function H.envfrom(ctx, from)
