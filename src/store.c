@@ -498,33 +498,61 @@ int store_number(const char *s, size_t len, double *out)
     return 0;
 }
 
+/* One search: the cursor finds the key, and a number already stored is
+ * rewritten where it lies (MDB_CURRENT, same size) rather than looked up
+ * again by mdb_put. */
 static int do_incr(MDB_txn *txn, void *arg, const char **err)
 {
     struct op *o = arg;
     int64_t now = now_ms();
-    MDB_val v;
-    int rc = mdb_get(txn, dbi, &o->k, &v);
-    if (rc && rc != MDB_NOTFOUND)
+    MDB_cursor *cur;
+    int rc = mdb_cursor_open(txn, dbi, &cur);
+    if (rc)
         return rc;
-    double cur = 0;
+    MDB_val k = o->k, v;
+    rc = mdb_cursor_get(cur, &k, &v, MDB_SET_KEY);
+    if (rc && rc != MDB_NOTFOUND) {
+        mdb_cursor_close(cur);
+        return rc;
+    }
+    double n = 0;
     int64_t exp = expiry_for(o->ttl, now);
+    int in_place = 0;
     if (rc == 0 && !expired(&v, now)) {
         const char *p = v.mv_data;
         exp = expiry_of(&v);
         if (p[0] == STORE_NUMBER && v.mv_size == HDR + 8) {
-            memcpy(&cur, p + HDR, 8);
+            memcpy(&n, p + HDR, 8);
+            in_place = 1;
         } else if (p[0] != STORE_STRING ||
-                   store_number(p + HDR, v.mv_size - HDR, &cur) < 0) {
+                   store_number(p + HDR, v.mv_size - HDR, &n) < 0) {
+            mdb_cursor_close(cur);
             *err = "not a number";
             return -1;
         }
+    } else if (rc == 0 && v.mv_size == HDR + 8) {
+        in_place = 1; /* expired, same size: a new value in its place */
     }
-    o->result = cur + o->by;
+    o->result = n + o->by;
     if (!isfinite(o->result)) {
+        mdb_cursor_close(cur);
         *err = "not a number";
         return -1;
     }
-    return put(txn, &o->k, STORE_NUMBER, exp, &o->result, 8);
+    if (!in_place) {
+        mdb_cursor_close(cur);
+        return put(txn, &o->k, STORE_NUMBER, exp, &o->result, 8);
+    }
+    MDB_val nv = {.mv_size = HDR + 8, .mv_data = NULL};
+    rc = mdb_cursor_put(cur, &k, &nv, MDB_CURRENT | MDB_RESERVE);
+    if (rc == 0) {
+        char *p = nv.mv_data;
+        p[0] = STORE_NUMBER;
+        memcpy(p + 1, &exp, 8);
+        memcpy(p + HDR, &o->result, 8);
+    }
+    mdb_cursor_close(cur);
+    return rc;
 }
 
 int store_set(const char *key, size_t klen, const struct store_val *v,

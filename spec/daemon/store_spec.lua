@@ -139,6 +139,25 @@ return H
     for i = #p - 3, #p do assert.are.same({ [3] = "v" }, p[i]) end
   end)
 
+  it("incr on a counter that ran out (unread since) starts again from 0 and takes the new ttl", function()
+    start [[
+function H.envfrom(ctx, from)
+  if from == "<a>" then seen(ctx, "a", { store:incr("c", 5, 1), store:incr("s", 1, 1) })
+  elseif from == "<b>" then seen(ctx, "b", { store:incr("c", 1, 1000), store:incr("c", 1), store:incr("s", 2) })
+  else seen(ctx, "c", { store:get("c"), store:get("s") }) end
+end
+return H
+]]
+    assert.are.equal("c", op(d, "<a>").cmd)
+    assert.are.same({ { 5, 1 } }, U.seen(d, "a"))
+    socket.sleep(1.3) -- past both expiries; nothing reads the keys meanwhile
+    assert.are.equal("c", op(d, "<b>").cmd)
+    assert.are.same({ { 1, 2, 2 } }, U.seen(d, "b"))
+    socket.sleep(1.3) -- "c" now lives 1000 s; "s" got no ttl this time
+    assert.are.equal("c", op(d, "<c>").cmd)
+    assert.are.same({ { 2, 2 } }, U.seen(d, "c"))
+  end)
+
   it("incr is atomic across 4 workers and reloads: 16 clients x 50 messages end at exactly 800", function()
     local COUNT = [[
 function H.envfrom(ctx, from)
