@@ -204,32 +204,59 @@ static const char *fail_text(int rc)
  * later never reaches the store. A file system without the call
  * (EINVAL, EOPNOTSUPP) keeps the sparse file, as knot-resolver does.
  */
+static int reserve_fd(int fd, off_t size, const char *what, const char **err)
+{
+    struct stat sb;
+    if (fstat(fd, &sb) < 0) {
+        *err = text(strerror(errno));
+        return -1;
+    }
+    off_t want = size > sb.st_size ? size : sb.st_size;
+    int rc = posix_fallocate(fd, 0, want);
+    if (rc == 0 || rc == EINVAL || rc == EOPNOTSUPP)
+        return 0;
+    char why[160];
+    snprintf(why, sizeof why, "cannot reserve the %s's %lld bytes on disk%s: %s",
+             what, (long long)want, size ? " (--store-map-size)" : "",
+             strerror(rc));
+    *err = text(why);
+    return -1;
+}
+
 static int reserve(MDB_env *e, const char **err)
 {
     mdb_filehandle_t fd;
     MDB_envinfo info;
-    struct stat sb;
     int rc;
     if ((rc = mdb_env_get_fd(e, &fd)) || (rc = mdb_env_info(e, &info))) {
         *err = fail_text(rc);
         return -1;
     }
-    if (fstat(fd, &sb) < 0) {
+    return reserve_fd(fd, (off_t)info.me_mapsize, "map", err);
+}
+
+/*
+ * The lock file is a shared map too (LMDB's reader table), reserved alike,
+ * but only while this process has no environment open on it: closing any
+ * descriptor of a file drops all of the process's fcntl locks on it, and
+ * LMDB's locks telling that a reader's process is alive are such locks
+ * (without them another process's mdb_reader_check frees our slots). A
+ * lock file not made yet is reserved by the next open.
+ */
+static int reserve_lock(const char **err)
+{
+    char lock[sizeof path + 16];
+    snprintf(lock, sizeof lock, subdir ? "%s/lock.mdb" : "%s-lock", path);
+    int fd = open(lock, O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT)
+            return 0;
         *err = text(strerror(errno));
         return -1;
     }
-    off_t want = (off_t)info.me_mapsize > sb.st_size ? (off_t)info.me_mapsize
-                                                      : sb.st_size;
-    rc = posix_fallocate(fd, 0, want);
-    if (rc == 0 || rc == EINVAL || rc == EOPNOTSUPP)
-        return 0;
-    char why[160];
-    snprintf(why, sizeof why,
-             "cannot reserve the map's %lld bytes on disk "
-             "(--store-map-size): %s",
-             (long long)want, strerror(rc));
-    *err = text(why);
-    return -1;
+    int rc = reserve_fd(fd, 0, "lock file", err);
+    close(fd);
+    return rc;
 }
 
 static void on_fork(void) { fork_gen++; }
@@ -254,6 +281,8 @@ static MDB_env *open_env(const char **err)
         *err = text(strerror(errno));
         return NULL;
     }
+    if (reserve_lock(err) < 0)
+        return NULL;
     MDB_env *e;
     MDB_txn *txn;
     int rc = mdb_env_create(&e);
@@ -305,12 +334,16 @@ int store_check(char *err, size_t n)
     const char *why;
     if (redis_url[0])
         return 0; /* nothing to open: calls connect, and fail, on their own */
-    if (!open_env(&why)) {
+    int ok = open_env(&why) != NULL;
+    if (ok) {
+        store_close();
+        ok = reserve_lock(&why) == 0; /* the lock file open_env made */
+    }
+    if (!ok) {
         snprintf(err, n, "cannot open the store at %s: %s", path,
                  why + (strncmp(why, "store: ", 7) == 0 ? 7 : 0));
         return -1;
     }
-    store_close();
     return 0;
 }
 
