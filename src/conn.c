@@ -411,7 +411,7 @@ static void on_read(struct conn *c)
         conn_drop(c, n < 0 ? strerror(errno) : NULL);
         return;
     }
-    ev_timer_again(c->srv->loop, &c->timer);
+    c->last_read = ev_now(c->srv->loop); /* on_timeout looks (no re-arm) */
     /* whether the partial frame left at the end is one that began in this
      * read (nothing was pending, or the pending one completed) */
     int new_partial;
@@ -531,7 +531,12 @@ static void on_timeout(struct ev_loop *loop, ev_timer *w, int revents)
     (void)loop;
     (void)revents;
     struct conn *c = (struct conn *)((char *)w - offsetof(struct conn, timer));
-    if (sess_waiting(&c->sess)) { /* the MTA waits on us, not idle */
+    /* Reads only note their time (libev's pattern for an activity
+     * timeout): a read since the timer was set moves it to that read's
+     * deadline instead. */
+    double left = c->last_read + c->srv->idle_timeout - ev_now(loop);
+    if (left > 0 || sess_waiting(&c->sess)) { /* the MTA waits on us */
+        w->repeat = left > 0 ? left : c->srv->idle_timeout;
         ev_timer_again(loop, w);
         return;
     }
@@ -589,6 +594,7 @@ void conn_new(struct server *srv, int fd, int is_tcp)
     ev_io_start(srv->loop, &c->io);
     ev_init(&c->timer, on_timeout);
     c->timer.repeat = srv->idle_timeout;
+    c->last_read = ev_now(srv->loop);
     ev_timer_again(srv->loop, &c->timer);
     log_gen = c->gen;
     log_msg(LL_DEBUG, c->id, NULL, "connected");

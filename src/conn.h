@@ -34,6 +34,7 @@ struct conn {
     unsigned gen;       /* script generation serving this connection */
     ev_tstamp started;
     ev_tstamp partial_since; /* when the pending partial frame began */
+    ev_tstamp last_read;     /* the last read: the idle timer's reference */
     uint32_t msgs;      /* end-of-message packets seen, for the close line */
     struct conn *prev, *next;
     ev_timer resume;     /* a waiting handler's answer came: resume it */

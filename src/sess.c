@@ -44,12 +44,15 @@ static const struct cmd_row rows[] = {
     {WIRE_UNKNOWN, SE_UNKNOWN, 0, SMFIP_NOUNKNOWN, SMFIP_NR_UNKN},
 };
 
+/* Every packet's row: one load from a table by command byte, filled on
+ * first use, rather than a scan of the rows. */
 static const struct cmd_row *find_row(uint8_t cmd)
 {
-    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
-        if (rows[i].cmd == cmd)
-            return &rows[i];
-    return NULL;
+    static uint8_t at[256]; /* 1 + the index of each command's row; 0: none */
+    if (!at[rows[0].cmd])
+        for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
+            at[rows[i].cmd] = (uint8_t)(i + 1);
+    return at[cmd] ? &rows[at[cmd] - 1] : NULL;
 }
 
 

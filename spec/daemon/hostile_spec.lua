@@ -108,6 +108,28 @@ describe("hostile peers", function()
     normal(d)
   end)
 
+  it("a peer that speaks more often than --timeout is kept for as long as it speaks", function()
+    local before = warns(d)
+    local c = U.client(d)
+    U.open(c)
+    -- a macro packet (no reply) every 0.4 s for 2.4 s: more than twice
+    -- --timeout in all, never 1 s of silence
+    for _ = 1, 6 do
+      socket.sleep(0.4)
+      assert.is_true(c:send_raw(frame("D", "M{x}\0y\0")) and true)
+    end
+    local res = U.message(c, { rcpts = { "<a@example.org>" }, body = "b\r\n" })
+    assert.are.equal("a", res.eom and res.eom.cmd, tostring(res.error))
+    assert.are.equal(before, warns(d))
+    c:close()
+    -- and then silence: cut at --timeout after the last command
+    local t0 = socket.gettime() -- before the server's last read
+    local idle = U.client(d)
+    U.open(idle)
+    assert.are.equal("closed", U.read_until_closed(idle, 5))
+    assert.is_true(socket.gettime() - t0 >= 0.95, "closed before its second of silence")
+  end)
+
   it("a peer that stops reading its replies", function()
     local c = U.client(d)
     U.open(c)
