@@ -576,8 +576,9 @@ static int do_incr(MDB_txn *txn, void *arg, const char **err)
         mdb_cursor_close(cur);
         return put(txn, &o->k, STORE_NUMBER, exp, &o->result, 8);
     }
+    /* the caller's key, not k: k points into the page the put copies */
     MDB_val nv = {.mv_size = HDR + 8, .mv_data = NULL};
-    rc = mdb_cursor_put(cur, &k, &nv, MDB_CURRENT | MDB_RESERVE);
+    rc = mdb_cursor_put(cur, &o->k, &nv, MDB_CURRENT | MDB_RESERVE);
     if (rc == 0) {
         char *p = nv.mv_data;
         p[0] = STORE_NUMBER;
