@@ -186,12 +186,16 @@ static int open_milter(lua_State *L)
 
 /*
  * Warns once per name when a handler writes a global (shared state), at
- * the line of the assignment (level 2: the function that assigns).
+ * the line of the assignment (level 2: the function that assigns). Made
+ * before any script code runs, with the functions it needs given to it:
+ * a script that removes or replaces setmetatable, rawset, tostring or
+ * debug cannot break it. Returns the function that installs it on the
+ * globals table, called once the top level has run.
  */
 static const char global_guard[] =
-    "local log, getinfo, tb = ...\n"
+    "local log, getinfo, tb, setmetatable, rawset, tostring = ...\n"
     "local seen = {}\n"
-    "setmetatable(_G, {__newindex = function(t, k, v)\n"
+    "local mt = {__newindex = function(t, k, v)\n"
     "  if not seen[k] then seen[k] = true\n"
     "    local i = getinfo(2, 'Sl')\n"
     "    local at = i and i.currentline > 0 and\n"
@@ -200,7 +204,8 @@ static const char global_guard[] =
     "      '\\': globals are shared by every connection', 2))\n"
     "  end\n"
     "  rawset(t, k, v)\n"
-    "end})\n";
+    "end}\n"
+    "return function(G) setmetatable(G, mt) end\n";
 
 /* The guard's warning, tagged with the connection whose handler runs. */
 static int l_guard_log(lua_State *L)
@@ -212,6 +217,54 @@ static int l_guard_log(lua_State *L)
     log_msg(LL_WARN, s ? s->id : 0, s ? sess_qid(s) : NULL, "[lua] %s",
             luaL_checkstring(L, 1));
     return 0;
+}
+
+static char std_tag; /* registry key of the table lb_push_std reads */
+
+/* Keeps the functions lb_push_std gives, from the pristine globals. */
+static void keep_std(lua_State *L)
+{
+    lua_pushlightuserdata(L, &std_tag);
+    lua_createtable(L, 2, 0);
+    lua_getglobal(L, "tostring");
+    lua_rawseti(L, -2, LB_TOSTRING);
+    lua_getglobal(L, "table");
+    lua_getfield(L, -1, "sort");
+    lua_rawseti(L, -3, LB_SORT);
+    lua_pop(L, 1);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+void lb_push_std(lua_State *L, int which)
+{
+    lua_pushlightuserdata(L, &std_tag);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_rawgeti(L, -1, which);
+    lua_remove(L, -2);
+}
+
+/* The guard's installer (see global_guard) as a registry reference, made
+ * from the pristine globals; LUA_NOREF if out of memory. */
+static int make_guard(lua_State *L)
+{
+    if (luaL_loadbuffer(L, global_guard, sizeof global_guard - 1,
+                        "=milter.guard")) {
+        lua_pop(L, 1);
+        return LUA_NOREF;
+    }
+    lua_pushcfunction(L, l_guard_log);
+    lua_getglobal(L, "debug");
+    lua_getfield(L, -1, "getinfo");
+    lua_getfield(L, -2, "traceback");
+    lua_remove(L, -3);
+    lua_getglobal(L, "setmetatable");
+    lua_getglobal(L, "rawset");
+    lua_getglobal(L, "tostring");
+    if (lua_pcall(L, 6, 1, 0)) {
+        lua_pop(L, 1);
+        return LUA_NOREF;
+    }
+    return luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
 /*
@@ -369,6 +422,8 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
     lua_setfield(L, -2, "milter");
     lua_pop(L, 2);
     seed_random(L);
+    keep_std(L);
+    int guard = make_guard(L);
 
     lua_pushcfunction(L, traceback);
     int tb = lua_gettop(L);
@@ -400,14 +455,12 @@ struct lb_state *lb_load_buffer(const char *path, const char *src, size_t len,
         return NULL;
     }
     lua_settop(L, 0);
-    if (luaL_loadbuffer(L, global_guard, sizeof global_guard - 1,
-                        "=milter.guard") == 0) {
-        lua_pushcfunction(L, l_guard_log);
-        lua_getglobal(L, "debug");
-        lua_getfield(L, -1, "getinfo");
-        lua_getfield(L, -2, "traceback");
-        lua_remove(L, -3);
-        lua_call(L, 3, 0);
+    if (guard != LUA_NOREF) { /* a _G the script protected stays unguarded */
+        lua_rawgeti(L, LUA_REGISTRYINDEX, guard);
+        luaL_unref(L, LUA_REGISTRYINDEX, guard);
+        lua_pushvalue(L, LUA_GLOBALSINDEX);
+        if (lua_pcall(L, 1, 0, 0))
+            lua_pop(L, 1);
     }
     return st;
 }

@@ -54,6 +54,11 @@ struct lctx {
     uint32_t rcpts_dropped; /* sess->rcpts_dropped when rcpts was built */
 };
 
+/* Standard functions as they were before the script ran (a script may
+ * remove or replace the globals): pushes LB_TOSTRING or LB_SORT. */
+enum { LB_TOSTRING = 1, LB_SORT };
+void lb_push_std(lua_State *L, int which);
+
 /* lctx.c */
 /* Pushes a new ctx table for s and returns its block (owned by the GC). */
 struct lctx *lctx_push(lua_State *L, struct sess *s);

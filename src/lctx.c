@@ -228,7 +228,7 @@ static void table_fields(lua_State *L, int t, int out, int *count)
         }
         lua_pushvalue(L, -2);
         if (kt == LUA_TNUMBER) { /* lua_tostring would change the key */
-            lua_getglobal(L, "tostring");
+            lb_push_std(L, LB_TOSTRING);
             lua_insert(L, -2);
             lua_call(L, 1, 1);
         }
@@ -239,11 +239,9 @@ static void table_fields(lua_State *L, int t, int out, int *count)
     }
     if (*count + n >= LOG_FIELDS_MAX)
         lua_settop(L, keys);
-    lua_getglobal(L, "table");
-    lua_getfield(L, -1, "sort");
+    lb_push_std(L, LB_SORT);
     lua_pushvalue(L, keys);
     lua_call(L, 1, 0);
-    lua_pop(L, 1);
     for (int i = 1; i <= n; i++) {
         lua_createtable(L, 2, 0);
         lua_rawgeti(L, keys, i);
@@ -251,7 +249,7 @@ static void table_fields(lua_State *L, int t, int out, int *count)
         lua_rawget(L, vals);
         int vt = lua_type(L, -1);
         if (vt != LUA_TSTRING && vt != LUA_TNUMBER && vt != LUA_TBOOLEAN) {
-            lua_getglobal(L, "tostring");
+            lb_push_std(L, LB_TOSTRING);
             lua_insert(L, -2);
             lua_call(L, 1, 1);
         }
@@ -316,7 +314,7 @@ int lctx_log(lua_State *L, uint64_t cid, const char *qid, int first)
         snprintf(where, sizeof where, "%s:%d: ", ar.short_src, ar.currentline);
     int top = lua_gettop(L), pieces = 0, tables = 0;
     luaL_checkstack(L, 2 * (top - first) + 4, "too many values to log");
-    lua_getglobal(L, "tostring");
+    lb_push_std(L, LB_TOSTRING);
     for (int i = first + 1; i <= top; i++) {
         if (lua_type(L, i) == LUA_TTABLE) { /* its fields, not its address */
             tables++;

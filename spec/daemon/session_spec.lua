@@ -545,6 +545,41 @@ return H
     assert.is_true(d:alive())
   end)
 
+  -- luamilter's own Lua (the ctx's constructor, the global guard) runs
+  -- after the top level: it must not depend on a global the script can
+  -- change. Before, the guard read setmetatable, rawset, tostring and
+  -- debug from the globals, and their loss was a Lua panic at start.
+  it("a script that removes setmetatable, rawset, tostring and debug gets a whole ctx and the guard", function()
+    d = U.start(U.script [[
+setmetatable, getmetatable, rawset, rawget, next, tostring, debug = nil, nil, nil, nil, nil, nil, nil
+function H.connect(ctx, host)
+  ctx.conn.n = "one"
+  -- string keys only: the prelude's ser() calls tostring for a number
+  seen(ctx, "ctx", { id = type(ctx.id), n = ctx.conn.n, msg = type(ctx.msg), j = ctx:macro("j"), host = host })
+  LEAKED = "x"
+end
+return H
+]])
+    U.normal_session(d)
+    local got = U.seen(d, "ctx")
+    assert.are.equal(1, #got)
+    assert.are.same({ "string", "one", "table" }, { got[1].id, got[1].n, got[1].msg })
+    assert.is_string(got[1].j)
+    assert.is_string(got[1].host)
+    assert.truthy(U.wait_log(d, "script writes global 'LEAKED'", 5))
+  end)
+
+  it("a script that protects _G's metatable keeps it (no guard), where it was a Lua panic at start", function()
+    d = U.start(U.script [[
+local mine = { __metatable = "mine" }
+setmetatable(_G, mine)
+function H.connect(ctx) seen(ctx, "mt", { getmetatable(_G) }) end
+return H
+]])
+    U.normal_session(d)
+    assert.are.same({ { "mine" } }, U.seen(d, "mt"))
+  end)
+
   it("an unprotected use of a dead ctx is a logged handler error, never a crash", function()
     d = U.start(U.script [[
 function H.connect(ctx)
