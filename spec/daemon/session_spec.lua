@@ -566,7 +566,8 @@ return H
     assert.are.same({ "string", "one", "table" }, { got[1].id, got[1].n, got[1].msg })
     assert.is_string(got[1].j)
     assert.is_string(got[1].host)
-    assert.truthy(U.wait_log(d, "script writes global 'LEAKED'", 5))
+    local warn = "script writes global 'LEAKED'"
+    assert.truthy(U.wait_log(d, warn, 5):find(warn, 1, true), d:log())
   end)
 
   it("a script that protects _G's metatable keeps it (no guard), where it was a Lua panic at start", function()

@@ -362,6 +362,8 @@ return H
       on_small_disk("2m", function(small)
         store = small .. "/store.mdb"
         start(FILL, { "--store-map-size", "1048576" })
+        -- the socket listens before the start-up check has opened the store
+        assert.truthy(U.wait_log(d, "luamilter serving", 10):find("luamilter serving", 1, true), d:log())
         local stat = require("posix.sys.stat").stat
         local st, lock = stat(store), stat(store .. "-lock")
         assert.is_true(st.st_blocks * 512 >= 1048576, "allocated: " .. st.st_blocks * 512)
