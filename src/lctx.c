@@ -25,9 +25,9 @@
 
 /*
  * ctx's metatable: [1] the connection's C block (a userdata whose
- * environment holds the cached rcpts and headers tables), [2] &ctx_tag,
- * which no script can make: a table that merely claims to be a ctx has
- * no such key.
+ * environment, once a view was asked for, holds the cached rcpts and
+ * headers tables), [2] &ctx_tag, which no script can make: a table that
+ * merely claims to be a ctx has no such key.
  */
 static char ctx_tag;
 
@@ -65,10 +65,16 @@ static struct lctx *block(lua_State *L)
     return x;
 }
 
-/* Pushes cache[key] (the block's environment), creating an empty table. */
-static void cache_table(lua_State *L, const char *key)
+/* Pushes cache[key] (the block's environment, made by the first view a
+ * connection asks for), creating an empty table. */
+static void cache_table(lua_State *L, struct lctx *x, const char *key)
 {
     push_block_of(L, 1);
+    if (!x->has_env) {
+        lua_createtable(L, 0, 2);
+        lua_setfenv(L, -2);
+        x->has_env = 1;
+    }
     lua_getfenv(L, -1);
     lua_remove(L, -2);
     lua_getfield(L, -1, key);
@@ -88,16 +94,19 @@ static void push_mstr(lua_State *L, const struct sess *s, struct sess_str v)
 
 static void push_rcpts(lua_State *L, struct lctx *x, const struct sess *s)
 {
-    if (x->rcpts_dropped != s->rcpts_dropped) { /* a recipient was refused */
+    if (x->rcpts_dropped != s->rcpts_dropped && x->has_env) {
+        /* a recipient was refused: the view starts again */
         push_block_of(L, 1);
         lua_getfenv(L, -1);
         lua_pushnil(L);
         lua_setfield(L, -2, "rcpts");
         lua_pop(L, 2);
+    }
+    if (x->rcpts_dropped != s->rcpts_dropped) {
         x->nrcpts = 0;
         x->rcpts_dropped = s->rcpts_dropped;
     }
-    cache_table(L, "rcpts");
+    cache_table(L, x, "rcpts");
     for (; x->nrcpts < s->nrcpts; x->nrcpts++) {
         push_mstr(L, s, s->rcpts[x->nrcpts]);
         lua_rawseti(L, -2, (int)x->nrcpts + 1);
@@ -106,7 +115,7 @@ static void push_rcpts(lua_State *L, struct lctx *x, const struct sess *s)
 
 static void push_headers(lua_State *L, struct lctx *x, const struct sess *s)
 {
-    cache_table(L, "headers");
+    cache_table(L, x, "headers");
     for (; x->nhdrs < s->nhdrs; x->nhdrs++) {
         lua_createtable(L, 2, 0);
         push_mstr(L, s, s->hdrs[x->nhdrs].name);
@@ -430,13 +439,10 @@ struct lctx *lctx_push(lua_State *L, struct sess *s)
     int fi = lua_gettop(L);
     lua_rawgeti(L, fi, P_MAKE);
     struct lctx *x = lua_newuserdata(L, sizeof *x);
-    int bi = lua_gettop(L);
     memset(x, 0, sizeof *x);
     x->s = s;
     x->conn_seq = s->conn_seq;
     x->msg_seq = s->msg_seq;
-    lua_createtable(L, 0, 4); /* caches: rcpts, headers */
-    lua_setfenv(L, bi);
     push_id(L, s->id);
     lua_call(L, 2, 2);         /* the ctx table and its metatable */
     lua_setmetatable(L, -2);
@@ -455,6 +461,8 @@ void lctx_sync(lua_State *L, int idx, struct lctx *x)
     lua_pushliteral(L, "msg");
     lua_newtable(L);
     lua_rawset(L, idx);
+    if (!x->has_env)
+        return; /* no view was asked for yet */
     push_block_of(L, idx);
     lua_getfenv(L, -1);
     lua_pushnil(L);
