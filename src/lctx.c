@@ -94,15 +94,15 @@ static void push_mstr(lua_State *L, const struct sess *s, struct sess_str v)
 
 static void push_rcpts(lua_State *L, struct lctx *x, const struct sess *s)
 {
-    if (x->rcpts_dropped != s->rcpts_dropped && x->has_env) {
-        /* a recipient was refused: the view starts again */
-        push_block_of(L, 1);
-        lua_getfenv(L, -1);
-        lua_pushnil(L);
-        lua_setfield(L, -2, "rcpts");
-        lua_pop(L, 2);
-    }
     if (x->rcpts_dropped != s->rcpts_dropped) {
+        /* a recipient was refused: the view starts again */
+        if (x->has_env) {
+            push_block_of(L, 1);
+            lua_getfenv(L, -1);
+            lua_pushnil(L);
+            lua_setfield(L, -2, "rcpts");
+            lua_pop(L, 2);
+        }
         x->nrcpts = 0;
         x->rcpts_dropped = s->rcpts_dropped;
     }
@@ -375,17 +375,15 @@ static int ctx_tostring(lua_State *L)
 }
 
 /*
- * What every ctx of the state shares, in a table kept in the registry
- * under &ctx_tag: the functions, and P_MAKE, a Lua function that builds a
- * ctx and its metatable from table constructors. LuaJIT duplicates a
- * constructor's template with its keys in place, where a lua_setfield per
- * key (interning it, then inserting it) cost ten times as much: the
- * constructor takes the ctx from 11,000 to about 4,000 instructions per
+ * The function that builds a ctx and its metatable, made once per state and
+ * kept in the registry under &ctx_tag. It returns both from table
+ * constructors, which LuaJIT duplicates from a template with the keys in
+ * place, where a lua_setfield per key (interning it, then inserting it)
+ * cost ten times as much: 11,000 to about 4,000 instructions per
  * connection. It reads no global (a script may have replaced any), only
- * what it is given.
+ * the functions every ctx shares, given to it here: a connection
+ * allocates no closure.
  */
-enum { P_MACRO = 1, P_HEADER, P_LOG, P_INDEX, P_NEWINDEX, P_TOSTRING, P_MAKE };
-
 static const char make_src[] =
     "local macro, header, log, index, newindex, tostr, tag = ...\n"
     "return function(block, id)\n"
@@ -395,7 +393,7 @@ static const char make_src[] =
     "           __tostring = tostr, __metatable = \"milter.ctx\" }\n"
     "end\n";
 
-static void push_shared(lua_State *L)
+static void push_make(lua_State *L)
 {
     lua_pushlightuserdata(L, &ctx_tag);
     lua_rawget(L, LUA_REGISTRYINDEX);
@@ -406,48 +404,30 @@ static void push_shared(lua_State *L)
                                         ctx_log,      ctx_index,
                                         ctx_newindex, ctx_tostring};
     int n = (int)(sizeof fns / sizeof fns[0]);
-    lua_createtable(L, n + 1, 0);
-    int t = lua_gettop(L);
     if (luaL_loadbuffer(L, make_src, sizeof make_src - 1, "=luamilter ctx"))
         lua_error(L); /* out of memory: the source itself is fixed */
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n; i++)
         lua_pushcfunction(L, fns[i]);
-        lua_pushvalue(L, -1);
-        lua_rawseti(L, t, i + 1);
-    }
     lua_pushlightuserdata(L, &ctx_tag);
     lua_call(L, n + 1, 1);
-    lua_rawseti(L, t, P_MAKE);
     lua_pushlightuserdata(L, &ctx_tag);
-    lua_pushvalue(L, t);
+    lua_pushvalue(L, -2);
     lua_rawset(L, LUA_REGISTRYINDEX);
-}
-
-/* The connection id as ctx.id: decimal, without printf. */
-static void push_id(lua_State *L, uint64_t id)
-{
-    char d[24], *p = d + sizeof d;
-    do
-        *--p = (char)('0' + id % 10);
-    while ((id /= 10) != 0);
-    lua_pushlstring(L, p, (size_t)(d + sizeof d - p));
 }
 
 struct lctx *lctx_push(lua_State *L, struct sess *s)
 {
-    push_shared(L);
-    int fi = lua_gettop(L);
-    lua_rawgeti(L, fi, P_MAKE);
+    push_make(L);
     struct lctx *x = lua_newuserdata(L, sizeof *x);
     memset(x, 0, sizeof *x);
     x->s = s;
     x->conn_seq = s->conn_seq;
     x->msg_seq = s->msg_seq;
-    push_id(L, s->id);
+    char id[24], *end = id + sizeof id;
+    const char *p = log_digits(end, s->id);
+    lua_pushlstring(L, p, (size_t)(end - p)); /* ctx.id */
     lua_call(L, 2, 2);         /* the ctx table and its metatable */
-    lua_setmetatable(L, -2);
-    lua_replace(L, fi); /* leaves the ctx table on top */
-    lua_settop(L, fi);
+    lua_setmetatable(L, -2);   /* leaves the ctx table on top */
     return x;
 }
 

@@ -67,8 +67,7 @@ static void emit_syslog(int level, const char *tag, const char *msg)
     syslog(prio[level], "%s %s%s", upper[level], tag, msg);
 }
 
-/* v in decimal, ending at end (exclusive); returns where it starts. */
-static char *digits(char *end, unsigned long long v)
+char *log_digits(char *end, unsigned long long v)
 {
     do
         *--end = (char)('0' + v % 10);
@@ -84,7 +83,7 @@ static void tag_put(char *tag, size_t n, size_t *k, const char *s,
     char num[24];
     if (!s) {
         num[sizeof num - 1] = '\0';
-        s = digits(num + sizeof num - 1, v);
+        s = log_digits(num + sizeof num - 1, v);
     }
     while (*s && *k + 1 < n)
         tag[(*k)++] = *s++;
@@ -300,14 +299,14 @@ static void put_secs(struct line *l, double secs)
     for (int k = 0; k < 6; k++, frac /= 10)
         *--p = (char)('0' + frac % 10);
     *--p = '.';
-    p = digits(p, (unsigned long long)(us / 1000000));
+    p = log_digits(p, (unsigned long long)(us / 1000000));
     put(l, p, (size_t)(num + sizeof num - p));
 }
 
 static void put_int(struct line *l, long long v)
 {
     char num[24];
-    char *p = digits(num + sizeof num, v < 0 ? 0ull - (unsigned long long)v
+    char *p = log_digits(num + sizeof num, v < 0 ? 0ull - (unsigned long long)v
                                              : (unsigned long long)v);
     if (v < 0)
         *--p = '-';

@@ -63,4 +63,8 @@ void log_fields(int level, uint64_t cid, const char *qid, const char *msg,
 /* Whether lines are JSON (--log-format json). */
 int log_is_json(void);
 
+/* v in decimal, written backwards to end at end (exclusive): returns where
+ * it starts. At most 20 characters. */
+char *log_digits(char *end, unsigned long long v);
+
 #endif

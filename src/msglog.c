@@ -112,12 +112,10 @@ static void cat(char *out, size_t n, size_t *pos, const char *const *parts,
 static void mods_put(char *out, size_t n, size_t *pos, const char *name,
                      size_t count)
 {
-    char num[24], *p = num + sizeof num;
-    *--p = '\0';
-    do
-        *--p = (char)('0' + count % 10);
-    while ((count /= 10) > 0);
-    const char *parts[4] = {*pos ? "," : "", name, ":", p};
+    char num[24];
+    num[sizeof num - 1] = '\0';
+    const char *parts[4] = {*pos ? "," : "", name, ":",
+                            log_digits(num + sizeof num - 1, count)};
     cat(out, n, pos, parts, 4);
 }
 
