@@ -10,10 +10,10 @@ LUAJIT_LIBS   := $(or $(shell pkg-config --libs luajit 2>/dev/null),-lluajit-5.1
 LIBS    := $(LUAJIT_LIBS) -lev -lcares -lhiredis -lcurl -llmdb -lsystemd -lmicrohttpd -lm
 
 B       ?= build
-SRCS    := log buf wire sess sconn mods mta hmodel hplan msglog metrics pfsim lb lctx lverdict lwhere lsetup \
-           lwait ldns ltcp lredis lhttp lstore lstore_rds offline offline_report aio dnsr tcpc rds \
+SRCS    := log buf wire sess sconn sheld mods mta hmodel hplan msglog metrics pfsim lb lctx lverdict lwhere lsetup \
+           lheld lwait ldns ltcp lredis lhttp lstore lstore_rds offline offline_report aio dnsr tcpc rds \
            httpc store watchdog conn listen ctl reload notify metrics_http daemon super main
-CORE    := log buf wire sess sconn mods mta hmodel hplan pfsim
+CORE    := log buf wire sess sconn sheld mods mta hmodel hplan pfsim
 OBJS    := $(SRCS:%=$(B)/%.o)
 BUSTED  := luajit /usr/bin/busted
 

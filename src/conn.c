@@ -42,10 +42,20 @@ static void handler_ran(struct conn *c, int ev, int rc, double t0)
 {
     double t1 = clock_if_reported();
     msglog_handler(&c->mlog, ev, rc, t1 - t0);
-    if (rc == LB_WAIT)
+    if (c->held_batch) /* the header handlers that have started */
+        for (; c->held_counted < c->sess.hdrs_run; c->held_counted++)
+            metrics_call(ev);
+    if (rc == LB_WAIT) {
         c->wait_since = t1;
-    else
+    } else if (!c->held_batch) {
         metrics_call_done(ev, rc < 0, t1 - c->call_started);
+    } else { /* a batch: each handler its share of the time */
+        uint32_t ran = c->sess.hdrs_run - c->held_first;
+        for (uint32_t i = 0; i < ran; i++)
+            metrics_call_done(ev, rc < 0 && i + 1 == ran,
+                              (t1 - c->call_started) / ran);
+        c->held_batch = 0;
+    }
 }
 
 /*
@@ -123,6 +133,24 @@ static int call_lua(void *ud, struct sess *s, int ev,
     return rc;
 }
 
+static int call_lua_headers(void *ud, struct sess *s, uint32_t first,
+                            uint32_t n, struct verdict *v)
+{
+    struct conn *c = ud;
+    watch_handler(c, SE_HEADER);
+    msglog_touch(&c->mlog, s);
+    double t0 = clock_if_reported();
+    c->call_started = t0;
+    c->held_first = c->held_counted = first;
+    c->held_batch = 1;
+    int rc = lb_call_headers(&c->lua, s, first, n, v);
+    handler_ran(c, SE_HEADER, rc, t0);
+    watchdog_unwatch();
+    if (rc == LB_WAIT)
+        start_progress(c, SE_HEADER);
+    return rc;
+}
+
 static const char *site_of(void *ud, int ev)
 {
     struct conn *c = ud;
@@ -141,7 +169,7 @@ static void on_note(void *ud, struct sess *s, int what, int ev,
         metrics_message(mv);
 }
 
-static const struct sess_ops lua_ops = {call_lua};
+static const struct sess_ops lua_ops = {call_lua, call_lua_headers};
 
 static void conn_free(struct conn *c)
 {
@@ -190,6 +218,7 @@ static void abandon(struct conn *c)
     ev_timer_stop(c->srv->loop, &c->resume);
     lb_abandon(&c->lua);
     sess_abandon(&c->sess);
+    c->held_batch = 0;
     log_msg(LL_DEBUG, c->id, sess_qid(&c->sess),
             "the MTA gave up on a waiting handler: abandoned");
 }
@@ -367,6 +396,10 @@ static size_t process(struct conn *c, const uint8_t *p, size_t n)
             done += off; /* the abandoned message's frames are dropped */
         }
         done = handle_frames(c, p, n, done);
+        /* the read is handled: the held headers' handlers run now */
+        if (!c->closing && !sess_waiting(&c->sess) &&
+            sess_flush(&c->sess, &c->wbuf) == SESS_CLOSE)
+            c->closing = 1;
         if (c->closing || !sess_waiting(&c->sess))
             return done;
     }

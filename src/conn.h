@@ -44,6 +44,10 @@ struct conn {
     struct msglog mlog;  /* the open message's log line, in the making */
     double call_started; /* msglog_clock() at the handler call's start */
     double wait_since;   /* and when its current lookup wait began */
+    /* A batch of held headers in progress (sess.h, ops.headers): its
+     * first header, and how many of its handlers metrics has counted. */
+    uint32_t held_first, held_counted;
+    unsigned held_batch : 1;
     unsigned closing : 1;     /* close when wbuf is flushed */
     unsigned in_callback : 1; /* free after the callback unwinds */
     unsigned finishing : 1;   /* closed; abort/close handlers still wait */

@@ -27,6 +27,7 @@ int lb_parse_action(const char *name)
 static double script_timeout = 10;
 static size_t max_memory = (size_t)256 << 20;
 volatile double lb_busy_since;
+struct lb_conn *lb_running;
 volatile int lb_refused_memory;
 
 void lb_set_limits(double timeout, size_t mem)
@@ -59,6 +60,8 @@ double lb_now(void)
  */
 #define GC_SOFT(cap) ((cap) / 2)
 #define GC_GAP(cap) ((cap) / 8)
+
+double lb_script_timeout(void) { return script_timeout; }
 
 static void collect_soon(struct lb_state *st)
 {
@@ -225,9 +228,20 @@ static char std_tag; /* registry key of the table lb_push_std reads */
 static void keep_std(lua_State *L)
 {
     lua_pushlightuserdata(L, &std_tag);
-    lua_createtable(L, 2, 0);
-    lua_getglobal(L, "tostring");
-    lua_rawseti(L, -2, LB_TOSTRING);
+    lua_createtable(L, 5, 0);
+    static const char *const base[] = {"tostring", "type", "rawget", "next"};
+    static const int at[] = {LB_TOSTRING, LB_TYPE, LB_RAWGET, LB_NEXT};
+    for (int i = 0; i < 4; i++) {
+        lua_getglobal(L, base[i]);
+        lua_rawseti(L, -2, at[i]);
+    }
+    lua_getglobal(L, "require"); /* LuaJIT preloads ffi: load it now */
+    lua_pushstring(L, "ffi");
+    if (lua_pcall(L, 1, 1, 0) != 0 || !lua_istable(L, -1)) {
+        lua_pop(L, 1); /* a LuaJIT built without it */
+        lua_pushnil(L);
+    }
+    lua_rawseti(L, -2, LB_FFI);
     lua_getglobal(L, "table");
     lua_getfield(L, -1, "sort");
     lua_rawseti(L, -3, LB_SORT);
@@ -548,8 +562,8 @@ static void push_list(lua_State *co, const char *list, size_t len,
  * LB_NAMES slots keeps the last one that hashed to it as a Lua string,
  * pushed again without hashing and interning it anew.
  */
-static void push_name(struct lb_state *st, lua_State *co, const char *p,
-                      size_t n)
+void lb_push_name(struct lb_state *st, lua_State *co, const char *p,
+                  size_t n)
 {
     if (n == 0 || n > LB_NAME_MAX) {
         lua_pushlstring(co, p, n);
@@ -598,7 +612,7 @@ static int push_args(struct lb_state *st, lua_State *co, int ev,
         push_list(co, c->list, c->list_len, c->list_count);
         return 2;
     case SE_HEADER:
-        push_name(st, co, c->s1.p, c->s1.n);
+        lb_push_name(st, co, c->s1.p, c->s1.n);
         lua_pushlstring(co, c->s2.p, c->s2.n);
         return 2;
     case SE_BODY:
@@ -610,7 +624,7 @@ static int push_args(struct lb_state *st, lua_State *co, int ev,
 }
 
 /* Makes sure the connection has a coroutine and a live ctx. */
-static int prepare(struct lb_conn *lc, struct sess *s)
+int lb_prepare(struct lb_conn *lc, struct sess *s)
 {
     lua_State *L = lc->st->L;
     if (!lc->co) {
@@ -650,6 +664,7 @@ static void report_error(struct lb_conn *lc, struct sess *s, const char *msg)
         lua_concat(L, 2);
     }
     luaL_traceback(L, lc->co, lua_tostring(L, -1), 0);
+    lheld_trim(L);
     log_msg(LL_ERR, s->id, sess_qid(s), "handler %s failed: %s", ev,
             lua_tostring(L, -1));
     lua_pop(L, 2);
@@ -660,8 +675,8 @@ static void report_error(struct lb_conn *lc, struct sess *s, const char *msg)
  * waits on a lookup; nargs values on co are its arguments (a new call) or
  * the lookup's results (a resume). The one path of every handler's verdict.
  */
-static int run_slice(struct lb_conn *lc, struct sess *s, int nargs,
-                     struct verdict *v)
+int lb_run_slice(struct lb_conn *lc, struct sess *s, int nargs,
+                 struct verdict *v)
 {
     struct lb_state *st = lc->st;
     lua_State *L = st->L;
@@ -670,10 +685,10 @@ static int run_slice(struct lb_conn *lc, struct sess *s, int nargs,
     lb_busy_since = lc->started; /* the budget counts the waits too */
     st->deadline = lc->deadline;
     st->in_call = 1;
-    st->running = lc;
+    st->running = lb_running = lc;
     lc->suspended = 0;
     int status = lua_resume(co, nargs);
-    st->running = NULL;
+    st->running = lb_running = NULL;
     end_call(st);
     if (status == LUA_YIELD && lc->wait.active) {
         lc->suspended = 1;
@@ -716,6 +731,7 @@ static int run_slice(struct lb_conn *lc, struct sess *s, int nargs,
         rc = -1;
     }
     ltcp_close_all(lc); /* a socket left open ends with its handler */
+    lc->held_s = NULL;  /* a batch of held headers is over */
     /* the watchdog watched the verdict's reading too: a huge verdict
      * table is the handler's doing */
     lb_busy_since = 0;
@@ -728,8 +744,9 @@ int lb_call(struct lb_conn *lc, struct sess *s, int ev,
             const struct wire_cmd *cmd, struct verdict *v)
 {
     struct lb_state *st = lc->st;
-    prepare(lc, s);
+    lb_prepare(lc, s);
     lua_State *co = lc->co;
+    lc->held_s = NULL;
     lua_settop(co, 0);
     lua_rawgeti(co, LUA_REGISTRYINDEX, st->handler[ev]);
     lua_rawgeti(co, LUA_REGISTRYINDEX, lc->ctx_ref);
@@ -738,14 +755,14 @@ int lb_call(struct lb_conn *lc, struct sess *s, int ev,
     lc->ev = ev;
     lc->started = lb_now();
     lc->deadline = lc->started + script_timeout;
-    return run_slice(lc, s, nargs, v);
+    return lb_run_slice(lc, s, nargs, v);
 }
 
 int lb_resume(struct lb_conn *lc, struct sess *s, struct verdict *v)
 {
     if (!lc->suspended || lc->wait.active || !lc->co)
         return -1; /* nothing to resume: the glue's bug, not the script's */
-    return run_slice(lc, s, lc->wait.nres, v);
+    return lb_run_slice(lc, s, lc->wait.nres, v);
 }
 
 void lb_abandon(struct lb_conn *lc)
@@ -756,6 +773,7 @@ void lb_abandon(struct lb_conn *lc)
         lc->wait.cancel(lc->wait.op);
     memset(&lc->wait, 0, sizeof lc->wait);
     lc->suspended = 0;
+    lc->held_s = NULL;
     ltcp_close_all(lc);
     drop_thread(lc); /* never resumed: the next call gets a new one */
     if (lc->ev == SE_CLOSE)

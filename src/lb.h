@@ -41,6 +41,10 @@ struct lb_conn {
     int ev;                /* its event */
     double started, deadline; /* lb_now() at its start, and its budget */
     int suspended;         /* yielded on a lookup, not yet resumed */
+    /* A batch of held headers (lb_call_headers): its session and range,
+     * and how many of its handlers have started; held_s is NULL outside. */
+    struct sess *held_s;
+    uint32_t held_first, held_n, held_i;
     struct lb_wait wait;
     struct lsock *socks;   /* sockets it opened: closed when it ends */
     /* Set by the glue: resume me (lb_resume) from the loop, soon. */
@@ -84,6 +88,15 @@ void lb_conn_free(struct lb_conn *lc);
  */
 int lb_call(struct lb_conn *lc, struct sess *s, int ev,
             const struct wire_cmd *cmd, struct verdict *v);
+/*
+ * Runs the header handler for the n held headers s->hdrs[first..] in one
+ * resume, in order, until one returns a verdict that is not continue
+ * (sess.h, ops.headers): that verdict fills *v, and s->hdrs_run - 1 is
+ * its header. Each handler has a --script-timeout of its own, and ends
+ * like a call of its own (its sockets closed). Returns as lb_call does.
+ */
+int lb_call_headers(struct lb_conn *lc, struct sess *s, uint32_t first,
+                    uint32_t n, struct verdict *v);
 /* Runs a handler on after lc->wake; returns as lb_call does. */
 int lb_resume(struct lb_conn *lc, struct sess *s, struct verdict *v);
 /*

@@ -33,6 +33,7 @@ struct lb_state {
     unsigned handlers;      /* SE_BIT()s */
     struct mod *mods;       /* verdict scratch, reused by every call */
     int reader_ref;         /* lverdict's reader function, 0 until made */
+    int held_ref;           /* lheld's batch runner, 0 until made */
     size_t mods_cap;
     char sites[SE__COUNT][160]; /* lb_handler_site's answers, once made */
     unsigned sites_made;        /* SE_BIT()s of those */
@@ -56,9 +57,25 @@ struct lctx {
 };
 
 /* Standard functions as they were before the script ran (a script may
- * remove or replace the globals): pushes LB_TOSTRING or LB_SORT. */
-enum { LB_TOSTRING = 1, LB_SORT };
+ * remove or replace the globals): pushes LB_TOSTRING, LB_SORT... */
+enum { LB_TOSTRING = 1, LB_SORT, LB_TYPE, LB_RAWGET, LB_NEXT, LB_FFI };
 void lb_push_std(lua_State *L, int which);
+
+/* lb.c, for lheld.c: the coroutine and ctx made ready for a call; a
+ * call run until it returns, fails or waits (nargs values on co); a
+ * header name pushed from the names' cache; --script-timeout. */
+int lb_prepare(struct lb_conn *lc, struct sess *s);
+int lb_run_slice(struct lb_conn *lc, struct sess *s, int nargs,
+                 struct verdict *v);
+void lb_push_name(struct lb_state *st, lua_State *co, const char *p,
+                  size_t n);
+double lb_script_timeout(void);
+/* The connection whose handler runs now (st->running of its state). */
+extern struct lb_conn *lb_running;
+
+/* lheld.c: drops the batch runner's own frame from the traceback on top
+ * of L (it is the bottom one on a coroutine that ran a batch). */
+void lheld_trim(lua_State *L);
 
 /* lctx.c */
 /* Pushes a new ctx table for s and returns its block (owned by the GC). */

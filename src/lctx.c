@@ -116,7 +116,7 @@ static void push_rcpts(lua_State *L, struct lctx *x, const struct sess *s)
 static void push_headers(lua_State *L, struct lctx *x, const struct sess *s)
 {
     cache_table(L, x, "headers");
-    for (; x->nhdrs < s->nhdrs; x->nhdrs++) {
+    for (; x->nhdrs < s->hdrs_run; x->nhdrs++) {
         lua_createtable(L, 2, 0);
         push_mstr(L, s, s->hdrs[x->nhdrs].name);
         lua_rawseti(L, -2, 1);
@@ -201,7 +201,7 @@ static int ctx_header(lua_State *L)
     size_t n;
     const char *name = luaL_checklstring(L, 2, &n);
     lua_Integer nth = luaL_optinteger(L, 3, 1);
-    for (uint32_t i = 0; i < s->nhdrs && nth > 0; i++) {
+    for (uint32_t i = 0; i < s->hdrs_run && nth > 0; i++) {
         struct sess_hdr *h = &s->hdrs[i];
         if (h->name.len == n &&
             strncasecmp(sess_cstr(s, h->name, 1), name, n) == 0 && --nth == 0) {

@@ -64,7 +64,7 @@ static int call(void *ud, struct sess *s, int ev, const struct wire_cmd *cmd,
     return rc;
 }
 
-static const struct sess_ops ops = {call};
+static const struct sess_ops ops = {call, NULL}; /* each header a call of its own */
 
 
 /*

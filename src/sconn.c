@@ -118,6 +118,16 @@ static void stage_to_front(struct sess *s, unsigned i)
     s->mstages[0] = m;
 }
 
+int sess_macros_same(const struct sess *s, const struct wire_cmd *c)
+{
+    if (c->macro_for == WIRE_MAIL || !s->nmstages ||
+        s->mstages[0].stage != c->macro_for)
+        return 0; /* it clears the message's macros, or moves a stage */
+    struct sess_str l = s->mstages[0].list;
+    return l.len == c->list_len &&
+           memcmp(sess_cstr(s, l, 0), c->list, l.len) == 0;
+}
+
 /*
  * Keeps a MACRO packet whole as its stage's macros, in place of that
  * stage's last packet: one copy, no parsing (names are found when asked

@@ -177,7 +177,7 @@ static void clear_msg_data(struct sess *s)
 {
     s->msg_seq++;
     s->has_sender = s->skip_body = s->truncated = s->kept = 0;
-    s->nrcpts = s->nhdrs = 0;
+    s->nrcpts = s->nhdrs = s->hdrs_run = 0;
     s->body_bytes = 0;
     buf_reset(&s->marena);
     buf_reset(&s->ended);
@@ -219,7 +219,7 @@ static void on_error_verdict(int action, struct verdict *v)
  * recipient only, so accept lets the recipient through (continue) instead
  * of accepting the whole message unfiltered.
  */
-static void stage_on_error(const struct sess *s, int ev, struct verdict *v)
+void sess_stage_on_error(const struct sess *s, int ev, struct verdict *v)
 {
     on_error_verdict(s->cfg->on_error, v);
     if (ev == SE_ENVRCPT && v->action == VA_ACCEPT)
@@ -243,7 +243,7 @@ static int run(struct sess *s, int ev, const struct wire_cmd *c,
         return 1;
     }
     if (rc < 0)
-        stage_on_error(s, ev, v);
+        sess_stage_on_error(s, ev, v);
     return 0;
 }
 
@@ -273,6 +273,9 @@ int sess_finish(struct sess *s)
         return SESS_WAIT;
     if (s->state != ST_CONN && s->state != ST_CLOSED)
         return 0;
+    /* headers held when the connection breaks in the middle of a read
+     * (a malformed frame after them) go with the message */
+    s->nhdrs = s->hdrs_run;
     if (abort_msg(s))
         return SESS_WAIT;
     s->state = ST_NEG; /* first: close runs once, waiting or not */
@@ -294,6 +297,13 @@ static int grow(void **arr, uint32_t *cap, uint32_t need, size_t elem)
     *arr = p;
     *cap = n;
     return 0;
+}
+
+int sess_header_fits(const struct sess *s, const struct wire_cmd *c)
+{
+    return msg_bytes(s) + c->s1.n + c->s2.n + 2 + sizeof *s->hdrs <=
+               s->marena.cap &&
+           !(s->cfg->max_headers && s->nhdrs >= s->cfg->max_headers);
 }
 
 /* Records what the event carries, before the handler sees it. */
@@ -448,14 +458,17 @@ static int body_event(struct sess *s, const struct wire_cmd *c,
 }
 
 static int quit_done(struct sess *s, uint8_t cmd);
-static int event_done(struct sess *s, int ev, struct verdict *v,
-                      struct buf *out);
 
 int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
 {
     if (s->state == ST_INIT)
         return c->cmd == WIRE_OPTNEG ? negotiate(s, c, out)
                                      : proto_error(s, "expected OPTNEG", c->cmd);
+    if (sess_held_first(s, c)) { /* the held headers' handlers, first */
+        int rc = sess_run_held(s, out);
+        if (rc != SESS_OK)
+            return rc == SESS_WAIT ? SESS_RETRY : rc;
+    }
     switch (c->cmd) {
     case WIRE_OPTNEG: return proto_error(s, "second OPTNEG", c->cmd);
     case WIRE_MACRO:
@@ -540,6 +553,12 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
                               "--max-connection-bytes", c->cmd);
     default: return proto_error(s, "out of memory", c->cmd);
     }
+    if (r->ev == SE_HEADER) {
+        s->phase = PH_HDR;
+        if (sess_holds_header(s, reply))
+            return SESS_OK; /* its handler runs with the batch */
+        s->hdrs_run = s->nhdrs;
+    }
     switch (r->ev) {
     case SE_DATA:
     case SE_HEADER: s->phase = PH_HDR; break;
@@ -554,7 +573,7 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
     int waits = r->ev == SE_BODY && (s->cfg->handlers & SE_BIT(SE_BODY))
                     ? body_event(s, c, &v)
                     : run(s, r->ev, c, &v);
-    return waits ? SESS_WAIT : event_done(s, r->ev, &v, out);
+    return waits ? SESS_WAIT : sess_event_done(s, r->ev, &v, out);
 }
 
 static int quit_done(struct sess *s, uint8_t cmd)
@@ -598,8 +617,8 @@ static int ends_msg(int ev, const struct verdict *v)
  * encoded now into s->ended (its strings belong to the Lua state), it is
  * what the next event the MTA waits on gets (sess_handle, MSG_ENDED).
  */
-static int event_done(struct sess *s, int ev, struct verdict *v,
-                      struct buf *out)
+int sess_event_done(struct sess *s, int ev, struct verdict *v,
+                    struct buf *out)
 {
     struct buf *dst = s->wait.reply     ? out
                       : ends_msg(ev, v) ? &s->ended
@@ -612,7 +631,7 @@ static int event_done(struct sess *s, int ev, struct verdict *v,
                 "the %s verdict could not be encoded (out of memory): "
                 "sending the --on-error reply instead",
                 sess_event_names[ev]);
-        stage_on_error(s, ev, v);
+        sess_stage_on_error(s, ev, v);
         if (put_verdict(s, ev, v, dst) < 0)
             return proto_error(s, "out of memory for the reply", s->wait.cmd);
     }
@@ -681,15 +700,22 @@ int sess_resume(struct sess *s, int rc, struct verdict *v, struct buf *out)
         return SESS_OK;
     }
     if (rc < 0)
-        stage_on_error(s, ev, v);
+        sess_stage_on_error(s, ev, v);
     if (ev == SE_BODY)
         body_done(s, v);
-    return event_done(s, ev, v, out);
+    if (s->wait.held) { /* the rest of the held headers: see sheld.c */
+        s->wait.held = 0;
+        return sess_held_done(s, v, out);
+    }
+    return sess_event_done(s, ev, v, out);
 }
 
 void sess_abandon(struct sess *s)
 {
     if (s->waiting && s->wait.ev == SE_CLOSE)
         s->conn_seq++;
+    if (s->waiting && s->wait.held) /* the MTA gave up on this message */
+        s->nhdrs = s->hdrs_run;
+    s->wait.held = 0;
     s->waiting = 0;
 }

@@ -86,6 +86,16 @@ struct sess_ops {
      */
     int (*call)(void *ud, struct sess *s, int ev, const struct wire_cmd *cmd,
                 struct verdict *v);
+    /*
+     * Optional (NULL: each header is a call of its own). Runs the header
+     * handler for the n held headers s->hdrs[first..first+n) in one go,
+     * stopping at the first verdict that is not continue. Before each
+     * header's handler it sets s->hdrs_run to that header's index + 1, so
+     * that the verdict is that of header s->hdrs_run - 1. Returns as call
+     * does; a wait's verdict comes to sess_resume() as call's does.
+     */
+    int (*headers)(void *ud, struct sess *s, uint32_t first, uint32_t n,
+                   struct verdict *v);
 };
 
 /*
@@ -165,6 +175,11 @@ struct sess {
     uint32_t rcpts_dropped; /* bumped when a rejected recipient is removed */
     struct sess_hdr *hdrs;
     uint32_t nhdrs, hdrs_cap;
+    /* Headers handed to the script (what ctx.headers shows): nhdrs, but
+     * for the held ones (SESS_NR_HELD, ops.headers), recorded as they
+     * come and run in a batch before the next other command, or when the
+     * read they came in is handled (sess_flush). */
+    uint32_t hdrs_run;
     size_t body_bytes;
     uint32_t msg_seq; /* bumped per message */
 
@@ -174,6 +189,7 @@ struct sess {
         uint8_t cmd;     /* the command that raised it */
         uint8_t reply;   /* the MTA waits for an answer */
         uint8_t crossed; /* BODY: the chunk crossed max_body */
+        uint8_t held;    /* HEADER: a batch of held headers (ops.headers) */
     } wait;
     uint8_t waiting;
 
@@ -226,6 +242,14 @@ static inline int sess_waiting(const struct sess *s) { return s->waiting; }
  * 0, or SESS_WAIT while one of them waits: call again after sess_resume.
  */
 int sess_finish(struct sess *s);
+
+/*
+ * Runs the handlers of the held headers now (the read they came in is
+ * handled). Returns SESS_OK; SESS_WAIT when their handler waits (its
+ * verdict goes to sess_resume, with no reply: the MTA does not wait); or
+ * SESS_CLOSE. Not to be called while sess_waiting().
+ */
+int sess_flush(struct sess *s, struct buf *out);
 
 /* Appends the reply the on-error verdict gives (the watchdog's last word). */
 int sess_put_on_error(const struct sess_cfg *cfg, struct buf *out);

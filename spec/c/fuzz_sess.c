@@ -69,7 +69,7 @@ static int fake_call(void *ud, struct sess *s, int ev,
     return 0;
 }
 
-static const struct sess_ops ops = {fake_call};
+static const struct sess_ops ops = {fake_call, NULL};
 
 /* Every reply the session wrote must be a well-formed frame. */
 static void check_replies(struct buf *out)

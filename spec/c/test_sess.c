@@ -43,7 +43,37 @@ static int fake_call(void *ud, struct sess *s, int ev,
     return f->fail[ev] ? -1 : 0;
 }
 
-static const struct sess_ops fake_ops = {fake_call};
+static const struct sess_ops fake_ops = {fake_call, NULL};
+
+/* The batch op (ops.headers): each batch's range is noted; header k (in
+ * message order) answers batch_stop_action when k == batch_stop_at. */
+static uint32_t batch_first[16], batch_n[16], batch_seen[16];
+static int nbatches, batch_stop_at = -1, batch_stop_action;
+
+static int fake_headers(void *ud, struct sess *s, uint32_t first, uint32_t n,
+                        struct verdict *v)
+{
+    struct fake *f = ud;
+    if (nbatches < 16) {
+        batch_first[nbatches] = first;
+        batch_n[nbatches] = n;
+    }
+    nbatches++;
+    for (uint32_t k = first; k < first + n; k++) {
+        s->hdrs_run = k + 1;
+        if (f->nevents < 64)
+            f->events[f->nevents++] = SE_HEADER;
+        if (nbatches <= 16)
+            batch_seen[nbatches - 1] = s->hdrs_run;
+        if ((int)k == batch_stop_at) {
+            v->action = batch_stop_action;
+            return 0;
+        }
+    }
+    return 0;
+}
+
+static const struct sess_ops batch_ops = {fake_call, fake_headers};
 static const unsigned ALL = (1u << SE__COUNT) - 1;
 /* Postfix's offer but for the content NR bits: every event is answered. */
 #define OFFER_REPLY (0x1fffffu & ~SESS_NR_HELD)
@@ -1435,6 +1465,69 @@ static void test_held_between(void)
     rig_free(&r);
 }
 
+/* Held headers run in batches where the session has ops.headers: before
+ * the next other command, at sess_flush, before a header the limits
+ * would refuse; a stop ends the batch and drops the later headers. */
+static void test_held_batches(void)
+{
+    struct rig r;
+    rig_init(&r, ALL);
+    sess_free(&r.s);
+    sess_init(&r.s, &r.cfg, &batch_ops, &r.f, 1);
+    nbatches = 0;
+    batch_stop_at = -1;
+    held_open(&r, 0x1fffff);
+    SEND(&r, 'D', "Li\0QID1\0");
+    SEND(&r, 'L', "Subject\0s\0");
+    SEND(&r, 'D', "Li\0QID1\0"); /* the same macros: no batch yet */
+    SEND(&r, 'L', "To\0t\0");
+    CHECK(nbatches == 0 && r.s.nhdrs == 2 && r.s.hdrs_run == 0,
+          "headers held: %d batches, %u recorded, %u run", nbatches,
+          r.s.nhdrs, r.s.hdrs_run);
+    SEND(&r, 'D', "Li\0QID2\0"); /* other macros: the batch runs first */
+    CHECK(nbatches == 1 && batch_first[0] == 0 && batch_n[0] == 2 &&
+              r.s.hdrs_run == 2,
+          "a changed MACRO runs the held ones: %d batches", nbatches);
+    SEND(&r, 'L', "X-A\0a\0");
+    SEND(&r, 'L', "X-B\0b\0");
+    CHECK(sess_flush(&r.s, &r.out) == SESS_OK && nbatches == 2 &&
+              batch_first[1] == 2 && batch_n[1] == 2 && r.s.hdrs_run == 4,
+          "sess_flush runs them: %d batches", nbatches);
+    CHECK(sess_flush(&r.s, &r.out) == SESS_OK && nbatches == 2,
+          "nothing held: no call");
+    SEND(&r, 'N', "");
+    SEND(&r, 'E', "");
+    CHECK(strcmp(replies(&r), "c") == 0 && count_ev(&r.f, SE_HEADER) == 4,
+          "EOM answered, every header handled once: %d",
+          count_ev(&r.f, SE_HEADER));
+    rig_free(&r);
+
+    /* A stop at the second of four: the rest reach no handler, are not
+     * kept, and the limit on headers cannot close the connection for
+     * headers of an ended message (the batch runs before the refused one). */
+    rig_init(&r, ALL);
+    r.cfg.max_headers = 4;
+    sess_free(&r.s);
+    sess_init(&r.s, &r.cfg, &batch_ops, &r.f, 1);
+    nbatches = 0;
+    batch_stop_at = 1;
+    batch_stop_action = VA_REJECT;
+    held_open(&r, 0x1fffff);
+    SEND(&r, 'L', "A\0a\0");
+    SEND(&r, 'L', "B\0b\0");
+    SEND(&r, 'L', "C\0c\0");
+    SEND(&r, 'L', "D\0d\0");
+    int rc = SEND(&r, 'L', "E\0e\0"); /* the fifth: over the limit */
+    CHECK(rc == SESS_OK && nbatches == 1 && batch_n[0] == 4 &&
+              batch_seen[0] == 2 && r.s.nhdrs == 2 && r.s.msg == MSG_ENDED,
+          "stop at 2 of 4: rc %d, %d batches, %u kept, msg %d", rc, nbatches,
+          r.s.nhdrs, r.s.msg);
+    SEND(&r, 'E', "");
+    CHECK(strcmp(replies(&r), "r") == 0 && count_ev(&r.f, SE_EOM) == 0,
+          "the kept reject at EOM, no eom handler");
+    rig_free(&r);
+}
+
 int main(int argc, char **argv)
 {
     char dir[1024];
@@ -1464,5 +1557,6 @@ int main(int argc, char **argv)
     test_held_skip();
     test_held_on_error();
     test_held_between();
+    test_held_batches();
     return t_done("test_sess");
 }

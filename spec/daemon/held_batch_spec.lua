@@ -1,0 +1,169 @@
+-- luacheck: std +busted
+-- Held headers in batches: where HEADER is reply-free, the headers that
+-- come in one read are handed to the header handler in one call (one
+-- resume of the connection's coroutine), in order. Each handler still sees
+-- what it saw with a call of its own: the headers up to its own, the
+-- macros sent before it, a --script-timeout of its own; the first verdict
+-- that ends the message ends the batch, and the headers after it reach no
+-- handler.
+package.path = "./?.lua;" .. package.path
+local U = require "spec.daemon.util"
+local mc = U.mc
+
+-- MAIL, RCPT and DATA as Postfix sends them, then the headers, EOH and
+-- BODYEOB in one write: the daemon reads them together. Each header comes
+-- after Postfix's MACRO L (the queue id, the same every time) unless
+-- hmacros gives the macros before each one.
+local function one_write(c, headers, hmacros)
+  assert(c:mail("<a@example.org>", {}, { { "i", "Q1" } }))
+  assert(c:rcpt("<b@example.org>"))
+  assert(c:data({ { "i", "Q1" } }))
+  local out = {}
+  for i, h in ipairs(headers) do
+    local list = {}
+    for _, kv in ipairs(hmacros and hmacros[i] or { { "i", "Q1" } }) do
+      list[#list + 1] = kv[1] .. "\0" .. kv[2] .. "\0"
+    end
+    out[#out + 1] = mc.frame("D", "L" .. table.concat(list))
+    out[#out + 1] = mc.frame("L", h[1] .. "\0" .. h[2] .. "\0")
+  end
+  if U.band(c.neg.protocol, mc.SMFIP.NOEOH) == 0 then out[#out + 1] = mc.frame("N", "") end
+  out[#out + 1] = mc.frame("E", "")
+  assert(c:send_raw(table.concat(out)))
+  return c:read_reply(10)
+end
+
+local FIVE = { { "From", "<a@example.org>" }, { "Subject", "one" }, { "To", "<b@example.org>" },
+  { "X-A", "a" }, { "X-B", "b" } }
+
+describe("held headers in batches", function()
+  local d, c
+
+  after_each(function()
+    if c then c:close(); c = nil end
+    if d then d:stop(); d = nil end
+  end)
+
+  it("run in one call, in order, each seeing the headers up to its own", function()
+    d = U.start(U.script [[
+function H.header(ctx, name, value)
+  local last = ctx.headers[#ctx.headers]
+  seen(ctx, "header", { name, value, #ctx.headers, last[1], last[2], ctx:header("X-B") or "none" })
+end
+function H.eom(ctx) seen(ctx, "eom", #ctx.headers); return milter.accept() end
+return H
+]], { args = { "--log-level", "debug" } })
+    c = U.client(d)
+    U.open(c)
+    local r = one_write(c, FIVE)
+    assert.are.equal("a", r.cmd)
+    local got = U.seen(d, "header")
+    assert.are.equal(5, #got)
+    for i, h in ipairs(FIVE) do
+      -- header 5 is X-B: only its own handler finds it
+      assert.are.same({ h[1], h[2], i, h[1], h[2], i == 5 and "b" or "none" }, got[i], "header " .. i)
+    end
+    assert.are.same({ 5 }, U.seen(d, "eom"))
+    -- they were one call: the daemon says so at debug level
+    local log = d:log()
+    assert.are.equal(1, #U.lines_with(log, "runs for 5 held header(s) in one call"), log)
+  end)
+
+  it("a reject at header 2 of 5: headers 3 to 5 reach no handler, eom gets the reply", function()
+    d = U.start(U.script [[
+function H.header(ctx, name, value)
+  seen(ctx, "header", name)
+  if value == "one" then return milter.reject{ code = 550, xcode = "5.7.1", reason = "no" } end
+end
+function H.eoh(ctx) seen(ctx, "eoh", #ctx.headers) end
+function H.eom(ctx) seen(ctx, "eom", #ctx.headers); return milter.accept() end
+return H
+]])
+    c = U.client(d)
+    U.open(c)
+    local r = one_write(c, FIVE)
+    assert.are.equal("y", r.cmd)
+    assert.are.equal("550 5.7.1 no", r.text)
+    assert.are.same({ "From", "Subject" }, U.seen(d, "header"))
+    assert.are.same({}, U.seen(d, "eoh"))
+    assert.are.same({}, U.seen(d, "eom"))
+    assert.are.equal(1, #U.lines_with(d:log(), "header verdict reject kept"))
+    -- the next message on the connection is whole again
+    local res = U.message(c, { headers = { { "Subject", "fine" }, { "X-C", "c" } } })
+    assert.are.equal("a", res.eom.cmd)
+    assert.are.same({ 2 }, U.seen(d, "eom"))
+  end)
+
+  it("each handler has a --script-timeout of its own, waits included", function()
+    -- three 0.6 s waits under a 1 s budget: only per handler do they fit
+    d = U.start(U.script [[
+function H.header(ctx, name)
+  local ok, err = milter.sleep(0.6) -- nil, "timeout" when the budget cuts it
+  seen(ctx, "slept", { name, ok or err })
+end
+function H.eom(ctx) return milter.accept() end
+return H
+]], { args = { "--script-timeout", "1" } })
+    c = U.client(d)
+    U.open(c)
+    local r = one_write(c, { FIVE[1], FIVE[2], FIVE[3] })
+    assert.are.equal("a", r.cmd)
+    assert.are.same({ { "From", true }, { "Subject", true }, { "To", true } }, U.seen(d, "slept"))
+    assert.are.equal(0, #U.lines_with(d:log(), "ERROR"))
+  end)
+
+  it("a macro that changes between headers is the one each handler sees", function()
+    d = U.start(U.script [[
+function H.header(ctx, name) seen(ctx, "header", { name, ctx:macro("x") or "none" }) end
+function H.eom(ctx) return milter.accept() end
+return H
+]])
+    c = U.client(d)
+    U.open(c)
+    local r = one_write(c, { FIVE[1], FIVE[2], FIVE[3] },
+      { { { "x", "1" } }, { { "x", "1" } }, { { "x", "2" } } })
+    assert.are.equal("a", r.cmd)
+    assert.are.same({ { "From", "1" }, { "Subject", "1" }, { "To", "2" } }, U.seen(d, "header"))
+  end)
+
+  it("an error in header 2: reported at its line without the batch's own frame; "
+    .. "under --on-error continue header 3 still runs", function()
+    local src = U.script [[
+function H.header(ctx, name)
+  seen(ctx, "header", name)
+  if name == "Subject" then error("boom") end -- BOOM
+end
+function H.eom(ctx) return milter.accept() end
+return H
+]]
+    d = U.start(src, { args = { "--on-error", "continue" } })
+    c = U.client(d)
+    U.open(c)
+    local r = one_write(c, { FIVE[1], FIVE[2], FIVE[3] })
+    assert.are.equal("a", r.cmd)
+    assert.are.same({ "From", "Subject", "To" }, U.seen(d, "header"))
+    local log = U.wait_log(d, "handler header failed")
+    local lines = U.lines_with(log, "handler header failed")
+    assert.are.equal(1, #lines)
+    assert.is_truthy(log:find(":" .. U.line_of(src, "-- BOOM") .. ": boom", 1, true), log)
+    assert.is_falsy(log:find("milter.held", 1, true), log)
+  end)
+
+  it("a waiting handler in a batch: the rest of the batch runs after it, in order", function()
+    d = U.start(U.script [[
+function H.header(ctx, name)
+  if name == "Subject" then milter.sleep(0.1) end
+  seen(ctx, "header", { name, #ctx.headers })
+end
+function H.eom(ctx) seen(ctx, "eom", #ctx.headers); return milter.accept() end
+return H
+]])
+    c = U.client(d)
+    U.open(c)
+    local r = one_write(c, FIVE)
+    assert.are.equal("a", r.cmd)
+    assert.are.same({ { "From", 1 }, { "Subject", 2 }, { "To", 3 }, { "X-A", 4 }, { "X-B", 5 } },
+      U.seen(d, "header"))
+    assert.are.same({ 5 }, U.seen(d, "eom"))
+  end)
+end)
