@@ -498,7 +498,7 @@ void lb_conn_init(struct lb_conn *lc, struct lb_state *st)
 {
     memset(lc, 0, sizeof *lc);
     lc->st = st;
-    lc->co_ref = lc->ctx_ref = LUA_NOREF;
+    lc->co_ref = lc->ctx_ref = lc->held_tref = LUA_NOREF;
     lb_state_hold(st);
 }
 
@@ -528,6 +528,7 @@ void lb_conn_free(struct lb_conn *lc)
         return;
     drop_ctx(lc);
     drop_thread(lc);
+    luaL_unref(lc->st->L, LUA_REGISTRYINDEX, lc->held_tref);
     lb_state_release(lc->st);
     lc->st = NULL;
 }

@@ -111,7 +111,15 @@ int lb_call_headers(struct lb_conn *lc, struct sess *s, uint32_t first,
     lua_rawgeti(co, LUA_REGISTRYINDEX, st->handler[SE_HEADER]);
     lua_rawgeti(co, LUA_REGISTRYINDEX, lc->ctx_ref);
     lctx_sync(co, 3, lc->ctx);
-    lua_createtable(co, (int)(2 * n), 0);
+    /* the connection's own table: one batch at a time uses it, and what
+     * an earlier, longer batch left past 2n is never read */
+    if (lc->held_tref == LUA_NOREF) {
+        lua_createtable(co, 2 * 16, 0);
+        lua_pushvalue(co, -1);
+        lc->held_tref = luaL_ref(co, LUA_REGISTRYINDEX);
+    } else {
+        lua_rawgeti(co, LUA_REGISTRYINDEX, lc->held_tref);
+    }
     for (uint32_t k = 0; k < n; k++) {
         const struct sess_hdr *h = &s->hdrs[first + k];
         lb_push_name(st, co, sess_cstr(s, h->name, 1), h->name.len);
