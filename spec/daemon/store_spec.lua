@@ -116,11 +116,11 @@ return H
     assert.are.equal("c", op(d, "<set>").cmd)
     local set = U.seen(d, "set")[1]
     assert.are.same({ true, "v", 1, 2, true, true }, set)
-    -- right after (well within the second): still there
+    -- right after, for another reader: a key with time left is there.
+    -- (The 1 s keys may be gone already on a slow machine, so they are
+    -- not asked for here; `set` has them as read right after writing.)
     assert.are.equal("c", op(d, "<poll>").cmd)
-    if socket.gettime() - t0 < 0.8 then
-      assert.are.same({ "v", 2, "v", 1 }, U.seen(d, "poll")[1])
-    end
+    assert.are.equal("v", U.seen(d, "poll")[1][3])
     -- gone after a second (fractions round up: "frac" lives 1 s too);
     -- poll with a generous bound, from both workers
     local gone
