@@ -33,6 +33,21 @@ local function one_write(c, headers, hmacros)
   return c:read_reply(10)
 end
 
+-- GET /metrics on a unix socket: {["name{labels}"] = number}
+local function metrics(path)
+  local s = assert(require("socket.unix")())
+  s:settimeout(2)
+  assert(s:connect(path))
+  s:send("GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+  local data, _, partial = s:receive("*a")
+  s:close()
+  local t = {}
+  for k, v in (data or partial):gmatch("\n(luamilter_handler_[%w_]+{event=\"header\"[^}]*}) (%S+)") do
+    t[k] = tonumber(v)
+  end
+  return t
+end
+
 local FIVE = { { "From", "<a@example.org>" }, { "Subject", "one" }, { "To", "<b@example.org>" },
   { "X-A", "a" }, { "X-B", "b" } }
 
@@ -165,5 +180,30 @@ return H
     assert.are.same({ { "From", 1 }, { "Subject", 2 }, { "To", 3 }, { "X-A", 4 }, { "X-B", 5 } },
       U.seen(d, "header"))
     assert.are.same({ 5 }, U.seen(d, "eom"))
+  end)
+
+  it("--metrics counts each header's call, and a failure once, whatever the batches", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir) == 0)
+    local msock = dir .. "/metrics.sock"
+    d = U.start(U.script [[
+function H.header(ctx, name, value)
+  if value == "stop" then return milter.reject() end
+  if value == "boom" then error("boom") end
+end
+function H.eom(ctx) return milter.accept() end
+return H
+]], { args = { "--metrics", "unix:" .. msock, "--on-error", "continue" } })
+    c = U.client(d)
+    U.open(c)
+    -- 2 of 5 run (a reject at the second), then 3 of 3 with a failure
+    assert.are.equal("r", one_write(c, { FIVE[1], { "Subject", "stop" }, FIVE[3], FIVE[4], FIVE[5] }).cmd)
+    assert.are.equal("a", one_write(c, { FIVE[1], { "Subject", "boom" }, FIVE[3] }).cmd)
+    local m = metrics(msock)
+    assert.are.equal(5, m['luamilter_handler_calls_total{event="header"}'])
+    assert.are.equal(1, m['luamilter_handler_errors_total{event="header"}'])
+    assert.are.equal(5, m['luamilter_handler_duration_seconds_count{event="header"}'])
+    os.execute("rm -rf " .. dir)
   end)
 end)
