@@ -336,6 +336,10 @@ static size_t handle_frames(struct conn *c, const uint8_t *p, size_t n,
                                  &used, &err);
         if (rc == WIRE_NEED_MORE)
             break;
+        if (rc == WIRE_FRAME && sess_macro_repeats(&c->sess, &f)) {
+            done += used; /* no reply, nothing to keep */
+            continue;
+        }
         if (rc == WIRE_ERROR || wire_decode(&f, &cmd, &err) < 0) {
             const uint8_t *h = p + done;
             log_msg(LL_WARN, c->id, sess_qid(&c->sess),

@@ -118,14 +118,29 @@ static void stage_to_front(struct sess *s, unsigned i)
     s->mstages[0] = m;
 }
 
+/* Whether a MACRO for stage `stage` with list[0..len) would change
+ * nothing: it would not clear the message's macros (MAIL's, or the first
+ * of a new message), and it is the stage looked up first, byte for byte. */
+static int macros_repeat(const struct sess *s, uint8_t stage,
+                         const void *list, size_t len)
+{
+    if (stage == WIRE_MAIL ||
+        (msg_stage(stage) && s->msg == MSG_NONE && !s->msg_macros_fresh) ||
+        !s->nmstages || s->mstages[0].stage != stage)
+        return 0;
+    struct sess_str l = s->mstages[0].list;
+    return l.len == len && memcmp(sess_cstr(s, l, 0), list, l.len) == 0;
+}
+
 int sess_macros_same(const struct sess *s, const struct wire_cmd *c)
 {
-    if (c->macro_for == WIRE_MAIL || !s->nmstages ||
-        s->mstages[0].stage != c->macro_for)
-        return 0; /* it clears the message's macros, or moves a stage */
-    struct sess_str l = s->mstages[0].list;
-    return l.len == c->list_len &&
-           memcmp(sess_cstr(s, l, 0), c->list, l.len) == 0;
+    return macros_repeat(s, c->macro_for, c->list, c->list_len);
+}
+
+int sess_macro_repeats(const struct sess *s, const struct wire_frame *f)
+{
+    return f->cmd == WIRE_MACRO && f->len >= 1 && s->state != ST_INIT &&
+           macros_repeat(s, f->data[0], f->data + 1, f->len - 1);
 }
 
 /*

@@ -227,6 +227,14 @@ void sess_free(struct sess *s);
 int sess_handle(struct sess *s, const struct wire_cmd *cmd, struct buf *out);
 
 /*
+ * Whether the MACRO frame f repeats, byte for byte, the macros kept for
+ * its command, which is the one looked up first (Postfix sends the queue
+ * id before every header): handing it to sess_handle would change
+ * nothing, so it need not even be decoded. 0 for any other frame.
+ */
+int sess_macro_repeats(const struct sess *s, const struct wire_frame *f);
+
+/*
  * A waiting handler is done: rc and v as sess_ops.call gives them. Sends
  * the event's reply to out and applies it; returns SESS_OK or SESS_CLOSE
  * (a QUIT that waited on close, a reply that cannot be encoded).

@@ -1528,6 +1528,32 @@ static void test_held_batches(void)
     rig_free(&r);
 }
 
+/* A MACRO frame that repeats the stored front stage byte for byte need
+ * not be decoded; anything that would change the macros is no repeat. */
+static void test_macro_repeats(void)
+{
+    struct rig r;
+    rig_init(&r, ALL);
+    optneg(&r, 6, 0x1ff, 0x1fffff);
+    connect_helo(&r);
+    static const uint8_t l1[] = "Li\0Q1\0", l2[] = "Li\0Q2\0",
+                         m1[] = "Mi\0Q1\0";
+    struct wire_frame f1 = {'D', l1, sizeof l1 - 1},
+                      f2 = {'D', l2, sizeof l2 - 1},
+                      fm = {'D', m1, sizeof m1 - 1},
+                      hdr = {'L', (const uint8_t *)"A\0a\0", 4};
+    CHECK(!sess_macro_repeats(&r.s, &f1), "nothing stored: no repeat");
+    SEND(&r, 'M', "<a@x>\0");
+    SEND(&r, 'D', "Li\0Q1\0");
+    CHECK(sess_macro_repeats(&r.s, &f1), "the same L again: a repeat");
+    CHECK(!sess_macro_repeats(&r.s, &f2), "another value: no repeat");
+    CHECK(!sess_macro_repeats(&r.s, &hdr), "not a MACRO: no repeat");
+    CHECK(!sess_macro_repeats(&r.s, &fm), "MAIL's macros clear: no repeat");
+    SEND(&r, 'D', "Ri\0Q1\0"); /* R in front now */
+    CHECK(!sess_macro_repeats(&r.s, &f1), "L no longer in front: no repeat");
+    rig_free(&r);
+}
+
 int main(int argc, char **argv)
 {
     char dir[1024];
@@ -1558,5 +1584,6 @@ int main(int argc, char **argv)
     test_held_on_error();
     test_held_between();
     test_held_batches();
+    test_macro_repeats();
     return t_done("test_sess");
 }
