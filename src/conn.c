@@ -116,16 +116,22 @@ static void progress_if_awaited(struct conn *c, const uint8_t *p, size_t n)
     }
 }
 
-static int call_lua(void *ud, struct sess *s, int ev,
-                    const struct wire_cmd *cmd, struct verdict *v)
+/* One handler call, or one batch of n > 0 held headers, with the
+ * watchdog, the message log, metrics and progress around it. */
+static int call_with(struct conn *c, struct sess *s, int ev,
+                     const struct wire_cmd *cmd, uint32_t first, uint32_t n,
+                     struct verdict *v)
 {
-    struct conn *c = ud;
     watch_handler(c, ev);
     msglog_touch(&c->mlog, s);
-    metrics_call(ev);
+    if (!n)
+        metrics_call(ev); /* a batch's are counted as they start */
     double t0 = clock_if_reported();
     c->call_started = t0;
-    int rc = lb_call(&c->lua, s, ev, cmd, v);
+    c->held_first = c->held_counted = first;
+    c->held_batch = n > 0;
+    int rc = n ? lb_call_headers(&c->lua, s, first, n, v)
+               : lb_call(&c->lua, s, ev, cmd, v);
     handler_ran(c, ev, rc, t0);
     watchdog_unwatch();
     if (rc == LB_WAIT)
@@ -133,22 +139,16 @@ static int call_lua(void *ud, struct sess *s, int ev,
     return rc;
 }
 
+static int call_lua(void *ud, struct sess *s, int ev,
+                    const struct wire_cmd *cmd, struct verdict *v)
+{
+    return call_with(ud, s, ev, cmd, 0, 0, v);
+}
+
 static int call_lua_headers(void *ud, struct sess *s, uint32_t first,
                             uint32_t n, struct verdict *v)
 {
-    struct conn *c = ud;
-    watch_handler(c, SE_HEADER);
-    msglog_touch(&c->mlog, s);
-    double t0 = clock_if_reported();
-    c->call_started = t0;
-    c->held_first = c->held_counted = first;
-    c->held_batch = 1;
-    int rc = lb_call_headers(&c->lua, s, first, n, v);
-    handler_ran(c, SE_HEADER, rc, t0);
-    watchdog_unwatch();
-    if (rc == LB_WAIT)
-        start_progress(c, SE_HEADER);
-    return rc;
+    return call_with(ud, s, SE_HEADER, NULL, first, n, v);
 }
 
 static const char *site_of(void *ud, int ev)

@@ -48,29 +48,34 @@ local function metrics(path)
   return t
 end
 
+-- a daemon for src (extra arguments args), a client, and one message
+-- whose headers come in one write; returns the final reply
+local d, c
+local function run(src, headers, args, hmacros)
+  d = U.start(src, args and { args = args } or nil)
+  c = U.client(d)
+  U.open(c)
+  return one_write(c, headers, hmacros)
+end
+
 local FIVE = { { "From", "<a@example.org>" }, { "Subject", "one" }, { "To", "<b@example.org>" },
   { "X-A", "a" }, { "X-B", "b" } }
 
 describe("held headers in batches", function()
-  local d, c
-
   after_each(function()
     if c then c:close(); c = nil end
     if d then d:stop(); d = nil end
   end)
 
   it("run in one call, in order, each seeing the headers up to its own", function()
-    d = U.start(U.script [[
+    local r = run(U.script [[
 function H.header(ctx, name, value)
   local last = ctx.headers[#ctx.headers]
   seen(ctx, "header", { name, value, #ctx.headers, last[1], last[2], ctx:header("X-B") or "none" })
 end
 function H.eom(ctx) seen(ctx, "eom", #ctx.headers); return milter.accept() end
 return H
-]], { args = { "--log-level", "debug" } })
-    c = U.client(d)
-    U.open(c)
-    local r = one_write(c, FIVE)
+]], FIVE, { "--log-level", "debug" })
     assert.are.equal("a", r.cmd)
     local got = U.seen(d, "header")
     assert.are.equal(5, #got)
@@ -85,7 +90,7 @@ return H
   end)
 
   it("a reject at header 2 of 5: headers 3 to 5 reach no handler, eom gets the reply", function()
-    d = U.start(U.script [[
+    local r = run(U.script [[
 function H.header(ctx, name, value)
   seen(ctx, "header", name)
   if value == "one" then return milter.reject{ code = 550, xcode = "5.7.1", reason = "no" } end
@@ -93,10 +98,7 @@ end
 function H.eoh(ctx) seen(ctx, "eoh", #ctx.headers) end
 function H.eom(ctx) seen(ctx, "eom", #ctx.headers); return milter.accept() end
 return H
-]])
-    c = U.client(d)
-    U.open(c)
-    local r = one_write(c, FIVE)
+]], FIVE)
     assert.are.equal("y", r.cmd)
     assert.are.equal("550 5.7.1 no", r.text)
     assert.are.same({ "From", "Subject" }, U.seen(d, "header"))
@@ -111,32 +113,25 @@ return H
 
   it("each handler has a --script-timeout of its own, waits included", function()
     -- three 0.6 s waits under a 1 s budget: only per handler do they fit
-    d = U.start(U.script [[
+    local r = run(U.script [[
 function H.header(ctx, name)
   local ok, err = milter.sleep(0.6) -- nil, "timeout" when the budget cuts it
   seen(ctx, "slept", { name, ok or err })
 end
 function H.eom(ctx) return milter.accept() end
 return H
-]], { args = { "--script-timeout", "1" } })
-    c = U.client(d)
-    U.open(c)
-    local r = one_write(c, { FIVE[1], FIVE[2], FIVE[3] })
+]], { FIVE[1], FIVE[2], FIVE[3] }, { "--script-timeout", "1" })
     assert.are.equal("a", r.cmd)
     assert.are.same({ { "From", true }, { "Subject", true }, { "To", true } }, U.seen(d, "slept"))
     assert.are.equal(0, #U.lines_with(d:log(), "ERROR"))
   end)
 
   it("a macro that changes between headers is the one each handler sees", function()
-    d = U.start(U.script [[
+    local r = run(U.script [[
 function H.header(ctx, name) seen(ctx, "header", { name, ctx:macro("x") or "none" }) end
 function H.eom(ctx) return milter.accept() end
 return H
-]])
-    c = U.client(d)
-    U.open(c)
-    local r = one_write(c, { FIVE[1], FIVE[2], FIVE[3] },
-      { { { "x", "1" } }, { { "x", "1" } }, { { "x", "2" } } })
+]], { FIVE[1], FIVE[2], FIVE[3] }, nil, { { { "x", "1" } }, { { "x", "1" } }, { { "x", "2" } } })
     assert.are.equal("a", r.cmd)
     assert.are.same({ { "From", "1" }, { "Subject", "1" }, { "To", "2" } }, U.seen(d, "header"))
   end)
@@ -151,10 +146,7 @@ end
 function H.eom(ctx) return milter.accept() end
 return H
 ]]
-    d = U.start(src, { args = { "--on-error", "continue" } })
-    c = U.client(d)
-    U.open(c)
-    local r = one_write(c, { FIVE[1], FIVE[2], FIVE[3] })
+    local r = run(src, { FIVE[1], FIVE[2], FIVE[3] }, { "--on-error", "continue" })
     assert.are.equal("a", r.cmd)
     assert.are.same({ "From", "Subject", "To" }, U.seen(d, "header"))
     local log = U.wait_log(d, "handler header failed")
@@ -165,17 +157,14 @@ return H
   end)
 
   it("a waiting handler in a batch: the rest of the batch runs after it, in order", function()
-    d = U.start(U.script [[
+    local r = run(U.script [[
 function H.header(ctx, name)
   if name == "Subject" then milter.sleep(0.1) end
   seen(ctx, "header", { name, #ctx.headers })
 end
 function H.eom(ctx) seen(ctx, "eom", #ctx.headers); return milter.accept() end
 return H
-]])
-    c = U.client(d)
-    U.open(c)
-    local r = one_write(c, FIVE)
+]], FIVE)
     assert.are.equal("a", r.cmd)
     assert.are.same({ { "From", 1 }, { "Subject", 2 }, { "To", 3 }, { "X-A", 4 }, { "X-B", 5 } },
       U.seen(d, "header"))
