@@ -48,16 +48,21 @@ static int l_mark(lua_State *L)
 
 /* (handler, ctx, {name1, value1, ...}, n): a verdict table that is just
  * {action = "continue"} is continue, as nil is; anything else is for C to
- * read (and to report, when it is not a verdict). */
+ * read (and to report, when it is not a verdict). The connection keeps t:
+ * each header's strings leave it as its handler is called, the rest when
+ * a verdict ends the batch, so that it holds no message's headers after. */
 static const char runner_src[] =
     "local ffi, mark, type, rawget, next = ...\n"
     "if ffi then mark = ffi.cast('int (*)(int)', mark) end\n"
     "return function(h, ctx, t, n)\n"
     "  for i = 1, n do\n"
     "    mark(i)\n"
-    "    local v = h(ctx, t[2 * i - 1], t[2 * i])\n"
+    "    local name, value = t[2 * i - 1], t[2 * i]\n"
+    "    t[2 * i - 1], t[2 * i] = nil, nil\n"
+    "    local v = h(ctx, name, value)\n"
     "    if v ~= nil and (type(v) ~= 'table' or\n"
     "        rawget(v, 'action') ~= 'continue' or next(v, next(v)) ~= nil) then\n"
+    "      for j = 2 * i + 1, 2 * n do t[j] = nil end\n"
     "      return v\n"
     "    end\n"
     "  end\n"
@@ -111,8 +116,8 @@ int lb_call_headers(struct lb_conn *lc, struct sess *s, uint32_t first,
     lua_rawgeti(co, LUA_REGISTRYINDEX, st->handler[SE_HEADER]);
     lua_rawgeti(co, LUA_REGISTRYINDEX, lc->ctx_ref);
     lctx_sync(co, 3, lc->ctx);
-    /* the connection's own table: one batch at a time uses it, and what
-     * an earlier, longer batch left past 2n is never read */
+    /* the connection's own table (one batch at a time uses it), emptied
+     * by the runner as it goes */
     if (lc->held_tref == LUA_NOREF) {
         lua_createtable(co, 2 * 16, 0);
         lua_pushvalue(co, -1);

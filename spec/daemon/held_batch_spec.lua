@@ -195,4 +195,26 @@ return H
     assert.are.equal(5, m['luamilter_handler_duration_seconds_count{event="header"}'])
     os.execute("rm -rf " .. dir)
   end)
+
+  it("the batch's strings are not kept once their handlers ran", function()
+    -- eom collects and reports the Lua heap: none of 8 headers of 60 KB
+    -- may stay referenced after its handler ran (each read of at most
+    -- 64 KB ends a batch, so a kept batch would be one of them at least)
+    run(U.script [[
+function H.header(ctx, name, value) end
+function H.eom(ctx)
+  collectgarbage("collect")
+  collectgarbage("collect")
+  seen(ctx, "kb", math.floor(collectgarbage("count")))
+  return milter.accept()
+end
+return H
+]], { FIVE[1] })
+    local big = {}
+    for i = 1, 8 do big[i] = { "X-Big-" .. i, ("v"):rep(60000) } end
+    assert.are.equal("a", one_write(c, big).cmd)
+    local kb = U.seen(d, "kb")
+    assert.are.equal(2, #kb)
+    assert.is_true(kb[2] - kb[1] < 30, ("%d KB before, %d KB after"):format(kb[1], kb[2]))
+  end)
 end)
