@@ -533,6 +533,9 @@ static void conn_resume(struct ev_loop *loop, ev_timer *w, int revents)
                         process(c, buf_head(&c->rbuf), buf_len(&c->rbuf)));
             if (!buf_len(&c->rbuf))
                 buf_free(&c->rbuf);
+        } else if (!c->finishing && !c->closing &&
+                   sess_flush(&c->sess, &c->wbuf) == SESS_CLOSE) {
+            c->closing = 1; /* held headers a failed batch did not reach */
         }
     }
     if (!c->finishing && flush(c) < 0)

@@ -534,7 +534,7 @@ void lb_conn_free(struct lb_conn *lc)
         return;
     drop_ctx(lc);
     drop_thread(lc);
-    luaL_unref(lc->st->L, LUA_REGISTRYINDEX, lc->held_tref);
+    lheld_forget(lc);
     lb_state_release(lc->st);
     lc->st = NULL;
 }
@@ -658,6 +658,7 @@ static void report_error(struct lb_conn *lc, struct sess *s, const char *msg)
     lua_State *L = lc->st->L;
     const char *ev = sess_event_names[lc->ev];
     char tail[512] = "", at[512];
+    msg = lheld_unblame(msg);
     if (!lwhere_frame(lc->co, 0, at, sizeof at)) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, lc->st->handler[lc->ev]);
         if (!lwhere_sites(L, -1, 1, tail, sizeof tail))
@@ -729,6 +730,8 @@ int lb_run_slice(struct lb_conn *lc, struct sess *s, int nargs,
             msg = "(error object is not a string)";
         report_error(lc, s, msg);
         drop_thread(lc); /* a dead coroutine cannot run again */
+        if (lc->held_s)
+            lheld_forget(lc); /* the headers it had not reached */
         if (status == LUA_ERRMEM) { /* give the memory back now */
             log_msg(LL_ERR, s->id, sess_qid(s),
                     "the Lua state reached --script-memory (%zu bytes)",
@@ -780,6 +783,8 @@ void lb_abandon(struct lb_conn *lc)
         lc->wait.cancel(lc->wait.op);
     memset(&lc->wait, 0, sizeof lc->wait);
     lc->suspended = 0;
+    if (lc->held_s)
+        lheld_forget(lc);
     lc->held_s = NULL;
     ltcp_close_all(lc);
     drop_thread(lc); /* never resumed: the next call gets a new one */

@@ -76,6 +76,13 @@ extern struct lb_conn *lb_running;
 /* lheld.c: drops the batch runner's own frame from the traceback on top
  * of L (it is the bottom one on a coroutine that ran a batch). */
 void lheld_trim(lua_State *L);
+/* msg without the position error() gave it in the runner's frame
+ * (`error(msg, 2)` in a handler, or a constructor's misuse in a tail
+ * call), which is no line of the script: the bridge then finds one. */
+const char *lheld_unblame(const char *msg);
+/* A batch ended without the runner emptying its table (an error, an
+ * abandon): the next batch gets a new one, and this one goes. */
+void lheld_forget(struct lb_conn *lc);
 
 /* lctx.c */
 /* Pushes a new ctx table for s and returns its block (owned by the GC). */

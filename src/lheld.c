@@ -54,12 +54,12 @@ static int l_mark(lua_State *L)
 static const char runner_src[] =
     "local ffi, mark, type, rawget, next = ...\n"
     "if ffi then mark = ffi.cast('int (*)(int)', mark) end\n"
-    "return function(h, ctx, t, n)\n"
+    "return function(header, ctx, t, n)\n"
     "  for i = 1, n do\n"
     "    mark(i)\n"
     "    local name, value = t[2 * i - 1], t[2 * i]\n"
     "    t[2 * i - 1], t[2 * i] = nil, nil\n"
-    "    local v = h(ctx, name, value)\n"
+    "    local v = header(ctx, name, value)\n"
     "    if v ~= nil and (type(v) ~= 'table' or\n"
     "        rawget(v, 'action') ~= 'continue' or next(v, next(v)) ~= nil) then\n"
     "      for j = 2 * i + 1, 2 * n do t[j] = nil end\n"
@@ -141,6 +141,25 @@ int lb_call_headers(struct lb_conn *lc, struct sess *s, uint32_t first,
     lc->started = lb_now();
     lc->deadline = lc->started + lb_script_timeout();
     return lb_run_slice(lc, s, 4, v);
+}
+
+const char *lheld_unblame(const char *msg)
+{
+    static const char pre[] = RUNNER ":";
+    if (!msg || strncmp(msg, pre, sizeof pre - 1) != 0)
+        return msg;
+    const char *p = msg + sizeof pre - 1;
+    while (*p >= '0' && *p <= '9')
+        p++;
+    return p[0] == ':' && p[1] == ' ' ? p + 2 : msg;
+}
+
+void lheld_forget(struct lb_conn *lc)
+{
+    if (lc->held_tref == LUA_NOREF)
+        return;
+    luaL_unref(lc->st->L, LUA_REGISTRYINDEX, lc->held_tref);
+    lc->held_tref = LUA_NOREF;
 }
 
 void lheld_trim(lua_State *L)

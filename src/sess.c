@@ -273,9 +273,11 @@ int sess_finish(struct sess *s)
         return SESS_WAIT;
     if (s->state != ST_CONN && s->state != ST_CLOSED)
         return 0;
-    /* headers held when the connection breaks in the middle of a read
-     * (a malformed frame after them) go with the message */
-    s->nhdrs = s->hdrs_run;
+    /* headers held when the connection ends in the middle of a read (a
+     * malformed frame after them): their handlers run first, as they
+     * would have one by one; no reply goes out for them */
+    if (sess_run_held(s, NULL) == SESS_WAIT)
+        return SESS_WAIT;
     if (abort_msg(s))
         return SESS_WAIT;
     s->state = ST_NEG; /* first: close runs once, waiting or not */

@@ -211,10 +211,69 @@ end
 return H
 ]], { FIVE[1] })
     local big = {}
-    for i = 1, 8 do big[i] = { "X-Big-" .. i, ("v"):rep(60000) } end
+    for i = 1, 8 do big[i] = { "X-Big-" .. i, ("v"):rep(60000) .. i } end
     assert.are.equal("a", one_write(c, big).cmd)
     local kb = U.seen(d, "kb")
     assert.are.equal(2, #kb)
     assert.is_true(kb[2] - kb[1] < 30, ("%d KB before, %d KB after"):format(kb[1], kb[2]))
+  end)
+
+  it("nor after a handler failed in the middle of a batch", function()
+    -- the message ends at the failing header (--on-error tempfail): the
+    -- headers after it, never reached, must not stay referenced either
+    run(U.script [[
+function H.header(ctx, name, value) if name == "X-Big-1" then error("boom") end end
+function H.eom(ctx)
+  collectgarbage("collect")
+  collectgarbage("collect")
+  seen(ctx, "kb", collectgarbage("count"))
+  return milter.accept()
+end
+return H
+]], { FIVE[1] })
+    -- 8 headers of 900 bytes come in one read (LuaSocket sends 8 KiB at a
+    -- time): one batch, failing at its first; the 7 it did not reach
+    -- would hold 6.3 KB
+    local big = {}
+    for i = 1, 8 do big[i] = { "X-Big-" .. i, ("v"):rep(900) .. i } end -- 8 strings, not one
+    assert.are.equal("y", one_write(c, big).cmd)
+    assert.are.equal("a", one_write(c, { FIVE[1] }).cmd)
+    local kb = U.seen(d, "kb")
+    assert.are.equal(2, #kb)
+    assert.is_true(kb[2] - kb[1] < 3, ("%.1f KB before, %.1f KB after"):format(kb[1], kb[2]))
+  end)
+
+  it("error(msg, 2) and a constructor's misuse in a tail call name the script, not the batch", function()
+    local src = U.script [[
+function H.header(ctx, name)
+  if name == "From" then error("blame the caller", 2) end -- LEVEL2
+  if name == "Subject" then return milter.reject(5) end
+end
+function H.eom(ctx) return milter.accept() end
+return H
+]]
+    run(src, { FIVE[1], FIVE[2] }, { "--on-error", "continue" })
+    local log = U.wait_log(d, "milter.reject expects")
+    assert.is_falsy(log:find("milter.held", 1, true), log)
+    assert.is_truthy(log:find("handler header failed: [^\n]*:" .. U.line_of(src, "-- LEVEL2") ..
+      ": blame the caller"), log)
+    assert.is_truthy(log:find("handler header failed: milter.reject expects", 1, true), log)
+  end)
+
+  it("held headers before a malformed frame in the same read still reach their handler and abort", function()
+    d = U.start(U.script [[
+function H.header(ctx, name) seen(ctx, "header", name) end
+function H.abort(ctx) seen(ctx, "abort", #ctx.headers) end
+function H.eom(ctx) return milter.accept() end
+return H
+]])
+    c = U.client(d)
+    U.open(c)
+    assert(c:mail("<a@example.org>", {}))
+    assert(c:rcpt("<b@example.org>"))
+    assert(c:data({}))
+    assert(c:send_raw(mc.frame("L", "A\0a\0") .. mc.frame("L", "B\0b\0") .. "\0\0\0\1Z"))
+    assert.are.same({ 2 }, U.wait_seen(d, "abort", 1))
+    assert.are.same({ "A", "B" }, U.seen(d, "header"))
   end)
 end)
