@@ -276,4 +276,28 @@ return H
     assert.are.same({ 2 }, U.wait_seen(d, "abort", 1))
     assert.are.same({ "A", "B" }, U.seen(d, "header"))
   end)
+
+  it("a batch that waited and then failed: the rest of it runs at once, not at the next packet", function()
+    d = U.start(U.script [[
+function H.header(ctx, name)
+  if name == "Sl" then milter.sleep(0.05) end
+  if name == "Err" then error("boom") end
+  seen(ctx, "header", name)
+end
+function H.eom(ctx) return milter.accept() end
+return H
+]], { args = { "--on-error", "continue" } })
+    c = U.client(d)
+    U.open(c)
+    assert(c:mail("<a@example.org>", {}))
+    assert(c:rcpt("<b@example.org>"))
+    assert(c:data({}))
+    assert(c:send_raw(mc.frame("L", "A\0a\0") .. mc.frame("L", "Sl\0s\0") ..
+      mc.frame("L", "Err\0e\0") .. mc.frame("L", "C\0c\0")))
+    -- nothing more comes from the MTA meanwhile
+    assert.are.same({ "A", "Sl", "C" }, U.wait_seen(d, "header", 3, 3))
+    if U.band(c.neg.protocol, mc.SMFIP.NOEOH) == 0 then assert(c:send_raw(mc.frame("N", ""))) end
+    assert(c:send_raw(mc.frame("E", "")))
+    assert.are.equal("a", c:read_reply(5).cmd)
+  end)
 end)
