@@ -466,15 +466,10 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
     if (s->state == ST_INIT)
         return c->cmd == WIRE_OPTNEG ? negotiate(s, c, out)
                                      : proto_error(s, "expected OPTNEG", c->cmd);
-    switch (sess_held_first(s, c)) {
-    case HELD_RUN: { /* the held headers' handlers, first */
+    if (sess_held_first(s, c)) { /* the held headers' handlers, first */
         int rc = sess_run_held(s, out);
         if (rc != SESS_OK)
             return rc == SESS_WAIT ? SESS_RETRY : rc;
-        break;
-    }
-    case HELD_SAME: return SESS_OK; /* stored already, as it is */
-    default: break;
     }
     switch (c->cmd) {
     case WIRE_OPTNEG: return proto_error(s, "second OPTNEG", c->cmd);
@@ -567,8 +562,7 @@ int sess_handle(struct sess *s, const struct wire_cmd *c, struct buf *out)
         s->hdrs_run = s->nhdrs;
     }
     switch (r->ev) {
-    case SE_DATA:
-    case SE_HEADER: s->phase = PH_HDR; break;
+    case SE_DATA: s->phase = PH_HDR; break;
     case SE_EOH: s->phase = PH_EOH; break;
     case SE_BODY: s->phase = PH_BODY; break;
     default: break;

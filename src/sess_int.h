@@ -58,10 +58,7 @@ static inline int sess_holds_header(const struct sess *s, int reply)
     return !reply && s->ops->headers &&
            (s->cfg->handlers & SE_BIT(SE_HEADER));
 }
-/* Whether held headers must run before the command c is handled:
- * HELD_RUN, HELD_NO, or HELD_SAME (a MACRO that would change nothing:
- * they need not run, and it need not be stored). */
-enum { HELD_NO, HELD_RUN, HELD_SAME };
+/* Whether held headers must run before the command c is handled. */
 int sess_held_first(const struct sess *s, const struct wire_cmd *c);
 /* Runs them: SESS_OK, SESS_WAIT or SESS_CLOSE. */
 int sess_run_held(struct sess *s, struct buf *out);

@@ -19,15 +19,13 @@
 int sess_held_first(const struct sess *s, const struct wire_cmd *c)
 {
     if (s->hdrs_run >= s->nhdrs)
-        return HELD_NO;
+        return 0;
     switch (c->cmd) {
     case WIRE_HEADER:
-        return s->nhdrs - s->hdrs_run >= HELD_MAX || !sess_header_fits(s, c)
-                   ? HELD_RUN
-                   : HELD_NO;
+        return s->nhdrs - s->hdrs_run >= HELD_MAX || !sess_header_fits(s, c);
     case WIRE_MACRO: /* Postfix's {i} before every header changes nothing */
-        return sess_macros_same(s, c) ? HELD_SAME : HELD_RUN;
-    default: return HELD_RUN;
+        return !sess_macros_same(s, c);
+    default: return 1;
     }
 }
 
