@@ -129,8 +129,14 @@ static void hook(lua_State *L, lua_Debug *ar)
         st->overdue = 1;
         lua_sethook(L, hook, LUA_MASKCOUNT, 1);
     }
-    luaL_error(L, "%s ran longer than --script-timeout (%gs)",
-               st->loading ? "the script's top level" : "handler",
+    /* at the script's line that was running (the loop), which a dead
+     * coroutine's top frame no longer tells */
+    char at[512];
+    const char *what = st->loading ? "the script's top level" : "handler";
+    if (lwhere_frame(L, 0, at, sizeof at))
+        luaL_error(L, "%s: %s ran longer than --script-timeout (%gs)", at,
+                   what, script_timeout);
+    luaL_error(L, "%s ran longer than --script-timeout (%gs)", what,
                script_timeout);
 }
 
@@ -660,8 +666,12 @@ static void report_error(struct lb_conn *lc, struct sess *s, const char *msg)
     char tail[512] = "", at[512];
     msg = lheld_unblame(msg);
     if (!lwhere_frame(lc->co, 0, at, sizeof at)) {
+        /* No line: the top frame of a dead coroutine has none. The
+         * handler's own code failed (the VM or the timeout raised it) when
+         * its frame is there; a tail call replaced that frame. */
         lua_rawgeti(L, LUA_REGISTRYINDEX, lc->st->handler[lc->ev]);
-        if (!lwhere_sites(L, -1, 1, tail, sizeof tail))
+        if (!lwhere_on_stack(L, -1, lc->co) &&
+            !lwhere_sites(L, -1, 1, tail, sizeof tail))
             lwhere_def(L, -1, tail, sizeof tail);
         lua_pop(L, 1);
     }

@@ -157,6 +157,9 @@ void lwhere_def(lua_State *L, int idx, char *out, size_t n);
 int lwhere_sites(lua_State *L, int idx, int tails, char *out, size_t n);
 /* The innermost line of a script file on co from level on; 0 if none. */
 int lwhere_frame(lua_State *co, int level, char *out, size_t n);
+/* Whether the function at idx of L has a frame on co: a handler that
+ * failed in its own code, not in a function it tail-called. */
+int lwhere_on_stack(lua_State *L, int idx, lua_State *co);
 /* Pushes msg onto L, prefixed with lwhere_frame's line when it has no
  * position of its own (raised by require, a C function, error(m, 0)). */
 void lwhere_push_error(lua_State *L, lua_State *co, int level,

@@ -96,6 +96,21 @@ int lwhere_frame(lua_State *co, int level, char *out, size_t n)
     return 0;
 }
 
+int lwhere_on_stack(lua_State *L, int idx, lua_State *co)
+{
+    lua_Debug ar;
+    int found = 0;
+    if (idx < 0)
+        idx = lua_gettop(L) + idx + 1;
+    for (int level = 0; !found && lua_getstack(co, level, &ar); level++)
+        if (lua_getinfo(co, "f", &ar)) {
+            lua_xmove(co, L, 1);
+            found = lua_rawequal(L, -1, idx);
+            lua_pop(L, 1);
+        }
+    return found;
+}
+
 void lwhere_push_error(lua_State *L, lua_State *co, int level,
                        const char *msg)
 {

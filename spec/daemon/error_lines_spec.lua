@@ -54,6 +54,24 @@ end }
       line)
   end)
 
+  it("an error of the handler's own code, with a tail call after it, is no tail call's", function()
+    -- the failed coroutine's top frame (the handler's) has no line left:
+    -- the note of a tail call is for a handler whose frame is gone
+    local src = [[
+local milter = require "milter"
+return { connect = function(ctx, host)
+  local n
+  if host then n = n + 1 end -- the bad sum
+  return milter.reject{ code = 550 }
+end }
+]]
+    local r, path = run(src)
+    assert.are.equal(2, r.status)
+    local line = r.stderr:match("handler connect failed: ([^\n]*)")
+    assert.are.equal(path .. ":" .. U.line_of(src, "the bad sum") ..
+      ": attempt to perform arithmetic on local 'n' (a nil value)", line, r.stderr)
+  end)
+
   it("names the caller's line when the constructor is not tail-called", function()
     local src = [[
 local milter = require "milter"
