@@ -234,7 +234,7 @@ static char std_tag; /* registry key of the table lb_push_std reads */
 static void keep_std(lua_State *L)
 {
     lua_pushlightuserdata(L, &std_tag);
-    lua_createtable(L, 5, 0);
+    lua_createtable(L, 7, 0);
     static const char *const base[] = {"tostring", "type", "rawget", "next"};
     static const int at[] = {LB_TOSTRING, LB_TYPE, LB_RAWGET, LB_NEXT};
     for (int i = 0; i < 4; i++) {
@@ -251,6 +251,10 @@ static void keep_std(lua_State *L)
     lua_getglobal(L, "table");
     lua_getfield(L, -1, "sort");
     lua_rawseti(L, -3, LB_SORT);
+    lua_pop(L, 1);
+    lua_getglobal(L, "debug");
+    lua_getfield(L, -1, "getinfo");
+    lua_rawseti(L, -3, LB_GETINFO);
     lua_pop(L, 1);
     lua_rawset(L, LUA_REGISTRYINDEX);
 }
@@ -325,6 +329,28 @@ void lb_skip_hashbang(const char **src, size_t *len)
     }
 }
 
+/*
+ * How many arguments after ctx the function on top can see: LuaJIT's
+ * debug.getinfo(f, "u") (as it was before the script ran) tells its
+ * parameters and whether it takes `...` (so does every C function).
+ */
+static unsigned char declared_args(lua_State *L)
+{
+    int n = LB_ALL_ARGS;
+    lb_push_std(L, LB_GETINFO);
+    lua_pushvalue(L, -2);
+    lua_pushliteral(L, "u");
+    if (lua_pcall(L, 2, 1, 0) == 0 && lua_istable(L, -1)) {
+        lua_getfield(L, -1, "isvararg");
+        lua_getfield(L, -2, "nparams");
+        if (!lua_toboolean(L, -2) && lua_isnumber(L, -1))
+            n = lua_tointeger(L, -1) > 1 ? (int)lua_tointeger(L, -1) - 1 : 0;
+        lua_pop(L, 2);
+    }
+    lua_pop(L, 1);
+    return (unsigned char)(n < LB_ALL_ARGS ? n : LB_ALL_ARGS);
+}
+
 /* Checks the table a script returned and takes refs of its handlers. */
 static int take_handlers(struct lb_state *st, const char *path, char *err,
                          size_t errlen)
@@ -361,6 +387,7 @@ static int take_handlers(struct lb_state *st, const char *path, char *err,
                      path, sess_event_names[ev], luaL_typename(L, -1));
             return -1;
         }
+        st->nargs[ev] = declared_args(L);
         st->handler[ev] = luaL_ref(L, LUA_REGISTRYINDEX);
         st->handlers |= SE_BIT(ev);
     }
@@ -602,9 +629,14 @@ void lb_push_name(struct lb_state *st, lua_State *co, const char *p,
 static int push_args(struct lb_state *st, lua_State *co, int ev,
                      const struct wire_cmd *c)
 {
+    unsigned want = st->nargs[ev];
+    if (want == 0)
+        return 0;
     switch (ev) {
     case SE_CONNECT:
         lua_pushlstring(co, c->s1.p, c->s1.n);
+        if (want < 2)
+            return 1;
         lua_createtable(co, 0, 3);
         lua_pushstring(co, family_name(c->family));
         lua_setfield(co, -2, "family");
@@ -622,10 +654,14 @@ static int push_args(struct lb_state *st, lua_State *co, int ev,
     case SE_ENVFROM:
     case SE_ENVRCPT:
         lua_pushlstring(co, c->s1.p, c->s1.n);
+        if (want < 2)
+            return 1;
         push_list(co, c->list, c->list_len, c->list_count);
         return 2;
     case SE_HEADER:
         lb_push_name(st, co, c->s1.p, c->s1.n);
+        if (want < 2)
+            return 1;
         lua_pushlstring(co, c->s2.p, c->s2.n);
         return 2;
     case SE_BODY:

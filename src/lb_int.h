@@ -30,6 +30,10 @@ struct lb_state {
     int loading;            /* the top level runs (for the hook's message) */
     int refs;
     int handler[SE__COUNT]; /* registry refs, LUA_NOREF when undefined */
+    /* arguments each handler can see after ctx: its declared parameters
+     * (LB_ALL_ARGS when it takes `...` or is a C function); those it
+     * cannot see are not made (a table of ESMTP args, a string) */
+    unsigned char nargs[SE__COUNT];
     unsigned handlers;      /* SE_BIT()s */
     struct mod *mods;       /* verdict scratch, reused by every call */
     int reader_ref;         /* lverdict's reader function, 0 until made */
@@ -58,7 +62,16 @@ struct lctx {
 
 /* Standard functions as they were before the script ran (a script may
  * remove or replace the globals): pushes LB_TOSTRING, LB_SORT... */
-enum { LB_TOSTRING = 1, LB_SORT, LB_TYPE, LB_RAWGET, LB_NEXT, LB_FFI };
+enum {
+    LB_TOSTRING = 1,
+    LB_SORT,
+    LB_TYPE,
+    LB_RAWGET,
+    LB_NEXT,
+    LB_FFI,
+    LB_GETINFO
+};
+#define LB_ALL_ARGS 255
 void lb_push_std(lua_State *L, int which);
 
 /* lb.c, for lheld.c: the coroutine and ctx made ready for a call; a

@@ -266,3 +266,35 @@ return H
     assert.are.same({ { "<big@example.org>", true }, { "<small@example.org>", false } }, U.seen(d, "eom"))
   end)
 end)
+
+-- The bridge makes only the arguments a handler declares (a table of ESMTP
+-- args costs a table per call): one that takes `...`, or a C function,
+-- still gets every argument, and one that declares fewer sees the same
+-- values in the parameters it has.
+describe("handler arguments a handler declares", function()
+  it("`...` and a C function get every argument; fewer parameters see theirs", function()
+    local d = U.start(U.script [[
+function H.connect(...) seen((...), "connect", { select("#", ...), select(2, ...), (select(3, ...)).family }) end
+function H.envfrom(ctx, ...) seen(ctx, "envfrom", { select("#", ...), ... }) end
+-- a C function (called once here)
+H.envrcpt = coroutine.wrap(function(ctx, rcpt, args) seen(ctx, "envrcpt", { rcpt, args }) end)
+function H.header(ctx, name) seen(ctx, "header", { name }) end
+function H.eoh(...) seen((...), "eoh", select("#", ...)) end
+return H
+]])
+    local c = U.client(d, U.REPLIES)
+    assert.are.equal("c", assert(c:connect_ev("mx.example.net", "4", 40001, "192.0.2.7")).cmd)
+    assert.are.equal("c", assert(c:mail("<a@example.org>", { "SIZE=42" })).cmd)
+    assert.are.equal("c", assert(c:rcpt("<r@example.org>", { "NOTIFY=NEVER" })).cmd)
+    assert.are.equal("c", assert(c:header("Subject", "hi")).cmd)
+    assert.are.equal("c", assert(c:eoh()).cmd, d:log())
+    c:close()
+    d:stop()
+    assert.is_nil(d:log():find("ERROR"), d:log())
+    assert.are.same({ { 3, "mx.example.net", "inet" } }, U.seen(d, "connect"))
+    assert.are.same({ { 2, "<a@example.org>", { "SIZE=42" } } }, U.seen(d, "envfrom"))
+    assert.are.same({ { "Subject" } }, U.seen(d, "header"))
+    assert.are.same({ 1 }, U.seen(d, "eoh"))
+    assert.are.same({ { "<r@example.org>", { "NOTIFY=NEVER" } } }, U.seen(d, "envrcpt"))
+  end)
+end)
