@@ -125,10 +125,13 @@ int lb_call_headers(struct lb_conn *lc, struct sess *s, uint32_t first,
     } else {
         lua_rawgeti(co, LUA_REGISTRYINDEX, lc->held_tref);
     }
-    for (uint32_t k = 0; k < n; k++) {
+    unsigned want = st->nargs[SE_HEADER]; /* header(ctx, name) gets no value */
+    for (uint32_t k = 0; want && k < n; k++) {
         const struct sess_hdr *h = &s->hdrs[first + k];
         lb_push_name(st, co, sess_cstr(s, h->name, 1), h->name.len);
         lua_rawseti(co, -2, (int)(2 * k + 1));
+        if (want < 2)
+            continue;
         lua_pushlstring(co, sess_cstr(s, h->value, 1), h->value.len);
         lua_rawseti(co, -2, (int)(2 * k + 2));
     }

@@ -229,9 +229,28 @@ static int build_list(struct sess *s, const struct verdict *v, struct work *w)
     return plan_index(&w->p);
 }
 
+/* Whether the verdict only appends headers (the common one): then
+ * put_headers needs no scratch, each add is one ADDHEADER in order. */
+static int adds_only(const struct verdict *v)
+{
+    for (size_t i = 0; i < v->nmods; i++)
+        if (v->mods[i].op == MOD_INSERT_HEADER ||
+            v->mods[i].op == MOD_CHANGE_HEADER ||
+            v->mods[i].op == MOD_DELETE_HEADER)
+            return 0;
+    return 1;
+}
+
 static int put_headers(struct sess *s, const struct verdict *v,
                        struct buf *out)
 {
+    if (adds_only(v)) {
+        int rc = 0;
+        for (size_t i = 0; !rc && i < v->nmods; i++)
+            if (v->mods[i].op == MOD_ADD_HEADER)
+                rc = wire_put_strs(out, WIRE_R_ADDHEADER, &v->mods[i].a, 2);
+        return rc;
+    }
     uint32_t nh = s->nhdrs, hidden = mta_rules(s->mta)->hidden_top;
     uint32_t total = hidden + nh; /* the MTA's list length so far */
     struct work w;
