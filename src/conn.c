@@ -336,7 +336,8 @@ static size_t handle_frames(struct conn *c, const uint8_t *p, size_t n,
                                  &used, &err);
         if (rc == WIRE_NEED_MORE)
             break;
-        if (rc == WIRE_FRAME && sess_macro_repeats(&c->sess, &f)) {
+        if (rc == WIRE_FRAME && f.cmd == WIRE_MACRO &&
+            sess_macro_repeats(&c->sess, &f)) {
             done += used; /* no reply, nothing to keep */
             continue;
         }
