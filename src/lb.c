@@ -234,10 +234,12 @@ static char std_tag; /* registry key of the table lb_push_std reads */
 static void keep_std(lua_State *L)
 {
     lua_pushlightuserdata(L, &std_tag);
-    lua_createtable(L, 7, 0);
-    static const char *const base[] = {"tostring", "type", "rawget", "next"};
-    static const int at[] = {LB_TOSTRING, LB_TYPE, LB_RAWGET, LB_NEXT};
-    for (int i = 0; i < 4; i++) {
+    lua_createtable(L, 8, 0);
+    static const char *const base[] = {"tostring", "type", "rawget", "next",
+                                       "rawset"};
+    static const int at[] = {LB_TOSTRING, LB_TYPE, LB_RAWGET, LB_NEXT,
+                             LB_RAWSET};
+    for (int i = 0; i < 5; i++) {
         lua_getglobal(L, base[i]);
         lua_rawseti(L, -2, at[i]);
     }

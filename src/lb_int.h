@@ -69,7 +69,8 @@ enum {
     LB_RAWGET,
     LB_NEXT,
     LB_FFI,
-    LB_GETINFO
+    LB_GETINFO,
+    LB_RAWSET
 };
 #define LB_ALL_ARGS 255
 void lb_push_std(lua_State *L, int which);

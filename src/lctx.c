@@ -452,13 +452,36 @@ void lctx_sync(lua_State *L, int idx, struct lctx *x)
     lua_pop(L, 2);
 }
 
+/* Clears a ctx's own fields: they then reach __index, which raises. A
+ * Lua function made once per state (with rawset as it was before the
+ * script ran), whose keys are constants: a lua_pushstring per key cost
+ * more than the whole call. */
+static char clear_tag;
+static const char clear_src[] =
+    "local rawset = ...\n"
+    "return function(ctx)\n"
+    "  rawset(ctx, 'conn', nil) rawset(ctx, 'msg', nil)\n"
+    "  rawset(ctx, 'id', nil) rawset(ctx, 'client', nil)\n"
+    "end\n";
+
 void lctx_detach(lua_State *L, int idx, struct lctx *x)
 {
-    static const char *const fields[] = {"conn", "msg", "id", "client"};
     x->s = NULL;
-    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
-        lua_pushstring(L, fields[i]);
-        lua_pushnil(L);
-        lua_rawset(L, idx); /* now they reach __index, which raises */
+    if (idx < 0)
+        idx = lua_gettop(L) + idx + 1;
+    lua_pushlightuserdata(L, &clear_tag);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        if (luaL_loadbuffer(L, clear_src, sizeof clear_src - 1,
+                            "=luamilter ctx"))
+            lua_error(L); /* out of memory: the source itself is fixed */
+        lb_push_std(L, LB_RAWSET);
+        lua_call(L, 1, 1);
+        lua_pushlightuserdata(L, &clear_tag);
+        lua_pushvalue(L, -2);
+        lua_rawset(L, LUA_REGISTRYINDEX);
     }
+    lua_pushvalue(L, idx);
+    lua_call(L, 1, 0); /* rawset of nil on a table: cannot fail */
 }

@@ -118,7 +118,8 @@ void log_vmsg(int level, uint64_t cid, const char *qid, const char *fmt,
     log_fields(level, cid, qid, msg, NULL, 0);
 }
 
-void log_msg(int level, uint64_t cid, const char *qid, const char *fmt, ...)
+void (log_msg)(int level, uint64_t cid, const char *qid, const char *fmt,
+               ...)
 {
     va_list ap;
     if (!log_enabled(level))

@@ -36,6 +36,13 @@ void log_vmsg(int level, uint64_t cid, const char *qid, const char *fmt,
               va_list ap);
 
 #define log_enabled(lvl) ((lvl) <= log_level)
+/* A line whose level is off costs one comparison: its arguments (a queue
+ * id's lookup, say) are not even evaluated. */
+#define log_msg(level, ...)                                                  \
+    do {                                                                     \
+        if (log_enabled(level))                                              \
+            (log_msg)(level, __VA_ARGS__);                                   \
+    } while (0)
 
 /*
  * A line made of fields: in --log-format json each field is a member of the

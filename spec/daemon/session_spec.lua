@@ -508,14 +508,19 @@ function H.connect(ctx, host)
     seen(ctx, "sender", { ok, tostring(err) })
     ok, err = pcall(function() return SAVED:log("info", "ghost") end)
     seen(ctx, "log", { ok, tostring(err) })
+    for _, k in ipairs { "msg", "id", "client" } do -- its own fields too
+      ok, err = pcall(function() return SAVED[k] end)
+      seen(ctx, k, { ok, tostring(err) })
+    end
   end
   SAVED = ctx
+  local _ = ctx.client -- kept in ctx once read
 end
 return H
 ]])
     U.normal_session(d)
     U.normal_session(d)
-    raised(d, { "macro", "conn", "sender", "log" }, "closed")
+    raised(d, { "macro", "conn", "sender", "log", "msg", "id", "client" }, "closed")
     assert.is_true(d:alive())
   end)
 
