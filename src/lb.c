@@ -134,10 +134,12 @@ static void hook(lua_State *L, lua_Debug *ar)
     char at[512];
     const char *what = st->loading ? "the script's top level" : "handler";
     if (lwhere_frame(L, 0, at, sizeof at))
-        luaL_error(L, "%s: %s ran longer than --script-timeout (%gs)", at,
-                   what, script_timeout);
-    luaL_error(L, "%s ran longer than --script-timeout (%gs)", what,
-               script_timeout);
+        lua_pushfstring(L, "%s: %s ran longer than --script-timeout (%fs)",
+                        at, what, (lua_Number)script_timeout);
+    else
+        lua_pushfstring(L, "%s ran longer than --script-timeout (%fs)",
+                        what, (lua_Number)script_timeout);
+    lua_error(L); /* not luaL_error: it would prefix a line of its own */
 }
 
 /* After a call (or the top level): the hook's pace and the collector's. */

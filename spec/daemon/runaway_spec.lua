@@ -70,8 +70,9 @@ describe("runaway handlers", function()
     assert.is_table(open:optneg(mc.OFFER.postfix))
     tempfailed(session(d, "<slow@example.org>"))
     -- at the loop's line, where the handler was when its time ran out
-    assert.matches("handler envfrom failed: [^\n]-script%.lua:" .. U.line_of(SCRIPT, "the slow line") ..
-      ": handler ran longer than %-%-script%-timeout", d:log())
+    -- (one position: [^\n:]* is the script's path, no second file:line)
+    assert.matches("handler envfrom failed: [^\n:]*script%.lua:" .. U.line_of(SCRIPT, "the slow line") ..
+      ": handler ran longer than %-%-script%-timeout %(0%.5s%)\n", d:log())
     assert.is_nil(d:log():find("worker %d+ exited"))
     local r = open:session{ mail = "<ok@example.org>", rcpts = { "<a@example.org>" }, body = "b\r\n" }
     assert.are.equal("a", r.eom and r.eom.cmd, r.error)
@@ -90,7 +91,7 @@ describe("runaway handlers", function()
     tempfailed(session(d, "<stubborn@example.org>"))
     -- the error that got out was raised in the handler's own loop: its
     -- line, not a note of a tail call the handler never made
-    local at = d:log():match("handler envfrom failed: [^\n]-script%.lua:(%d+): handler ran longer than")
+    local at = d:log():match("handler envfrom failed: [^\n:]*script%.lua:(%d+): handler ran longer than")
     assert.is_truthy(at, d:log())
     assert.is_true(tonumber(at) >= U.line_of(SCRIPT, "again and again") and
                    tonumber(at) <= U.line_of(SCRIPT, "again and again") + 2, d:log())
