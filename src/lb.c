@@ -541,7 +541,7 @@ void lb_conn_init(struct lb_conn *lc, struct lb_state *st)
 {
     memset(lc, 0, sizeof *lc);
     lc->st = st;
-    lc->co_ref = lc->ctx_ref = lc->held_tref = LUA_NOREF;
+    lc->co_ref = lc->ctx_ref = LUA_NOREF;
     lb_state_hold(st);
 }
 
@@ -571,7 +571,6 @@ void lb_conn_free(struct lb_conn *lc)
         return;
     drop_ctx(lc);
     drop_thread(lc);
-    lheld_forget(lc);
     lb_state_release(lc->st);
     lc->st = NULL;
 }
@@ -780,8 +779,6 @@ int lb_run_slice(struct lb_conn *lc, struct sess *s, int nargs,
             msg = "(error object is not a string)";
         report_error(lc, s, msg);
         drop_thread(lc); /* a dead coroutine cannot run again */
-        if (lc->held_s)
-            lheld_forget(lc); /* the headers it had not reached */
         if (status == LUA_ERRMEM) { /* give the memory back now */
             log_msg(LL_ERR, s->id, sess_qid(s),
                     "the Lua state reached --script-memory (%zu bytes)",
@@ -833,8 +830,6 @@ void lb_abandon(struct lb_conn *lc)
         lc->wait.cancel(lc->wait.op);
     memset(&lc->wait, 0, sizeof lc->wait);
     lc->suspended = 0;
-    if (lc->held_s)
-        lheld_forget(lc);
     lc->held_s = NULL;
     ltcp_close_all(lc);
     drop_thread(lc); /* never resumed: the next call gets a new one */

@@ -45,7 +45,6 @@ struct lb_conn {
      * and how many of its handlers have started; held_s is NULL outside. */
     struct sess *held_s;
     uint32_t held_first, held_n, held_i;
-    int held_tref;         /* the table the batch's strings go in, reused */
     struct lb_wait wait;
     struct lsock *socks;   /* sockets it opened: closed when it ends */
     /* Set by the glue: resume me (lb_resume) from the loop, soon. */

@@ -94,9 +94,6 @@ void lheld_trim(lua_State *L);
  * (`error(msg, 2)` in a handler, or a constructor's misuse in a tail
  * call), which is no line of the script: the bridge then finds one. */
 const char *lheld_unblame(const char *msg);
-/* A batch ended without the runner emptying its table (an error, an
- * abandon): the next batch gets a new one, and this one goes. */
-void lheld_forget(struct lb_conn *lc);
 
 /* lctx.c */
 /* Pushes a new ctx table for s and returns its block (owned by the GC). */

@@ -3,9 +3,10 @@
  * resume runs the header handler for a whole batch of headers. A small
  * Lua function, made once per state, calls the handler for each header
  * in turn and returns the first verdict that is not continue. Before each
- * call it has C note which header's handler starts: ctx.headers shows the
- * headers up to it, and each handler gets what a call of its own gets (a
- * --script-timeout, the watchdog's start, its own sockets).
+ * call it has C note which header's handler starts, and gets that
+ * header's strings from it: ctx.headers shows the headers up to it, and
+ * each handler gets what a call of its own gets (a --script-timeout, the
+ * watchdog's start, its own sockets).
  */
 #include "lb_int.h"
 
@@ -15,54 +16,88 @@
 
 #define RUNNER "milter.held"
 
+/* Header i of the batch, as the runner reads it: pointers into the
+ * session's own copy, valid until the runner's next call into C (it
+ * makes its strings at once). */
+struct held_hdr {
+    const char *name;
+    size_t nlen;
+    const char *value;
+    size_t vlen;
+};
+
 /*
- * The handler of header i (1-based in the batch) starts. Only the batch
- * runner calls it, once per header in order; anything else is ignored.
- * Called through the ffi (the JIT compiles the call into the runner's
- * trace, where a Lua C function would end the trace at each header), so
- * it uses no Lua API.
+ * The handler of header i (1-based in the batch) starts: returns that
+ * header, or NULL for anything but the batch runner's next header. Called
+ * through the ffi (the JIT compiles the call into the runner's trace,
+ * where a Lua C function would end the trace at each header), so it uses
+ * no Lua API.
  */
-static int mark(int i)
+static const struct held_hdr *mark(int i)
 {
+    static struct held_hdr h; /* one worker thread, one runner at a time */
     struct lb_conn *lc = lb_running;
     if (!lc || !lc->held_s || i != (int)lc->held_i + 1 ||
         i > (int)lc->held_n)
-        return 0;
+        return NULL;
     lc->held_i = (uint32_t)i;
     if (i > 1)
         ltcp_close_all(lc); /* the last header's handler is over */
-    lc->held_s->hdrs_run = lc->held_first + lc->held_i;
+    struct sess *s = lc->held_s;
+    s->hdrs_run = lc->held_first + lc->held_i;
     lc->started = lb_now();
     lc->deadline = lc->started + lb_script_timeout();
     lc->st->deadline = lc->deadline;
     lb_busy_since = lc->started;
-    return 0;
+    const struct sess_hdr *sh = &s->hdrs[s->hdrs_run - 1];
+    h = (struct held_hdr){sess_cstr(s, sh->name, 1), sh->name.len,
+                          sess_cstr(s, sh->value, 1), sh->value.len};
+    return &h;
 }
 
-/* The same as a Lua C function, where there is no ffi. */
+/* The same as a Lua C function, where there is no ffi: true and the
+ * header's name and value, or false. */
 static int l_mark(lua_State *L)
 {
-    mark((int)lua_tointeger(L, 1));
-    return 0;
+    const struct held_hdr *h = mark((int)lua_tointeger(L, 1));
+    lua_pushboolean(L, h != NULL);
+    if (!h)
+        return 1;
+    lua_pushlstring(L, h->name, h->nlen);
+    lua_pushlstring(L, h->value, h->vlen);
+    return 3;
 }
 
-/* (handler, ctx, {name1, value1, ...}, n): a verdict table that is just
- * {action = "continue"} is continue, as nil is; anything else is for C to
- * read (and to report, when it is not a verdict). The connection keeps t:
- * each header's strings leave it as its handler is called, the rest when
- * a verdict ends the batch, so that it holds no message's headers after. */
+/* (handler, ctx, n, want): a verdict table that is just {action =
+ * "continue"} is continue, as nil is; anything else is for C to read (and
+ * to report, when it is not a verdict). Each header's strings are made
+ * as its handler starts, only those the handler declares (want: 0, 1 or
+ * more), so that nothing keeps a message's headers after. */
 static const char runner_src[] =
     "local ffi, mark, type, rawget, next = ...\n"
-    "if ffi then mark = ffi.cast('int (*)(int)', mark) end\n"
-    "return function(header, ctx, t, n)\n"
+    "local get = mark\n"
+    "if ffi then\n"
+    "  local hp = ffi.typeof('const struct { const char *name; size_t nlen;"
+    " const char *value; size_t vlen; } *')\n"
+    "  local mk, str = ffi.cast(ffi.typeof('$ (*)(int)', hp), mark), ffi.string\n"
+    "  get = function(i, want)\n"
+    "    local h = mk(i)\n"
+    "    if h == nil then return false end\n"
+    "    local name, value\n"
+    "    if want > 0 then name = str(h.name, h.nlen) end\n"
+    "    if want > 1 then value = str(h.value, h.vlen) end\n"
+    "    return true, name, value\n"
+    "  end\n"
+    "end\n"
+    "return function(header, ctx, n, want)\n"
     "  for i = 1, n do\n"
-    "    mark(i)\n"
-    "    local name, value = t[2 * i - 1], t[2 * i]\n"
-    "    t[2 * i - 1], t[2 * i] = nil, nil\n"
+    "    local ok, name, value = get(i, want)\n"
+    "    if not ok then return end\n"
+    "    if want < 2 then value = nil end\n"
+    "    if want < 1 then name = nil end\n"
     "    local v = header(ctx, name, value)\n"
     "    if v ~= nil and (type(v) ~= 'table' or\n"
     "        rawget(v, 'action') ~= 'continue' or next(v, next(v)) ~= nil) then\n"
-    "      for j = 2 * i + 1, 2 * n do t[j] = nil end\n"
     "      return v\n"
     "    end\n"
     "  end\n"
@@ -82,7 +117,7 @@ static int push_runner(struct lb_state *st, lua_State *co)
         if (lua_isnil(L, -1)) {
             lua_pushcfunction(L, l_mark);
         } else {
-            int (*fn)(int) = mark;
+            const struct held_hdr *(*fn)(int) = mark;
             void *p;
             memcpy(&p, &fn, sizeof p); /* a function's address, for ffi.cast */
             lua_pushlightuserdata(L, p);
@@ -116,26 +151,8 @@ int lb_call_headers(struct lb_conn *lc, struct sess *s, uint32_t first,
     lua_rawgeti(co, LUA_REGISTRYINDEX, st->handler[SE_HEADER]);
     lua_rawgeti(co, LUA_REGISTRYINDEX, lc->ctx_ref);
     lctx_sync(co, 3, lc->ctx);
-    /* the connection's own table (one batch at a time uses it), emptied
-     * by the runner as it goes */
-    if (lc->held_tref == LUA_NOREF) {
-        lua_createtable(co, 2 * 16, 0);
-        lua_pushvalue(co, -1);
-        lc->held_tref = luaL_ref(co, LUA_REGISTRYINDEX);
-    } else {
-        lua_rawgeti(co, LUA_REGISTRYINDEX, lc->held_tref);
-    }
-    unsigned want = st->nargs[SE_HEADER]; /* header(ctx, name) gets no value */
-    for (uint32_t k = 0; want && k < n; k++) {
-        const struct sess_hdr *h = &s->hdrs[first + k];
-        lb_push_name(st, co, sess_cstr(s, h->name, 1), h->name.len);
-        lua_rawseti(co, -2, (int)(2 * k + 1));
-        if (want < 2)
-            continue;
-        lua_pushlstring(co, sess_cstr(s, h->value, 1), h->value.len);
-        lua_rawseti(co, -2, (int)(2 * k + 2));
-    }
     lua_pushinteger(co, (lua_Integer)n);
+    lua_pushinteger(co, (lua_Integer)st->nargs[SE_HEADER]);
     lc->ev = SE_HEADER;
     lc->held_s = s;
     lc->held_first = first;
@@ -155,14 +172,6 @@ const char *lheld_unblame(const char *msg)
     while (*p >= '0' && *p <= '9')
         p++;
     return p[0] == ':' && p[1] == ' ' ? p + 2 : msg;
-}
-
-void lheld_forget(struct lb_conn *lc)
-{
-    if (lc->held_tref == LUA_NOREF)
-        return;
-    luaL_unref(lc->st->L, LUA_REGISTRYINDEX, lc->held_tref);
-    lc->held_tref = LUA_NOREF;
 }
 
 void lheld_trim(lua_State *L)
