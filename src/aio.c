@@ -41,6 +41,9 @@ struct tmr *tmr_start(double after, tmr_cb cb, void *ud)
         return NULL;
     t->cb = cb;
     t->ud = ud;
+    /* from now, not from the loop's last wake-up (libev's cached time):
+     * the handler that starts it may have run for a while since */
+    ev_now_update(loop);
     ev_timer_init(&t->w, fired, after > 0 ? after : 0, 0);
     ev_timer_start(loop, &t->w);
     return t;

@@ -101,6 +101,34 @@ return H
     end
   end)
 
+  -- libev's clock is the loop's last wake-up: a timer started from it
+  -- after 30 ms of handler work fired 30 ms early (sleep(0.05) took 0.02)
+  it("milter.sleep waits its whole time, however long the handler ran before", function()
+    start [[
+local ffi = require "ffi"
+pcall(ffi.cdef, "struct lm_ts { long s, ns; }; int clock_gettime(int, struct lm_ts *);")
+local function now() -- CLOCK_MONOTONIC
+  local t = ffi.new("struct lm_ts")
+  ffi.C.clock_gettime(1, t)
+  return tonumber(t.s) + tonumber(t.ns) / 1e9
+end
+function H.envfrom(ctx)
+  local t = now()
+  while now() - t < 0.03 do end -- 30 ms of work first
+  local t0 = now()
+  milter.sleep(0.05)
+  seen(ctx, "slept", now() - t0)
+end
+return H
+]]
+    local c = U.client(d)
+    local res = c:session {}
+    c:close()
+    assert.is_nil(res.error)
+    local slept = U.seen(d, "slept")[1]
+    assert.is_true(slept >= 0.0495, "milter.sleep(0.05) slept " .. tostring(slept))
+  end)
+
   it("dns.query: A, AAAA, MX, TXT, PTR (v4 and v6), CNAME against dnsmasq; no name is an empty list", function()
     start [[
 function H.envfrom(ctx)
