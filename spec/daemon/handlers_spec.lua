@@ -282,6 +282,7 @@ function H.header(ctx, name) seen(ctx, "header", { name }) end
 function H.eoh(...) seen((...), "eoh", select("#", ...)) end
 return H
 ]])
+    finally(function() d:stop() end)
     local c = U.client(d, U.REPLIES)
     assert.are.equal("c", assert(c:connect_ev("mx.example.net", "4", 40001, "192.0.2.7")).cmd)
     assert.are.equal("c", assert(c:mail("<a@example.org>", { "SIZE=42" })).cmd)

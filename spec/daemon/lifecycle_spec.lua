@@ -570,7 +570,8 @@ describe("stop", function()
     local workers, c = with_session(1)
     local w = workers[1]
     assert(L.kill(w, "STOP"))
-    finally(function() if L.alive(w) then L.kill(w, "KILL") end end)
+    -- busted keeps one finally per test: this one closes c too
+    finally(function() c:close(); if L.alive(w) then L.kill(w, "KILL") end end)
     assert(L.wait_until(function() return (L.stat(w) or {}).state == "T" end, 2, 0.01),
       "the worker did not stop")
     assert(d:signal("TERM"))
@@ -589,7 +590,8 @@ describe("stop", function()
   it("a worker whose supervisor died finishes its session, then exits", function()
     local workers, c = with_session(1, { "--shutdown-timeout", "20" })
     local w = workers[1]
-    finally(function() if L.alive(w) then L.kill(w, "KILL") end end)
+    -- busted keeps one finally per test: this one closes c too
+    finally(function() c:close(); if L.alive(w) then L.kill(w, "KILL") end end)
     local tail = L.tail(d.log_path)
     assert(d:signal("KILL"))
     assert.are.equal("killed", select(2, d:wait(2)))

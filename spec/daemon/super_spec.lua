@@ -360,14 +360,15 @@ describe("Ctrl-C", function()
     local script, sock, log = dir .. "/script.lua", dir .. "/s.sock", dir .. "/log"
     L.write(script, A)
     local pid = spawn_group({ L.binary(), "--workers", "2", "-l", "unix:" .. sock, script }, log)
-    finally(function()
+    local c
+    finally(function() -- busted keeps one finally per test: all in this one
+      if c then c:close() end
       if L.alive(pid) then psignal.kill(-pid, psignal.SIGKILL); L.wait_child(pid, 5) end
       L.rmtree(dir)
     end)
     assert(mc.wait_socket("unix:" .. sock, 5), "not listening:\n" .. tostring(L.read(log)))
     assert(L.wait_workers(pid, 2, log, 5), "no workers:\n" .. tostring(L.read(log)))
-    local c = assert(mc.connect("unix:" .. sock, { timeout = 5 }))
-    finally(function() c:close() end)
+    c = assert(mc.connect("unix:" .. sock, { timeout = 5 }))
     assert(L.open(c))
     assert.are.equal("A", assert(L.begin_message(c)))
     local tail = L.tail(log)

@@ -6,6 +6,7 @@ local psignal = require "posix.signal"
 local pwait = require "posix.sys.wait"
 local stdlib = require "posix.stdlib"
 local dirent = require "posix.dirent"
+local pstat = require "posix.sys.stat"
 local mc = require "spec.support.milter_client"
 
 local D = {}
@@ -25,11 +26,20 @@ local function write_file(path, data)
   assert(f:write(data)); assert(f:close())
 end
 
-local function rmtree(dir)
-  for name in dirent.files(dir) do
-    if name ~= "." and name ~= ".." then os.remove(dir .. "/" .. name) end
+-- removes a file or a directory with everything in it (a daemon's
+-- directory can hold a store's directories: left behind, their 64 MB
+-- maps filled /tmp run after run); a link is removed, not followed
+local function rmtree(path)
+  local st = pstat.lstat(path)
+  if not st then return end
+  if pstat.S_ISDIR(st.st_mode) ~= 0 then
+    for name in dirent.files(path) do
+      if name ~= "." and name ~= ".." then rmtree(path .. "/" .. name) end
+    end
+    unistd.rmdir(path)
+  else
+    os.remove(path)
   end
-  unistd.rmdir(dir)
 end
 
 local function free_tcp_port()
