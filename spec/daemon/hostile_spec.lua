@@ -112,10 +112,11 @@ describe("hostile peers", function()
     local before = warns(d)
     local c = U.client(d)
     U.open(c)
-    -- a macro packet (no reply) every 0.4 s for 2.4 s: more than twice
-    -- --timeout in all, never 1 s of silence
-    for _ = 1, 6 do
-      socket.sleep(0.4)
+    -- a macro packet (no reply) every 0.25 s for 2.5 s: more than twice
+    -- --timeout in all, never 1 s of silence (0.75 s to spare for a
+    -- stall of this process on a loaded machine)
+    for _ = 1, 10 do
+      socket.sleep(0.25)
       assert.is_true(c:send_raw(frame("D", "M{x}\0y\0")) and true)
     end
     local res = U.message(c, { rcpts = { "<a@example.org>" }, body = "b\r\n" })
@@ -175,13 +176,13 @@ describe("the per-packet deadline (--timeout)", function()
     local d = U.start(U.script [[
 function H.unknown(ctx, cmd) end
 return H
-]], { args = { "--timeout", "1" } })
+]], { args = { "--timeout", "2" } })
     finally(function() d:stop() end)
     local c = U.client(d)
     U.open(c)
     -- every write finishes the previous packet and starts the next one, so
     -- the read buffer never runs empty; each packet takes one pause (0.25s,
-    -- well within --timeout), the whole run four times --timeout
+    -- well within --timeout), the whole run twice --timeout
     local f = frame("U", "NOOP\0")
     local half = 4
     local writes = 16
