@@ -117,6 +117,7 @@ end
 return H
 ]]
     local d = U.start(src)
+    finally(function() d:stop() end)
     local res = U.normal_session(d)
     assert.is_nil(res.error)
     U.wait_log(d, "writes global")

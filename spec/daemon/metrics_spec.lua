@@ -265,6 +265,7 @@ describe("--metrics on a unix socket", function()
     local tmp = assert(stdlib.mkdtemp("/tmp/luamilter-metrics-XXXXXX"))
     local spec = "unix:" .. tmp .. "/metrics.sock"
     local d = U.start(SRC, { args = { "--metrics", spec, "--store", "lmdb:" .. tmp .. "/s.mdb" } })
+    finally(function() d:stop() end)
     wait_health(spec, 200)
     local m = metrics(spec)
     assert.are.equal(1, m.luamilter_workers)

@@ -206,6 +206,7 @@ end
 describe("the message log line", function()
   it("has one line per message, for every way it ends (text)", function()
     local d = U.start(SRC)
+    finally(function() d:stop() end)
     play(d)
     local lines = wait_lines(d, 10, text_lines)
     d:stop()
@@ -217,6 +218,7 @@ describe("the message log line", function()
 
   it("has the same as fields in --log-format json", function()
     local d = U.start(SRC, { args = { "--log-format", "json" } })
+    finally(function() d:stop() end)
     play(d)
     local lines = wait_lines(d, 10, json_lines)
     d:stop()
@@ -240,6 +242,7 @@ return H
 
   it("logs its fields in text", function()
     local d = U.start(LOG_SRC)
+    finally(function() d:stop() end)
     local c = assert(d:client())
     assert(c:optneg(U.mc.OFFER.postfix))
     U.open(c)
@@ -256,6 +259,7 @@ return H
 
   it("logs its fields as members in JSON", function()
     local d = U.start(LOG_SRC, { args = { "--log-format", "json" } })
+    finally(function() d:stop() end)
     local c = assert(d:client())
     assert(c:optneg(U.mc.OFFER.postfix))
     U.open(c)

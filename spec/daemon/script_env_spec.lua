@@ -115,6 +115,7 @@ return { connect = function() end }
     assert.are.equal("5|nil|string\n", read(out))
     os.remove(out)
     local d = U.start(src, { args = { "--set", "limit=7", "--set", "limit=8" } })
+    finally(function() d:stop() end)
     -- the socket listens before the worker has loaded the script: a
     -- served session proves the worker ran the top level
     local c = U.client(d)
@@ -152,6 +153,7 @@ end }
     assert.are.equal(0, r.status, r.stderr)
     -- and when serving
     local d = U.start(read(policy), { args = { "--preload", preload } })
+    finally(function() d:stop() end)
     local c = U.client(d)
     local rep, err = c:connect_ev("x", "4", 1234, "192.0.2.66", {})
     c:close()
