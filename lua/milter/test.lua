@@ -88,7 +88,10 @@ function M.run(t)
       files[i], made[i] = path, path
     end
   end
-  local args = { shell_quote(t.bin or default_bin()), "test", shell_quote(t.script) }
+  local args = { shell_quote(t.bin or default_bin()) }
+  if t.store then args[#args + 1] = "--store " .. shell_quote(t.store) end -- before "test"
+  args[#args + 1] = "test"
+  args[#args + 1] = shell_quote(t.script)
   for _, p in ipairs(files) do args[#args + 1] = shell_quote(p) end
   args[#args + 1] = "--json"
   if t.each_connection then args[#args + 1] = "--each-connection" end

@@ -68,11 +68,26 @@ return { envfrom = function(ctx)
   if n > 2 then return milter.reject{ code = 550, reason = "rate limit" } end
 end }
 ]]):format(key))
-    local r = mt.run { script = policy, messages = { MSG, MSG, MSG }, each_connection = true }
+    -- a store of the test's own (the default is the one every luamilter
+    -- test shares: /var/lib/luamilter as root)
+    local dir = assert(require("posix.stdlib").mkdtemp("/tmp/luamilter-offline-XXXXXX"))
+    finally(function()
+      for _, f in ipairs { "/store.mdb", "/store.mdb-lock" } do os.remove(dir .. f) end
+      os.remove(dir)
+    end)
+    local run = { script = policy, messages = { MSG, MSG, MSG }, each_connection = true,
+                  store = "lmdb:" .. dir .. "/store.mdb" }
+    local r = mt.run(run)
     assert.are.equal(1, r.status, r.stderr)
     assert.are.same({ true, true, false },
       { r.messages[1].final.delivered, r.messages[2].final.delivered, r.messages[3].final.delivered })
     assert.are.equal("550 5.7.1 rate limit", r.messages[3].final.reply)
+    local f = io.open(dir .. "/store.mdb")
+    assert.is_truthy(f, "the store is not where run{} said")
+    f:close()
+    -- a second run sees the counts of the first: the same store
+    r = mt.run(run)
+    assert.are.equal("550 5.7.1 rate limit", r.messages[1].final.reply)
   end)
 
   it("reports each message in turn in text, and the worst status", function()
