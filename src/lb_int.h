@@ -12,6 +12,7 @@
 #include "lb.h"
 
 #define LB_NAMES 128   /* header name slots */
+#define LB_VKEYS 24    /* lverdict's interned keys (lverdict.c) */
 #define LB_NAME_MAX 32 /* longest name kept */
 
 struct lb_state {
@@ -37,6 +38,11 @@ struct lb_state {
     unsigned handlers;      /* SE_BIT()s */
     struct mod *mods;       /* verdict scratch, reused by every call */
     int reader_ref;         /* lverdict's reader function, 0 until made */
+    /* lverdict's keys and action names as the state's (interned) strings,
+     * made with the reader: a key from a verdict table is one of them
+     * when its pointer is */
+    int vkey_ref[LB_VKEYS];
+    const char *vkey[LB_VKEYS];
     int held_ref;           /* lheld's batch runner, 0 until made */
     size_t mods_cap;
     char sites[SE__COUNT][160]; /* lb_handler_site's answers, once made */

@@ -56,11 +56,52 @@ static const struct {
 #define INDEX_KEYS 0xfu /* add, insert, change, delete_header */
 #define NMOD_KEYS (int)(sizeof mod_keys / sizeof mod_keys[0])
 
-/* Pushes t[key] without metamethods. */
-static void rawfield(lua_State *co, int t, const char *key)
+/* The keys read by name, after the modification keys (0..NMOD_KEYS-1),
+ * then the action names: each is kept as the state's own string. */
+enum {
+    K_ACTION = NMOD_KEYS,
+    K_CODE,
+    K_XCODE,
+    K_REASON,
+    K_ACTIONS /* + VA_*: the action names */
+};
+static const char *const other_keys[] = {"action", "code", "xcode",
+                                         "reason"};
+_Static_assert(K_ACTIONS + VA__COUNT <= LB_VKEYS, "LB_VKEYS too small");
+
+static const char *key_name(int k)
 {
-    lua_pushstring(co, key);
-    lua_rawget(co, t < 0 ? t - 1 : t);
+    return k < NMOD_KEYS   ? mod_keys[k].key
+           : k < K_ACTIONS ? other_keys[k - K_ACTION]
+                           : sess_action_names[k - K_ACTIONS];
+}
+
+/* Makes the key strings once per state (outside any handler call). */
+static void make_keys(struct lb_state *st)
+{
+    lua_State *L = st->L;
+    for (int k = 0; k < K_ACTIONS + VA__COUNT; k++) {
+        lua_pushstring(L, key_name(k));
+        st->vkey[k] = lua_tostring(L, -1);
+        st->vkey_ref[k] = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+}
+
+/* Pushes t[key k] without metamethods. */
+static void rawfield(struct vr *r, int t, int k)
+{
+    lua_rawgeti(r->co, LUA_REGISTRYINDEX, r->st->vkey_ref[k]);
+    lua_rawget(r->co, t < 0 ? t - 1 : t);
+}
+
+/* Which key (0..K_ACTIONS-1) a verdict's key is, -1 if none: LuaJIT
+ * interns every string, so the same text is the same pointer. */
+static int key_of(const struct vr *r, const char *key)
+{
+    for (int k = 0; k < K_ACTIONS; k++)
+        if (key == r->st->vkey[k])
+            return k;
+    return -1;
 }
 
 /* A string at stack index i without NUL bytes; -1 if not a string. */
@@ -119,13 +160,13 @@ static int read_reply(struct vr *r)
     struct verdict *v = r->v;
     int cls = v->action == VA_REJECT ? 5 : 4;
     lua_Integer code = 0;
-    rawfield(co, r->t, "code");
+    rawfield(r, r->t, K_CODE);
     if (!lua_isnil(co, -1) &&
         get_int(co, -1, cls * 100, cls * 100 + 99, &code) < 0)
         return fail(r, "code must be a %dxx number for %s", cls,
                     sess_action_names[v->action]);
     v->code = (int)code;
-    rawfield(co, r->t, "xcode");
+    rawfield(r, r->t, K_XCODE);
     if (!lua_isnil(co, -1)) {
         struct wire_str x;
         if (get_str(co, -1, &x) < 0 || !wire_xcode_valid(x.p, x.n, cls))
@@ -134,7 +175,7 @@ static int read_reply(struct vr *r)
                         cls, cls, sess_action_names[v->action]);
         v->xcode = x;
     }
-    rawfield(co, r->t, "reason");
+    rawfield(r, r->t, K_REASON);
     struct wire_str line;
     if (lua_istable(co, -1)) {
         int n = (int)lua_objlen(co, -1);
@@ -379,18 +420,15 @@ static int check_keys(struct vr *r)
         if (lua_type(co, -1) != LUA_TSTRING)
             return fail(r, "verdict keys must be strings");
         const char *key = lua_tostring(co, -1);
-        if (strcmp(key, "action") == 0)
+        int k = key_of(r, key);
+        if (k == K_ACTION)
             continue;
-        if (!strcmp(key, "code") || !strcmp(key, "xcode") ||
-            !strcmp(key, "reason")) {
+        if (k == K_CODE || k == K_XCODE || k == K_REASON) {
             if (act != VA_REJECT && act != VA_TEMPFAIL)
                 return fail(r, "'%s' goes with reject or tempfail only", key);
             continue;
         }
-        int k = 0;
-        while (k < NMOD_KEYS && strcmp(key, mod_keys[k].key) != 0)
-            k++;
-        if (k == NMOD_KEYS)
+        if (k < 0)
             return fail(r, "unknown key '%s'", key);
         if (r->ev != SE_EOM)
             return fail(r, "%s: modifications are only allowed in eom", key);
@@ -412,11 +450,11 @@ static int read_all(lua_State *co)
     struct verdict *v = r->v;
     int ev = r->ev;
     r->rc = -1;
-    rawfield(co, r->t, "action");
+    rawfield(r, r->t, K_ACTION);
     const char *a = lua_type(co, -1) == LUA_TSTRING ? lua_tostring(co, -1)
                                                     : NULL;
     int act = 0;
-    while (a && act < VA__COUNT && strcmp(a, sess_action_names[act]) != 0)
+    while (a && act < VA__COUNT && a != r->st->vkey[K_ACTIONS + act])
         act++;
     if (!a || act == VA__COUNT)
         return fail(r, "no valid action (build verdicts with milter.accept{}, "
@@ -440,7 +478,7 @@ static int read_all(lua_State *co)
         if (!(r->present & (1u << k)))
             continue;
         lua_settop(co, 2);
-        rawfield(co, r->t, mod_keys[k].key);
+        rawfield(r, r->t, k);
         if (!lua_isnil(co, -1) && read_mod(r, k) < 0)
             return 0;
     }
@@ -466,6 +504,7 @@ int lverdict_read(struct lb_state *st, lua_State *co, int idx, int ev,
     /* read_all(verdict, anchor, &r): no closure, no allocation per call;
      * the anchor table is made only when a value had to be rewritten. */
     if (st->reader_ref == 0) { /* once per state: no closure per call */
+        make_keys(st);
         lua_pushcfunction(st->L, read_all);
         st->reader_ref = luaL_ref(st->L, LUA_REGISTRYINDEX);
     }
