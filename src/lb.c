@@ -612,9 +612,7 @@ void lb_push_name(struct lb_state *st, lua_State *co, const char *p,
         lua_pushlstring(co, p, n);
         return;
     }
-    unsigned h = (unsigned)n * 31u + (unsigned char)p[0] * 7u +
-                 (unsigned char)p[n / 2] * 3u + (unsigned char)p[n - 1];
-    struct lb_name *e = &st->names[h % LB_NAMES];
+    struct lb_name *e = &st->names[lb_name_slot(p, n)];
     if (e->ref > 0 && e->len == n && memcmp(e->p, p, n) == 0) {
         lua_rawgeti(co, LUA_REGISTRYINDEX, e->ref);
         return;

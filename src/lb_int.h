@@ -54,7 +54,22 @@ struct lb_state {
         char p[LB_NAME_MAX];
         int ref;
     } names[LB_NAMES];
+    /* the same for lheld's runner, which keeps the strings in a table of
+     * its own (slot i at i + 1): the bytes of slot i's string, once the
+     * runner has said it keeps it */
+    struct lb_hname {
+        uint8_t len, kept;
+        char p[LB_NAME_MAX];
+    } hnames[LB_NAMES];
 };
+
+/* The name cache slot of a header name of n bytes (1..LB_NAME_MAX). */
+static inline unsigned lb_name_slot(const char *p, size_t n)
+{
+    unsigned h = (unsigned)n * 31u + (unsigned char)p[0] * 7u +
+                 (unsigned char)p[n / 2] * 3u + (unsigned char)p[n - 1];
+    return h % LB_NAMES;
+}
 
 /* The C block of a ctx userdata; s is NULL once the session is over. */
 struct lctx {

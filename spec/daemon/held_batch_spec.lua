@@ -301,4 +301,31 @@ return H
     assert(c:send_raw(mc.frame("E", "")))
     assert.are.equal("a", c:read_reply(5).cmd)
   end)
+
+  it("names that share a slot of the name cache reach each handler as they came", function()
+    -- the runner keeps the names it made in 128 slots: 300 names, some
+    -- differing only in case, share slots; message 2 sends them in reverse
+    -- and message 3 again, so both a hit and a replaced slot are seen
+    local names = {}
+    for i = 1, 300 do
+      local n = "X-N" .. i .. ("abcdefg"):sub(1, i % 7)
+      names[#names + 1] = { i % 3 == 0 and n:lower() or n, "v" .. i }
+    end
+    local src = U.script [[
+function H.header(ctx, name, value) seen(ctx, "h", name .. "=" .. value) end
+function H.eom(ctx) return milter.accept() end
+return H
+]]
+    local want = {}
+    local function expect(list)
+      for _, h in ipairs(list) do want[#want + 1] = h[1] .. "=" .. h[2] end
+    end
+    assert.are.equal("a", run(src, names).cmd)
+    local rev = {}
+    for i = #names, 1, -1 do rev[#rev + 1] = names[i] end
+    assert.are.equal("a", one_write(c, rev).cmd)
+    assert.are.equal("a", one_write(c, names).cmd)
+    expect(names); expect(rev); expect(names)
+    assert.are.same(want, U.seen(d, "h"))
+  end)
 end)
