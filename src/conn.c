@@ -42,12 +42,19 @@ static void handler_ran(struct conn *c, int ev, int rc, double t0)
 {
     double t1 = clock_if_reported();
     msglog_handler(&c->mlog, ev, rc, t1 - t0);
+    if (rc == LB_WAIT)
+        c->wait_since = t1;
+    if (!metrics_cur) { /* nothing to count, per header or at all */
+        if (rc != LB_WAIT)
+            c->held_batch = 0;
+        return;
+    }
     if (c->held_batch) /* the header handlers that have started */
         for (; c->held_counted < c->sess.hdrs_run; c->held_counted++)
             metrics_call(ev);
-    if (rc == LB_WAIT) {
-        c->wait_since = t1;
-    } else if (!c->held_batch) {
+    if (rc == LB_WAIT)
+        return;
+    if (!c->held_batch) {
         metrics_call_done(ev, rc < 0, t1 - c->call_started);
     } else { /* a batch: each handler its share of the time */
         uint32_t ran = c->sess.hdrs_run - c->held_first;

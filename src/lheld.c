@@ -72,8 +72,8 @@ static const struct held_hdr *mark(int i)
         i > (int)lc->held_n)
         return NULL;
     lc->held_i = (uint32_t)i;
-    if (i > 1)
-        ltcp_close_all(lc); /* the last header's handler is over */
+    if (lc->socks) /* the last header's handler is over */
+        ltcp_close_all(lc);
     struct sess *s = lc->held_s;
     s->hdrs_run = lc->held_first + lc->held_i;
     lc->started = lb_now();
