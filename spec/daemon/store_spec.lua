@@ -259,19 +259,24 @@ function H.envfrom(ctx)
     try(store.incr, store, "k", "1"),
     try(store.get, "k"),
     try(store.del),
+    try(store.incr, store, "k", 0/0),
+    try(store.incr, store, "k", 1, 0),
+    try(store.incr, store, ""),
+    try(store.incr, "k"),
   })
 end
 return H
 ]]
     op(d, "<x@example.org>")
     local m = U.seen(d, "m")[1]
-    assert.are.equal(13, #m)
+    assert.are.equal(17, #m)
     for i, want in ipairs { "key must be 1 to 511 bytes", "key must be 1 to 511 bytes",
         "key must be a string", "value must be a string or a number", "value must be a string or a number",
         "value must be a string or a number", "value must be a finite number",
         "ttl must be a number of seconds > 0", "ttl must be a number of seconds > 0",
         "ttl must be a number of seconds", "increment must be a finite number",
-        "milter.store expected", "milter.store expected" } do
+        "milter.store expected", "milter.store expected", "increment must be a finite number",
+        "ttl must be a number of seconds > 0", "key must be 1 to 511 bytes", "milter.store expected" } do
       assert.is_truthy(m[i]:find(want, 1, true), i .. ": " .. m[i])
     end
     -- at the top level (load time): the script fails to load
@@ -280,6 +285,22 @@ return H
     local r = D.run({ "--store", spec(), "check", path }, 10)
     assert.are.equal(1, r.status)
     assert.is_truthy(r.stderr:find("milter.store:set: only inside a handler", 1, true), r.stderr)
+  end)
+
+  it("a misused call is reported at the script's line, naming the method", function()
+    local body = [[
+function H.envfrom(ctx)
+  local n = store:incr("k", 1, -5) -- BAD INCR
+  return milter.accept{}
+end
+return H
+]]
+    start(body, { "--on-error", "tempfail" })
+    local r = op(d, "<x@example.org>")
+    assert.is_truthy(r.cmd == "t" or (r.cmd == "y" and r.text:match("^4")), r.cmd .. " " .. tostring(r.text))
+    local line = U.line_of(U.script("local store = milter.store\n" .. body), "BAD INCR")
+    local log = U.wait_log(d, "bad argument", 5)
+    assert.is_truthy(log:find(":" .. line .. ": bad argument #3 to 'incr' (ttl must be a number of seconds > 0)", 1, true), log)
   end)
 
   it("luamilter test uses the same store: a run sees what the previous run stored", function()
