@@ -548,7 +548,7 @@ static void close_connection(struct run *r)
 int offline_main(int argc, char **argv, const struct sess_cfg *base)
 {
     struct topts o = {0};
-    const char *script;
+    const char *script = NULL;
     int rc = parse_opts(argc, argv, &o, &script);
     if (rc)
         return rc;

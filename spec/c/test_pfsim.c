@@ -142,7 +142,7 @@ int main(int argc, char **argv)
     char dir[1024];
     snprintf(dir, sizeof dir, "%s/postfix",
              argc > 1 ? argv[1] : "../shared/fixtures");
-    char **names;
+    char **names = NULL;
     int n = fx_list(dir, &names), compared = 0;
     for (int i = 0; i < n; i++) {
         const char *base = strrchr(names[i], '/') + 1;

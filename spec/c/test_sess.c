@@ -167,7 +167,7 @@ static void connect_helo(struct rig *r)
  */
 static void test_replay(const char *dir, int held)
 {
-    char **names;
+    char **names = NULL;
     int n = fx_list(dir, &names), compared = 0;
     for (int i = 0; i < n; i++) {
         struct fixture fx;

@@ -561,7 +561,7 @@ int main(int argc, char **argv)
 {
     char dir[1024];
     snprintf(dir, sizeof dir, "%s/postfix", argc > 1 ? argv[1] : "../shared/fixtures");
-    char **names;
+    char **names = NULL;
     int n = fx_list(dir, &names);
     CHECK(n >= 80, "expected the Postfix fixtures in %s, found %d", dir, n);
     for (int i = 0; i < n; i++) {
