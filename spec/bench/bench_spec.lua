@@ -176,6 +176,30 @@ describe("scripts/bench", function()
     assert.are.equal(1, n, show(res))
   end)
 
+  it("--summary-of: a round others disturbed is left out of the medians where its server had quiet ones", function()
+    local dir = assert(stdlib.mkdtemp("/tmp/luamilter-benchspec-XXXXXX"))
+    local path = dir .. "/results"
+    local f = assert(io.open(path, "w"))
+    local function row(round, server, rate, other)
+      f:write(("sect=scenario key=c=8,b=4K,m=10,r=2,h=10 round=%d server=%s msgs=10 rate=%d p50_ms=1 "
+        .. "p99_ms=2 mean_ms=1 cpu_per_1k=0.01 srv_util=0.5 gen_util=0.5 other_util=%s errors=0 "
+        .. "hwm_kb=100\n"):format(round, server, rate, other))
+    end
+    -- the reference: one disturbed round (100) and two quiet ones; luamilter:
+    -- every round disturbed, so all of them count
+    row(1, "ref-mre", 100, "0.90"); row(2, "ref-mre", 1000, "0.10"); row(3, "ref-mre", 1200, "0.00")
+    row(1, "luamilter", 900, "0.50"); row(2, "luamilter", 700, "0.40"); row(3, "luamilter", 880, "0.30")
+    f:close()
+    local res = run({ BENCH, "--refs", "mre", "--summary-of", path }, 30)
+    os.execute("rm -rf " .. dir)
+    assert.are.equal(0, res.status, show(res))
+    assert.truthy(res.out:find("\n  ref%-mre +1100 "), show(res))   -- median of 1000 and 1200
+    assert.truthy(res.out:find("\n  luamilter +880 "), show(res))   -- median of all three
+    assert.truthy(res.out:find("lua/mre +0%.80x"), show(res))
+    assert.truthy(res.out:find("note: 1 round(s) during which other processes", 1, true), show(res))
+    assert.truthy(res.out:find("note: in 1 scenario(s) a server had no quiet round", 1, true), show(res))
+  end)
+
   it("--refs rejects a reference it does not know", function()
     local res = run({ BENCH, "--quick", "--refs", "every,bogus" }, 60)
     assert.are.equal(2, res.status, show(res))
