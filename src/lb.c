@@ -600,30 +600,67 @@ static void push_list(lua_State *co, const char *list, size_t len,
     }
 }
 
-/*
- * Pushes a header name. Names repeat message after message, so each of
- * LB_NAMES slots keeps the last one that hashed to it as a Lua string,
- * pushed again without hashing and interning it anew.
- */
+static unsigned name_hash(const char *p, size_t n)
+{
+    return ((unsigned)n * 31u + (unsigned char)p[0] * 7u +
+            (unsigned char)p[n / 2] * 3u + (unsigned char)p[n - 1]) %
+           LB_NAMES;
+}
+
+int lb_name_slot(struct lb_state *st, const char *p, size_t n)
+{
+    if (n == 0 || n > LB_NAME_MAX)
+        return 0;
+    unsigned i = name_hash(p, n);
+    struct lb_name *e = &st->names[i];
+    if (e->kept && e->len == n && memcmp(e->p, p, n) == 0)
+        return (int)i + 1;
+    e->kept = 0;
+    e->len = (uint8_t)n;
+    memcpy(e->p, p, n);
+    return -(int)i - 1;
+}
+
+void lb_name_kept(struct lb_state *st, int k)
+{
+    if (k >= 1 && k <= LB_NAMES)
+        st->names[k - 1].kept = 1;
+}
+
+void lb_push_names(struct lb_state *st, lua_State *co)
+{
+    if (st->names_ref == 0) { /* an array of false, filled as names come */
+        lua_State *L = st->L;
+        lua_createtable(L, LB_NAMES, 0);
+        for (int k = 1; k <= LB_NAMES; k++) {
+            lua_pushboolean(L, 0);
+            lua_rawseti(L, -2, k);
+        }
+        st->names_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    lua_rawgeti(co, LUA_REGISTRYINDEX, st->names_ref);
+}
+
+/* Pushes a header name: the slot's string when it is this name, pushed
+ * again without hashing and interning it anew. */
 void lb_push_name(struct lb_state *st, lua_State *co, const char *p,
                   size_t n)
 {
-    if (n == 0 || n > LB_NAME_MAX) {
-        lua_pushlstring(co, p, n);
-        return;
-    }
-    struct lb_name *e = &st->names[lb_name_slot(p, n)];
-    if (e->ref > 0 && e->len == n && memcmp(e->p, p, n) == 0) {
-        lua_rawgeti(co, LUA_REGISTRYINDEX, e->ref);
+    int k = lb_name_slot(st, p, n);
+    if (k > 0) {
+        lb_push_names(st, co);
+        lua_rawgeti(co, -1, k);
+        lua_remove(co, -2);
         return;
     }
     lua_pushlstring(co, p, n);
-    if (e->ref > 0)
-        luaL_unref(co, LUA_REGISTRYINDEX, e->ref);
-    lua_pushvalue(co, -1);
-    e->ref = luaL_ref(co, LUA_REGISTRYINDEX);
-    e->len = (uint8_t)n;
-    memcpy(e->p, p, n);
+    if (k < 0) {
+        lb_push_names(st, co);
+        lua_pushvalue(co, -2);
+        lua_rawseti(co, -2, -k);
+        lua_pop(co, 1);
+        lb_name_kept(st, -k);
+    }
 }
 
 /* Pushes the handler's arguments after ctx; returns how many. */

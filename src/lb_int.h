@@ -47,29 +47,15 @@ struct lb_state {
     size_t mods_cap;
     char sites[SE__COUNT][160]; /* lb_handler_site's answers, once made */
     unsigned sites_made;        /* SE_BIT()s of those */
-    /* header names handed to handlers, kept as Lua strings (registry
-     * refs, 0 = empty): the same names come with every message */
+    /* header names handed to handlers, kept as Lua strings: the same
+     * names come with every message. Slot i's string is [i + 1] of the
+     * table names_ref (0 until made), its bytes here once kept. */
     struct lb_name {
-        uint8_t len;
-        char p[LB_NAME_MAX];
-        int ref;
-    } names[LB_NAMES];
-    /* the same for lheld's runner, which keeps the strings in a table of
-     * its own (slot i at i + 1): the bytes of slot i's string, once the
-     * runner has said it keeps it */
-    struct lb_hname {
         uint8_t len, kept;
         char p[LB_NAME_MAX];
-    } hnames[LB_NAMES];
+    } names[LB_NAMES];
+    int names_ref;
 };
-
-/* The name cache slot of a header name of n bytes (1..LB_NAME_MAX). */
-static inline unsigned lb_name_slot(const char *p, size_t n)
-{
-    unsigned h = (unsigned)n * 31u + (unsigned char)p[0] * 7u +
-                 (unsigned char)p[n / 2] * 3u + (unsigned char)p[n - 1];
-    return h % LB_NAMES;
-}
 
 /* The C block of a ctx userdata; s is NULL once the session is over. */
 struct lctx {
@@ -104,6 +90,15 @@ int lb_run_slice(struct lb_conn *lc, struct sess *s, int nargs,
                  struct verdict *v);
 void lb_push_name(struct lb_state *st, lua_State *co, const char *p,
                   size_t n);
+/* The name cache of lb_push_name, for lheld's runner, which fills it from
+ * compiled code. lb_name_slot: k > 0, [k] of the table is this name; k <
+ * 0, make the string, put it at [-k], then lb_name_kept(-k) (a slot counts
+ * only once its string is in, so a caller stopped between the two leaves
+ * one that is filled again, never another name's string); 0, a name too
+ * long to keep. lb_push_names pushes the table onto co. */
+int lb_name_slot(struct lb_state *st, const char *p, size_t n);
+void lb_name_kept(struct lb_state *st, int k);
+void lb_push_names(struct lb_state *st, lua_State *co);
 double lb_script_timeout(void);
 /* The connection whose handler runs now (st->running of its state). */
 extern struct lb_conn *lb_running;

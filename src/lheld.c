@@ -24,37 +24,16 @@ struct held_hdr {
     size_t nlen;
     const char *value;
     size_t vlen;
-    /* the name's slot in the runner's table of names (names repeat
-     * message after message, and a string made anew is hashed and
-     * interned again): k > 0, names[k] is this name; k < 0, make it, put
-     * it at names[-k] and call keep(-k); 0, just make it */
+    /* the name's lb_name_slot: names repeat message after message, and a
+     * string made anew is hashed and interned again */
     int slot;
 };
 
-/* The slot of the name of n bytes at p, as held_hdr.slot says. A slot
- * that must be filled is not kept until the runner says so (keep), so
- * that a runner stopped between the two (an error, a timeout) leaves a
- * slot that is filled again, never one whose string is another name's. */
-static int name_slot(struct lb_state *st, const char *p, size_t n)
-{
-    if (n == 0 || n > LB_NAME_MAX)
-        return 0;
-    unsigned i = lb_name_slot(p, n);
-    struct lb_hname *e = &st->hnames[i];
-    if (e->kept && e->len == n && memcmp(e->p, p, n) == 0)
-        return (int)i + 1;
-    e->kept = 0;
-    e->len = (uint8_t)n;
-    memcpy(e->p, p, n);
-    return -(int)i - 1;
-}
-
-/* The runner has put slot k's string in its table. */
+/* The runner has put slot k's string in the names table. */
 static void keep(int k)
 {
-    struct lb_conn *lc = lb_running;
-    if (lc && k >= 1 && k <= LB_NAMES)
-        lc->st->hnames[k - 1].kept = 1;
+    if (lb_running)
+        lb_name_kept(lb_running->st, k);
 }
 
 /*
@@ -83,7 +62,8 @@ static const struct held_hdr *mark(int i)
     const struct sess_hdr *sh = &s->hdrs[s->hdrs_run - 1];
     const char *name = sess_cstr(s, sh->name, 1);
     h = (struct held_hdr){name, sh->name.len, sess_cstr(s, sh->value, 1),
-                          sh->value.len, name_slot(lc->st, name, sh->name.len)};
+                          sh->value.len,
+                          lb_name_slot(lc->st, name, sh->name.len)};
     return &h;
 }
 
@@ -106,15 +86,14 @@ static int l_mark(lua_State *L)
  * as its handler starts, only those the handler declares (want: 0, 1 or
  * more), so that nothing keeps a message's headers after. */
 static const char runner_src[] =
-    "local ffi, mark, keep, nslots, type, rawget, next = ...\n"
+    "local ffi, mark, keep, names, type, rawget, next = ...\n"
     "local get = mark\n"
     "if ffi then\n"
     "  local hp = ffi.typeof('const struct { const char *name; size_t nlen;"
     " const char *value; size_t vlen; int slot; } *')\n"
     "  local mk, str = ffi.cast(ffi.typeof('$ (*)(int)', hp), mark), ffi.string\n"
     "  local kp = ffi.cast('void (*)(int)', keep)\n"
-    "  local names = {}\n"
-    "  for k = 1, nslots do names[k] = false end\n"
+
     "  get = function(i, want)\n"
     "    local h = mk(i)\n"
     "    if h == nil then return false end\n"
@@ -169,7 +148,7 @@ static int push_runner(struct lb_state *st, lua_State *co)
             memcpy(&p, &kfn, sizeof p);
             lua_pushlightuserdata(L, p);
         }
-        lua_pushinteger(L, LB_NAMES);
+        lb_push_names(st, L);
         lb_push_std(L, LB_TYPE);
         lb_push_std(L, LB_RAWGET);
         lb_push_std(L, LB_NEXT);
