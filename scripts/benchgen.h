@@ -66,6 +66,7 @@ struct opts {
     long total; /* stop after this many messages; 0 = by time */
     long max_errors; /* give up after this many errors */
     int server_pid;
+    int helper_pid; /* its CPU is neither the server's nor noise */
 };
 extern struct opts O;
 

@@ -101,6 +101,9 @@ static void usage(void)
           "  -T, --timeout SECONDS    reply timeout (10)\n"
           "  -e, --expect-header NAME each BODYEOB must add this header\n"
           "  -p, --server-pid PID     report this process's CPU and RSS\n"
+          "      --helper-pid PID     a process the server relies on (a store's\n"
+          "                           redis-server): its CPU is reported as\n"
+          "                           helper_util, not counted as other_util\n"
           "  -l, --label NAME         name in the RESULT line\n"
           "      --idle N             open N idle sessions, report RSS, exit\n"
           "      --settle SECONDS     idle: wait before measuring (1)\n"
@@ -130,6 +133,7 @@ static void parse_args(int argc, char **argv)
                                        {"settle", 1, 0, 2},
                                        {"probe", 0, 0, 3},
                                        {"max-errors", 1, 0, 4},
+                                       {"helper-pid", 1, 0, 5},
                                        {"help", 0, 0, 'h'},
                                        {0, 0, 0, 0}};
     int ch;
@@ -154,6 +158,7 @@ static void parse_args(int argc, char **argv)
         case 2: O.settle = atof(optarg); break;
         case 3: O.probe = 1; break;
         case 4: O.max_errors = atol(optarg); break;
+        case 5: O.helper_pid = atoi(optarg); break;
         default: usage();
         }
     }
@@ -346,6 +351,7 @@ int main(int argc, char **argv)
             gen_die("pthread_create failed");
 
     double cpu0 = -1, cpu1 = -1, g0, g1 = 0, tw0, tw1 = 0, m0, m1 = 0;
+    double h0 = -1, h1 = -1; /* the helper's CPU */
     int nprocs = 0;
     if (O.total) {
         tw0 = t_start;
@@ -353,6 +359,8 @@ int main(int argc, char **argv)
         g0 = proc_self_cpu();
         if (O.server_pid)
             cpu0 = proc_cpu(O.server_pid, &nprocs);
+        if (O.helper_pid)
+            h0 = proc_cpu(O.helper_pid, NULL);
     } else {
         sleep_until(t_ws);
         tw0 = gen_now();
@@ -360,6 +368,8 @@ int main(int argc, char **argv)
         g0 = proc_self_cpu();
         if (O.server_pid)
             cpu0 = proc_cpu(O.server_pid, &nprocs);
+        if (O.helper_pid)
+            h0 = proc_cpu(O.helper_pid, NULL);
         sleep_until(t_we);
         atomic_store(&g_stop, 1);
         tw1 = gen_now();
@@ -367,6 +377,8 @@ int main(int argc, char **argv)
         g1 = proc_self_cpu();
         if (O.server_pid)
             cpu1 = proc_cpu(O.server_pid, NULL);
+        if (O.helper_pid)
+            h1 = proc_cpu(O.helper_pid, NULL);
     }
     for (int i = 0; i < nw; i++)
         pthread_join(ws[i].th, NULL);
@@ -382,6 +394,8 @@ int main(int argc, char **argv)
         g1 = proc_self_cpu();
         if (O.server_pid)
             cpu1 = proc_cpu(O.server_pid, NULL);
+        if (O.helper_pid)
+            h1 = proc_cpu(O.helper_pid, NULL);
     }
     if (O.server_pid) {
         hwm = proc_status_kb(O.server_pid, "VmHWM");
@@ -409,24 +423,27 @@ int main(int argc, char **argv)
     mean = nlat ? mean / (double)nlat : 0;
     double secs = tw1 - tw0;
     double scpu = cpu0 >= 0 && cpu1 >= 0 ? cpu1 - cpu0 : -1;
+    double hcpu = h0 >= 0 && h1 >= 0 ? h1 - h0 : 0;
     /* CPU the rest of the machine used meanwhile, in cores: noise */
     double other = m0 >= 0 && m1 >= 0 && secs > 0
-                       ? (m1 - m0 - (g1 - g0) - (scpu > 0 ? scpu : 0)) / secs
+                       ? (m1 - m0 - (g1 - g0) - (scpu > 0 ? scpu : 0) - hcpu) /
+                             secs
                        : -1;
     if (other < 0 && m0 >= 0)
         other = 0;
     printf("RESULT label=%s msgs=%ld total_msgs=%ld conns=%ld secs=%.3f "
            "rate=%.1f p50_ms=%.3f p99_ms=%.3f mean_ms=%.3f max_ms=%.3f "
            "srv_cpu=%.2f cpu_per_1k=%.4f srv_util=%.2f hwm_kb=%ld rss_kb=%ld "
-           "gen_cpu=%.2f gen_util=%.2f other_util=%.2f gen_threads=%d procs=%d "
-           "protocol=0x%x",
+           "gen_cpu=%.2f gen_util=%.2f other_util=%.2f helper_util=%.2f "
+           "gen_threads=%d procs=%d protocol=0x%x",
            O.label, done, total_done, opened, secs,
            secs > 0 ? (double)done / secs : 0, pct(lat, nlat, 0.5) * 1e3,
            pct(lat, nlat, 0.99) * 1e3, mean * 1e3,
            nlat ? lat[nlat - 1] * 1e3 : 0, scpu,
            scpu >= 0 && done ? scpu / (double)done * 1000 : -1,
            scpu >= 0 && secs > 0 ? scpu / secs : -1, hwm, rss, g1 - g0,
-           secs > 0 ? (g1 - g0) / secs : 0, other, nw, nprocs,
+           secs > 0 ? (g1 - g0) / secs : 0, other,
+           secs > 0 ? hcpu / secs : 0, nw, nprocs,
            atomic_load(&g_neg_protocol));
     print_errors(ws, nw);
     printf("\n");

@@ -115,16 +115,32 @@ describe("scripts/bench", function()
     assert.falsy(res.err:find("error", 1, true), show(res))
   end)
 
-  it("--store lmdb and --store redis --quick: every message counted in milter.store, no errors", function()
+  it("--store lmdb and --store redis --quick: store and no-store runs in the same rounds, no errors", function()
     for _, backend in ipairs { "lmdb", "redis" } do
       local res = run({ BENCH, "--quick", "--store", backend, "--workers", "2" }, 120)
       assert.are.equal(0, res.status, show(res))
       local got = runs(res.out)
-      assert.are.equal(1, #got, show(res))
-      assert.are.equal("luamilter", got[1].server)
-      assert.are.equal(24, got[1].msgs, show(res))
-      assert.are.equal(0, got[1].errors, show(res))
+      assert.are.equal(2, #got, show(res))
+      assert.are.equal("no-store", got[1].server, show(res))
+      assert.are.equal("luamilter", got[2].server, show(res))
+      for _, r in ipairs(got) do
+        assert.are.equal(24, r.msgs, show(res))
+        assert.are.equal(0, r.errors, show(res))
+      end
+      assert.truthy(res.out:find("luamilter: one store:incr per message on " .. backend, 1, true), show(res))
+      assert.truthy(res.out:find("\n  store/none +[%d.]+x"), show(res))
+      -- no C reference runs beside them
+      assert.falsy(res.out:find("reference", 1, true), show(res))
     end
+  end)
+
+  it("even rounds run the servers in the reverse order", function()
+    local res = run({ BENCH, "--refs", "mre", "--rounds", "3", "--messages", "24", "--concurrency", "2",
+      "--msgs-per-conn", "3", "--headers", "3" }, 120)
+    assert.are.equal(0, res.status, show(res))
+    local names = {}
+    for i, r in ipairs(runs(res.out)) do names[i] = r.server end
+    assert.are.same({ "ref-mre", "luamilter", "luamilter", "ref-mre", "ref-mre", "luamilter" }, names, show(res))
   end)
 
   it("--ref-eom-only: the reference answers BODYEOB only, and runs clean", function()
@@ -198,6 +214,36 @@ describe("scripts/bench", function()
     assert.truthy(res.out:find("lua/mre +0%.80x"), show(res))
     assert.truthy(res.out:find("note: 1 round(s) during which other processes", 1, true), show(res))
     assert.truthy(res.out:find("note: in 1 scenario(s) a server had no quiet round", 1, true), show(res))
+  end)
+
+  it("--summary-of with --store lmdb: the store run against the no-store run, and the 0.9x target", function()
+    local dir = assert(stdlib.mkdtemp("/tmp/luamilter-benchspec-XXXXXX"))
+    local path = dir .. "/results"
+    local f = assert(io.open(path, "w"))
+    local function row(key, round, server, rate)
+      f:write(("sect=scenario key=%s round=%d server=%s msgs=10 rate=%d p50_ms=1 p99_ms=2 mean_ms=1 "
+        .. "cpu_per_1k=0.01 srv_util=0.5 gen_util=0.5 other_util=0.00 errors=0 hwm_kb=100\n")
+        :format(key, round, server, rate))
+    end
+    local met, missed = "c=8,b=4K,m=10,r=2,h=10", "c=64,b=4K,m=10,r=2,h=10"
+    for r, rates in ipairs { { 1000, 950 }, { 1100, 900 }, { 900, 1000 } } do
+      row(met, r, "no-store", rates[1]); row(met, r, "luamilter", rates[2])   -- medians 1000, 950
+      row(missed, r, "no-store", rates[1]); row(missed, r, "luamilter", rates[2] * 0.9)  -- 1000, 855
+    end
+    f:close()
+    local res = run({ BENCH, "--store", "lmdb", "--summary-of", path }, 30)
+    assert.are.equal(0, res.status, show(res))
+    local target = "target %(4 KiB%): msgs/s with the store on LMDB >= 0%.90x the same policy without it: "
+    assert.truthy(res.out:find(met .. "\n  no%-store +1000 .-\n  luamilter +950 .-\n  store/none +0%.95x"), show(res))
+    assert.truthy(res.out:find(target .. "met %(0%.95x%)"), show(res))
+    assert.truthy(res.out:find(target .. "NOT met %(0%.85x%)"), show(res))
+    -- on Redis there is no target, only the ratio
+    f = assert(io.open(path, "w")); row(met, 1, "no-store", 1000); row(met, 1, "luamilter", 500); f:close()
+    res = run({ BENCH, "--store", "redis", "--summary-of", path }, 30)
+    os.execute("rm -rf " .. dir)
+    assert.are.equal(0, res.status, show(res))
+    assert.truthy(res.out:find("store/none +0%.50x"), show(res))
+    assert.falsy(res.out:find("target", 1, true), show(res))
   end)
 
   it("--refs rejects a reference it does not know", function()
@@ -297,6 +343,30 @@ return {
     assert.are.equal(0x80000, bit.band(tonumber(f.protocol), 0x80000), show(res))
     assert.are.equal(0, bit.band(tonumber(f.protocol), 0x400), show(res))
     assert.falsy(d:log():find("protocol error", 1, true), d:log())
+  end)
+
+  it("--helper-pid: the helper's CPU is reported as helper_util and left out of other_util", function()
+    local err
+    d, err = D.start([[
+return { eom = function() end }
+]], { args = { "--log-level", "warn" } })
+    assert(d, err)
+    local function gen(extra)
+      local argv = { GEN, "-s", d.listen, "-c", "4", "-n", "4000", "-e", "", "-T", "5", "-p", tostring(d.pid) }
+      for _, a in ipairs(extra) do argv[#argv + 1] = a end
+      local res = run(argv, 60)
+      assert.are.equal(0, res.status, show(res))
+      return result(res.out), res
+    end
+    local f, res = gen {}
+    assert.are.equal(0, f.helper_util, show(res))
+    -- the server itself as its own helper: the same CPU, read at the same
+    -- moments (to the clock tick), and none of it is "other" twice over
+    f, res = gen { "--helper-pid", tostring(d.pid) }
+    assert.are.equal(4000, f.msgs, show(res))
+    assert.is_true(f.srv_cpu > 0, show(res))
+    assert.is_true(math.abs(f.helper_util * f.secs - f.srv_cpu) <= 0.06, show(res))
+    assert.is_true(f.other_util <= f.srv_util, show(res))
   end)
 
   it("flags a verdict other than continue as a wrong reply", function()
