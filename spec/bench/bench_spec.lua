@@ -83,6 +83,13 @@ local function runs(out)
   return list
 end
 
+-- writes a line of the raw results a --keep run leaves (for --summary-of)
+local function result_row(f, key, round, server, rate, other)
+  f:write(("sect=scenario key=%s round=%d server=%s msgs=10 rate=%d p50_ms=1 p99_ms=2 mean_ms=1 "
+    .. "cpu_per_1k=0.01 srv_util=0.5 gen_util=0.5 other_util=%s errors=0 hwm_kb=100\n")
+    :format(key, round, server, rate, other))
+end
+
 -- key=value fields of benchgen's RESULT line
 local function result(out)
   local line = out:match("RESULT ([^\n]*)")
@@ -197,9 +204,7 @@ describe("scripts/bench", function()
     local path = dir .. "/results"
     local f = assert(io.open(path, "w"))
     local function row(round, server, rate, other)
-      f:write(("sect=scenario key=c=8,b=4K,m=10,r=2,h=10 round=%d server=%s msgs=10 rate=%d p50_ms=1 "
-        .. "p99_ms=2 mean_ms=1 cpu_per_1k=0.01 srv_util=0.5 gen_util=0.5 other_util=%s errors=0 "
-        .. "hwm_kb=100\n"):format(round, server, rate, other))
+      result_row(f, "c=8,b=4K,m=10,r=2,h=10", round, server, rate, other)
     end
     -- the reference: one disturbed round (100) and two quiet ones; luamilter:
     -- every round disturbed, so all of them count
@@ -221,9 +226,7 @@ describe("scripts/bench", function()
     local path = dir .. "/results"
     local f = assert(io.open(path, "w"))
     local function row(key, round, server, rate)
-      f:write(("sect=scenario key=%s round=%d server=%s msgs=10 rate=%d p50_ms=1 p99_ms=2 mean_ms=1 "
-        .. "cpu_per_1k=0.01 srv_util=0.5 gen_util=0.5 other_util=0.00 errors=0 hwm_kb=100\n")
-        :format(key, round, server, rate))
+      result_row(f, key, round, server, rate, "0.00")
     end
     local met, missed = "c=8,b=4K,m=10,r=2,h=10", "c=64,b=4K,m=10,r=2,h=10"
     for r, rates in ipairs { { 1000, 950 }, { 1100, 900 }, { 900, 1000 } } do
