@@ -3,6 +3,9 @@
 
 #include <stdio.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 static uint32_t get_u32(const uint8_t *p)
 {
@@ -52,7 +55,7 @@ static int take_str(const struct wire_frame *f, size_t *pos,
 /* Counts the strings of a list that must fill the rest of the frame:
  * each ends with a NUL, so the last byte is one and the NULs count them. */
 /* NUL bytes in p[0..n), eight at a time: macro lists run to kilobytes. */
-static unsigned count_nuls(const uint8_t *p, size_t n)
+static unsigned count_nuls_swar(const uint8_t *p, size_t n)
 {
     const uint64_t low7 = 0x7f7f7f7f7f7f7f7full;
     unsigned count = 0;
@@ -68,6 +71,35 @@ static unsigned count_nuls(const uint8_t *p, size_t n)
         count += p[i] == '\0';
     return count;
 }
+
+#ifdef __SSE2__
+/* Sixteen at a time where there is SSE2 (every x86-64): each byte lane
+ * counts its NULs (a compare gives -1, subtracted) over at most 255
+ * blocks, then the lanes are summed; a fourth of the SWAR loop's
+ * instructions on a Postfix macro list. */
+static unsigned count_nuls(const uint8_t *p, size_t n)
+{
+    const __m128i zero = _mm_setzero_si128();
+    unsigned count = 0;
+    size_t i = 0;
+    while (n - i >= 16) {
+        size_t blocks = (n - i) / 16;
+        if (blocks > 255)
+            blocks = 255;
+        __m128i acc = zero;
+        for (size_t b = 0; b < blocks; b++, i += 16) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(const void *)(p + i));
+            acc = _mm_sub_epi8(acc, _mm_cmpeq_epi8(v, zero));
+        }
+        __m128i sums = _mm_sad_epu8(acc, zero); /* two 16-bit sums */
+        count += (unsigned)_mm_cvtsi128_si32(sums) +
+                 (unsigned)_mm_cvtsi128_si32(_mm_srli_si128(sums, 8));
+    }
+    return count + count_nuls_swar(p + i, n - i);
+}
+#else
+#define count_nuls count_nuls_swar
+#endif
 
 static int take_list(const struct wire_frame *f, size_t pos,
                      struct wire_cmd *c)

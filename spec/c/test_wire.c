@@ -520,24 +520,38 @@ static void check_packet_limit(void)
 }
 
 /* A list's count of NUL-terminated strings, at every length and offset
- * (the count runs eight bytes at a time, then byte by byte). */
+ * (the count runs sixteen bytes at a time with SSE2, summing its lanes
+ * every 255 blocks, then eight at a time, then byte by byte), and at
+ * lengths around those 255 blocks. */
 static void check_list_count(void)
 {
-    uint8_t frame[5 + 80];
+    static const size_t longer[] = {4079, 4080, 4081, 4095, 4096, 4097,
+                                    8159, 8160, 8161, 9001};
+    static uint8_t frame[5 + 9100];
+    size_t lens[72 + sizeof longer / sizeof longer[0]], nlens = 0;
+    for (size_t len = 1; len <= 72; len++)
+        lens[nlens++] = len;
+    for (size_t k = 0; k < sizeof longer / sizeof longer[0]; k++)
+        lens[nlens++] = longer[k];
     int bad = 0;
-    for (unsigned seed = 1; seed < 200; seed++) {
-        for (size_t len = 1; len <= 72; len++) {
+    /* seed 0: every byte a NUL, so that a lane's count passes 255 */
+    for (unsigned seed = 0; seed < 200; seed++) {
+        for (size_t li = 0; li < nlens; li++) {
+            size_t len = lens[li];
             size_t nul = 0;
             unsigned r = seed;
             for (size_t i = 0; i < len; i++) {
                 r = r * 1103515245u + 12345u;
                 /* some runs of NULs, some bytes with the high bit set */
-                uint8_t b = (r >> 16) % 5 == 0 ? 0 : (uint8_t)(0x01 + (r >> 8) % 255);
+                uint8_t b = seed == 0 || (r >> 16) % 5 == 0
+                                ? 0
+                                : (uint8_t)(0x01 + (r >> 8) % 255);
                 frame[5 + 1 + i] = i + 1 == len ? 0 : b;
                 nul += frame[5 + 1 + i] == 0;
             }
             frame[5] = 'R';
-            frame[0] = frame[1] = frame[2] = 0;
+            frame[0] = frame[1] = 0;
+            frame[2] = (uint8_t)((len + 2) >> 8);
             frame[3] = (uint8_t)(len + 2); /* cmd + "R" */
             frame[4] = WIRE_MACRO;
             struct wire_frame f;
