@@ -110,7 +110,8 @@ function M.log(level, ...)
   local where = info and info.currentline > 0 and (info.short_src .. ":" .. info.currentline .. ": ") or ""
   local parts = {}
   for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end
-  io.stderr:write(LEVELS[level], " [lua] ", where, table.concat(parts, " "), "\n")
+  -- one write(2) per line, as the daemon's log does
+  io.stderr:write(LEVELS[level] .. " [lua] " .. where .. table.concat(parts, " ") .. "\n")
 end
 
 -- ---- milter.sleep ------------------------------------------------------

@@ -15,10 +15,13 @@ local stdlib = require "posix.stdlib"
 local socket = require "socket"
 
 -- the top level takes a while (in the check and in each worker), so that a
--- READY sent before the workers loaded would come before their log lines
+-- READY sent before the workers loaded would come before their log lines.
+-- Its line is one write(2): the two workers run it at the same moment, and
+-- io.write with several arguments writes each one apart, so that their
+-- pieces interleaved ("TOPLEVEL NOTIFY_SOCKET=TOPLEVEL NOTIFY_SOCKET=nilnil")
 local POLICY = [[
 local t = os.clock() + 0.3; while os.clock() < t do end
-io.stderr:write("TOPLEVEL NOTIFY_SOCKET=", tostring(os.getenv("NOTIFY_SOCKET")), "\n")
+io.stderr:write("TOPLEVEL NOTIFY_SOCKET=" .. tostring(os.getenv("NOTIFY_SOCKET")) .. "\n")
 return { connect = function() end }
 ]]
 
