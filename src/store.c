@@ -14,7 +14,13 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SWEEP_EVERY 32 /* writes between two sweeps */
+/* The file grows only by new keys, so the sweep's work follows them: every
+ * SWEEP_EVERY keys added, SWEEP_SCAN entries are looked at: two per new
+ * key, so that under a steady stream of new keys a whole pass takes half
+ * as many keys as the file holds, and the expired entries waiting for it
+ * stay fewer than the live ones. A counter rewritten in place adds
+ * nothing and pays nothing. */
+#define SWEEP_EVERY 32 /* keys added between two sweeps */
 #define SWEEP_SCAN 64  /* entries a sweep looks at */
 #define FULL_SCAN 4096 /* entries looked at before "store full" */
 #define HDR 9          /* type byte + int64 expiry (unix ms, 0 = none) */
@@ -32,7 +38,8 @@ static MDB_dbi dbi;
 static unsigned fork_gen, env_gen;
 static int atfork_set;  /* else (no memory for the handler) getpid(2) tells */
 static pid_t env_pid;   /* the process that opened env */
-static unsigned writes;        /* since the last sweep */
+static unsigned added;         /* keys added since the last sweep */
+static unsigned adding;        /* keys the write in progress adds */
 static char sweep_key[STORE_MAX_KEY];
 static size_t sweep_klen;      /* where the next sweep resumes */
 static char *vbuf;             /* a string get returned */
@@ -439,8 +446,9 @@ static int sweep(size_t scan)
 
 static void after_write(void)
 {
-    if (++writes >= SWEEP_EVERY) {
-        writes = 0;
+    added += adding;
+    if (added >= SWEEP_EVERY) {
+        added = 0;
         sweep(SWEEP_SCAN);
     }
 }
@@ -465,6 +473,7 @@ static int write_txn(write_fn fn, void *arg, const char **err)
             *err = fail_text(rc);
             return -1;
         }
+        adding = 0;
         rc = fn(txn, arg, err);
         if (rc == -1 || rc == NOTHING) {
             mdb_txn_abort(txn);
@@ -499,9 +508,17 @@ static int do_set(MDB_txn *txn, void *arg, const char **err)
     (void)err;
     struct op *o = arg;
     int64_t exp = expiry_for(o->ttl, now_ms());
+    MDB_stat before, after;
+    int rc = mdb_stat(txn, dbi, &before);
+    if (rc)
+        return rc;
     if (o->v->type == STORE_NUMBER)
-        return put(txn, &o->k, STORE_NUMBER, exp, &o->v->num, 8);
-    return put(txn, &o->k, STORE_STRING, exp, o->v->str, o->v->len);
+        rc = put(txn, &o->k, STORE_NUMBER, exp, &o->v->num, 8);
+    else
+        rc = put(txn, &o->k, STORE_STRING, exp, o->v->str, o->v->len);
+    if (rc == 0 && mdb_stat(txn, dbi, &after) == 0)
+        adding = after.ms_entries > before.ms_entries;
+    return rc;
 }
 
 static int do_del(MDB_txn *txn, void *arg, const char **err)
@@ -574,6 +591,7 @@ static int do_incr(MDB_txn *txn, void *arg, const char **err)
     }
     if (!in_place) {
         mdb_cursor_close(cur);
+        adding = rc == MDB_NOTFOUND; /* else a value of another size */
         return put(txn, &o->k, STORE_NUMBER, exp, &o->result, 8);
     }
     /* the caller's key, not k: k points into the page the put copies */
