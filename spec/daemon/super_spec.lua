@@ -197,7 +197,7 @@ function H.envrcpt(ctx, rcpt)
   local flag = rcpt:match("^<hold:(.*)>$")
   if flag then
     ctx:log("info", "HOLD " .. TAG)
-    for _ = 1, 6000 do
+    for _ = 1, 30000 do -- 300 s: far beyond the 600 reloads (the test's finally releases it)
       local f = io.open(flag)
       if f then f:close(); break end
       ffi.C.poll(nil, 0, 10)

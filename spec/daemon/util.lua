@@ -79,10 +79,11 @@ function U.read(path)
   return s
 end
 
--- every value recorded by seen(ctx, tag, ...) so far, in log order
+-- every value recorded by seen(ctx, tag, ...) so far, in log order; only
+-- whole lines: a reader can see a line the daemon is still writing cut short
 function U.seen(d, tag)
   local out = {}
-  for line in d:log():gmatch("[^\n]+") do
+  for line in (d:log():match("^.*\n") or ""):gmatch("[^\n]+") do
     local t, v = line:match(" SEEN (%S+) (.*)$")
     if t == tag then out[#out + 1] = decode(v) end
   end
