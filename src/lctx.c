@@ -5,8 +5,10 @@
  * JIT compiles: ctx.conn, ctx.msg (replaced when a message starts, see
  * lctx_sync), ctx.id and the methods. Everything else (sender, rcpts,
  * headers, helo, client, truncated) is absent from the table and served by
- * __index from the C session, with rcpts and headers built incrementally
- * and cached.
+ * __index from the C session: client, sender and helo by a Lua __index
+ * through the ffi (compiled into the handler's trace; client then kept in
+ * ctx), the rest by a C __index, with rcpts and headers built
+ * incrementally and cached.
  *
  * The functions are the same for every connection (made once per state:
  * a connection allocates no closure); they find the connection's C block
@@ -375,24 +377,115 @@ static int ctx_tostring(lua_State *L)
 }
 
 /*
- * The function that builds a ctx and its metatable, made once per state and
- * kept in the registry under &ctx_tag. It returns both from table
- * constructors, which LuaJIT duplicates from a template with the keys in
- * place, where a lua_setfield per key (interning it, then inserting it)
- * cost ten times as much: 11,000 to about 4,000 instructions per
- * connection. It reads no global (a script may have replaced any), only
- * the functions every ctx shares, given to it here: a connection
- * allocates no closure.
+ * What the ffi getter gives the Lua __index below: borrowed pointers into
+ * the session, valid until the next call into C (the caller makes its
+ * strings at once). Fields: 0 client (host, address, family, port), 1
+ * sender, 2 helo (p1, n1).
+ */
+struct lctx_field {
+    const char *p1;
+    size_t n1;
+    const char *p2;
+    size_t n2;
+    int family, port;
+};
+
+/*
+ * Field which of the ctx whose id is id, or NULL where the C __index is to
+ * answer (a closed ctx, a field not set, a ctx other than the running
+ * handler's). Called through the ffi, so that reading ctx.client or
+ * ctx.sender stays in the JIT's trace, where a C __index ended it (5,000
+ * instructions for a connection's first ctx.client): it uses no Lua API.
+ * The ctx is found by its id, the running connection's: a script cannot
+ * reach this __index with a table of its own (the metatable is
+ * protected), and a closed ctx has no id.
+ */
+static const struct lctx_field *ffi_field(const char *id, int which)
+{
+    static struct lctx_field f; /* one worker thread */
+    const struct lctx *x = lb_running ? lb_running->ctx : NULL;
+    const struct sess *s = x ? x->s : NULL;
+    if (!s || !id)
+        return NULL;
+    uint64_t n = 0;
+    for (const char *p = id; *p >= '0' && *p <= '9'; p++)
+        n = n * 10 + (uint64_t)(*p - '0');
+    if (n != s->id)
+        return NULL;
+    if (which == 0 && s->family) {
+        f = (struct lctx_field){sess_cstr(s, s->host, 0), s->host.len,
+                                sess_cstr(s, s->addr, 0), s->addr.len,
+                                s->family, s->port};
+    } else if (which == 1 && s->has_sender) {
+        f.p1 = sess_cstr(s, s->sender, 1);
+        f.n1 = s->sender.len;
+    } else if (which == 2 && s->has_helo) {
+        f.p1 = sess_cstr(s, s->helo, 0);
+        f.n1 = s->helo.len;
+    } else {
+        return NULL;
+    }
+    return &f;
+}
+
+/*
+ * The functions that build a ctx with its metatable and clear it, made
+ * once per state and kept in the registry under &ctx_tag. A ctx comes
+ * from table constructors, which LuaJIT duplicates from a template with
+ * the keys in place, where a lua_setfield per key (interning it, then
+ * inserting it) cost ten times as much: 11,000 to about 4,000
+ * instructions per connection. They read no global (a script may have
+ * replaced any), only the functions every ctx shares, given here: a
+ * connection allocates no closure. With the ffi, client, sender and helo
+ * are read by a Lua __index through ffi_field; the rest, and whatever
+ * ffi_field leaves, goes to the C __index. The
+ * clear function empties a ctx's own fields: they then reach __index,
+ * which raises.
  */
 static const char make_src[] =
-    "local macro, header, log, index, newindex, tostr, tag = ...\n"
+    "local macro, header, log, cindex, newindex, tostr, tag, ffi, field,\n"
+    "      rawset, rawget = ...\n"
+    "local index = cindex\n"
+    "if ffi then\n"
+    "  local fp = ffi.typeof('const struct { const char *p1; size_t n1;"
+    " const char *p2; size_t n2; int family, port; } *')\n"
+    "  local get = ffi.cast(ffi.typeof('$ (*)(const char *, int)', fp), field)\n"
+    "  local str = ffi.string\n"
+    "  local family = { [52] = 'inet', [54] = 'inet6', [76] = 'unix' }\n"
+    "  index = function(ctx, k)\n"
+    "    if k == 'client' then\n"
+    "      local f = get(rawget(ctx, 'id'), 0)\n"
+    "      if f == nil then return cindex(ctx, k) end\n"
+    "      local c\n"
+    "      if f.family == 85 then\n" /* 'U': no address */
+    "        c = { host = str(f.p1, f.n1), family = 'unknown' }\n"
+    "      else\n"
+    "        c = { host = str(f.p1, f.n1), family = family[f.family] or\n"
+    "              'unknown', address = str(f.p2, f.n2), port = f.port }\n"
+    "      end\n"
+    "      rawset(ctx, 'client', c)\n" /* fixed for the session */
+    "      return c\n"
+    "    elseif k == 'sender' or k == 'helo' then\n"
+    "      local f = get(rawget(ctx, 'id'), k == 'sender' and 1 or 2)\n"
+    "      if f == nil then return cindex(ctx, k) end\n"
+    "      return str(f.p1, f.n1)\n"
+    "    end\n"
+    "    return cindex(ctx, k)\n"
+    "  end\n"
+    "end\n"
     "return function(block, id)\n"
     "  return { conn = {}, msg = {}, id = id, macro = macro, header = header,\n"
     "           log = log },\n"
     "         { block, tag, __index = index, __newindex = newindex,\n"
     "           __tostring = tostr, __metatable = \"milter.ctx\" }\n"
+    "end, function(ctx)\n"
+    "  rawset(ctx, 'conn', nil) rawset(ctx, 'msg', nil)\n"
+    "  rawset(ctx, 'id', nil) rawset(ctx, 'client', nil)\n"
     "end\n";
 
+static char clear_tag;
+
+/* Pushes the make function (the clear one is kept under &clear_tag). */
 static void push_make(lua_State *L)
 {
     lua_pushlightuserdata(L, &ctx_tag);
@@ -409,7 +502,17 @@ static void push_make(lua_State *L)
     for (int i = 0; i < n; i++)
         lua_pushcfunction(L, fns[i]);
     lua_pushlightuserdata(L, &ctx_tag);
-    lua_call(L, n + 1, 1);
+    lb_push_std(L, LB_FFI);
+    const struct lctx_field *(*fn)(const char *, int) = ffi_field;
+    void *p;
+    memcpy(&p, &fn, sizeof p); /* a function's address, for ffi.cast */
+    lua_pushlightuserdata(L, p);
+    lb_push_std(L, LB_RAWSET);
+    lb_push_std(L, LB_RAWGET);
+    lua_call(L, n + 5, 2);
+    lua_pushlightuserdata(L, &clear_tag);
+    lua_insert(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
     lua_pushlightuserdata(L, &ctx_tag);
     lua_pushvalue(L, -2);
     lua_rawset(L, LUA_REGISTRYINDEX);
@@ -455,36 +558,13 @@ void lctx_sync(lua_State *L, int idx, struct lctx *x)
     lua_pop(L, 2);
 }
 
-/* Clears a ctx's own fields: they then reach __index, which raises. A
- * Lua function made once per state (with rawset as it was before the
- * script ran), whose keys are constants: a lua_pushstring per key cost
- * more than the whole call. */
-static char clear_tag;
-static const char clear_src[] =
-    "local rawset = ...\n"
-    "return function(ctx)\n"
-    "  rawset(ctx, 'conn', nil) rawset(ctx, 'msg', nil)\n"
-    "  rawset(ctx, 'id', nil) rawset(ctx, 'client', nil)\n"
-    "end\n";
-
 void lctx_detach(lua_State *L, int idx, struct lctx *x)
 {
     x->s = NULL;
     if (idx < 0)
         idx = lua_gettop(L) + idx + 1;
     lua_pushlightuserdata(L, &clear_tag);
-    lua_rawget(L, LUA_REGISTRYINDEX);
-    if (lua_isnil(L, -1)) {
-        lua_pop(L, 1);
-        if (luaL_loadbuffer(L, clear_src, sizeof clear_src - 1,
-                            "=luamilter ctx"))
-            lua_error(L); /* out of memory: the source itself is fixed */
-        lb_push_std(L, LB_RAWSET);
-        lua_call(L, 1, 1);
-        lua_pushlightuserdata(L, &clear_tag);
-        lua_pushvalue(L, -2);
-        lua_rawset(L, LUA_REGISTRYINDEX);
-    }
+    lua_rawget(L, LUA_REGISTRYINDEX); /* made with the ctx, by push_make */
     lua_pushvalue(L, idx);
-    lua_call(L, 1, 0); /* rawset of nil on a table: cannot fail */
+    lua_call(L, 1, 0); /* assignments of nil: cannot fail */
 }

@@ -224,6 +224,22 @@ return H
     } }, U.seen(d, "eom"))
   end)
 
+  it("ctx.client of a unix socket and of an unknown family", function()
+    d = U.start(U.script [[
+function H.connect(ctx) seen(ctx, "client", ctx.client) end
+return H
+]])
+    local c = U.client(d, U.REPLIES)
+    c:connect_ev("localhost", "L", 0, "/var/run/smtp.sock")
+    c:close()
+    c = U.client(d, U.REPLIES)
+    c:connect_ev("unknown-host", "U")
+    c:close()
+    U.wait_seen(d, "client", 2, 5)
+    assert.are.same({ { host = "localhost", family = "unix", address = "/var/run/smtp.sock", port = 0 },
+      { host = "unknown-host", family = "unknown" } }, U.seen(d, "client"))
+  end)
+
   it("--max-body cuts the chunk that crosses the limit and sets ctx.truncated", function()
     d = U.start(U.script [[
 function H.body(ctx, chunk) seen(ctx, "body", { chunk, ctx.truncated }) end

@@ -524,6 +524,48 @@ return H
     assert.is_true(d:alive())
   end)
 
+  -- ctx.client, sender and helo of the running handler's own ctx are read
+  -- through the ffi, found by the ctx's id; a live ctx of another
+  -- connection, read from this handler, must still give its own fields
+  it("another live connection's ctx gives that connection's client, helo and sender", function()
+    d = U.start(U.script [[
+function H.envfrom(ctx)
+  if not FIRST then FIRST = ctx return end
+  local f, own = FIRST.client, ctx.client
+  seen(ctx, "other", { f.host, f.family, f.address, f.port, FIRST.helo, FIRST.sender })
+  seen(ctx, "own", { own.host, own.family, own.address, own.port, ctx.helo, ctx.sender })
+end
+return H
+]])
+    local first = U.client(d, U.REPLIES)
+    first:connect_ev("one.example", "4", 1111, "192.0.2.1")
+    first:helo("helo-one")
+    assert(first:mail("<one@example.org>"))
+    c = U.client(d, U.REPLIES)
+    c:connect_ev("two.example", "6", 2222, "2001:db8::2")
+    c:helo("helo-two")
+    assert(c:mail("<two@example.org>"))
+    first:close()
+    assert.are.same({ { "one.example", "inet", "192.0.2.1", 1111, "helo-one", "<one@example.org>" } },
+      U.seen(d, "other"))
+    assert.are.same({ { "two.example", "inet6", "2001:db8::2", 2222, "helo-two", "<two@example.org>" } },
+      U.seen(d, "own"))
+  end)
+
+  it("ctx.helo and ctx.sender are nil before HELO and MAIL, and client is kept for the session", function()
+    d = U.start(U.script [[
+function H.connect(ctx)
+  seen(ctx, "connect", { ctx.helo == nil, ctx.sender == nil, rawget(ctx, "client") == nil })
+  local c = ctx.client
+  seen(ctx, "kept", { rawget(ctx, "client") == c, ctx.client == c })
+end
+return H
+]])
+    U.normal_session(d)
+    assert.are.same({ { true, true, true } }, U.seen(d, "connect"))
+    assert.are.same({ { true, true } }, U.seen(d, "kept"))
+  end)
+
   -- every connection's ctx shares its functions; they find the connection
   -- through ctx's protected metatable, so nothing else passes for a ctx
   it("ctx methods called on anything but a ctx raise, and a ctx's own still work", function()
