@@ -65,6 +65,7 @@ struct lctx {
     uint32_t nrcpts, nhdrs; /* entries already in the cached tables */
     uint32_t rcpts_dropped; /* sess->rcpts_dropped when rcpts was built */
     int has_env;        /* the userdata's environment holds the views */
+    int msg_key;        /* registry ref of the string "msg" (lctx_sync) */
 };
 
 /* Standard functions as they were before the script ran (a script may
