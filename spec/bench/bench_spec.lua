@@ -13,6 +13,7 @@ local pwait = require "posix.sys.wait"
 local stdlib = require "posix.stdlib"
 local socket = require "socket"
 local D = require "spec.support.daemon"
+local now = require "spec.support.clock" -- monotonic, for waits
 
 local BENCH = "scripts/bench"
 local GEN = "build/bench/benchgen"
@@ -45,7 +46,7 @@ local function run(argv, timeout)
     unistd._exit(127)
   end
   local res = {}
-  local deadline = socket.gettime() + (timeout or 60)
+  local deadline = now() + (timeout or 60)
   local signalled = nil
   while true do
     local p, how, code = pwait.wait(pid, pwait.WNOHANG)
@@ -53,12 +54,12 @@ local function run(argv, timeout)
       res.status, res.how = code, how
       break
     end
-    if socket.gettime() > deadline then
+    if now() > deadline then
       if not signalled then
         res.timed_out = true
         psignal.kill(pid, psignal.SIGTERM)
-        signalled = socket.gettime()
-      elseif socket.gettime() > signalled + 10 then
+        signalled = now()
+      elseif now() > signalled + 10 then
         psignal.kill(pid, psignal.SIGKILL)
       end
     end

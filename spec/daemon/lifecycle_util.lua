@@ -17,7 +17,7 @@ local mc = require "spec.support.milter_client"
 
 local L = { mc = mc }
 
-L.now = socket.gettime
+L.now = require "spec.support.clock"
 
 function L.binary() return os.getenv("LUAMILTER_BIN") or "./build/luamilter" end
 

@@ -6,6 +6,7 @@ local U = require "spec.daemon.util"
 local socket = require "socket"
 local psignal = require "posix.signal"
 local stdlib = require "posix.stdlib"
+local now = require "spec.support.clock" -- monotonic, for waits
 
 local SRC = U.script([[
 function H.envrcpt(ctx, rcpt)
@@ -68,7 +69,7 @@ end
 
 -- polls until pred(metrics) holds (bounded); returns the last metrics
 local function wait_metrics(spec, pred, what, timeout)
-  local deadline = socket.gettime() + (timeout or 5)
+  local deadline = now() + (timeout or 5)
   local m
   repeat
     local status, body = get(spec, "/metrics")
@@ -77,18 +78,18 @@ local function wait_metrics(spec, pred, what, timeout)
       if pred(m) then return m end
     end
     socket.sleep(0.05)
-  until socket.gettime() >= deadline
+  until now() >= deadline
   error("timed out waiting for " .. what)
 end
 
 local function wait_health(spec, want, timeout)
-  local deadline = socket.gettime() + (timeout or 5)
+  local deadline = now() + (timeout or 5)
   local status, body
   repeat
     status, body = get(spec, "/health")
     if status == want then return body end
     socket.sleep(0.05)
-  until socket.gettime() >= deadline
+  until now() >= deadline
   error(("/health: wanted %d, got %s %s"):format(want, tostring(status), tostring(body)))
 end
 

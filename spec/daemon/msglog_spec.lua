@@ -5,6 +5,7 @@ package.path = "./?.lua;" .. package.path
 local U = require "spec.daemon.util"
 local cjson = require "cjson"
 local socket = require "socket"
+local now = require "spec.support.clock" -- monotonic, for waits
 
 -- the handlers decide by the recipient's local part (or the subject)
 local SRC = U.script([[
@@ -86,12 +87,12 @@ end
 
 -- waits (bounded) for n message lines
 local function wait_lines(d, n, parse)
-  local deadline = socket.gettime() + 5
+  local deadline = now() + 5
   repeat
     local got = parse(d:log())
     if #got >= n then return got end
     socket.sleep(0.02)
-  until socket.gettime() >= deadline
+  until now() >= deadline
   return parse(d:log())
 end
 

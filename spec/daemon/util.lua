@@ -9,6 +9,7 @@ package.path = "./?.lua;" .. package.path
 local D = require "spec.support.daemon"
 local mc = require "spec.support.milter_client"
 local socket = require "socket"
+local now = require "spec.support.clock" -- monotonic, for waits
 local luassert = require "luassert" -- busted's assert, for the helpers that check
 
 local U = { D = D, mc = mc }
@@ -92,23 +93,23 @@ end
 
 -- waits until at least n values were recorded for tag (bounded)
 function U.wait_seen(d, tag, n, timeout)
-  local deadline = socket.gettime() + (timeout or 5)
+  local deadline = now() + (timeout or 5)
   repeat
     local got = U.seen(d, tag)
     if #got >= (n or 1) then return got end
     socket.sleep(0.02)
-  until socket.gettime() >= deadline
+  until now() >= deadline
   return U.seen(d, tag)
 end
 
 -- waits until the log contains a plain string (bounded); returns the log
 function U.wait_log(d, plain, timeout)
-  local deadline = socket.gettime() + (timeout or 5)
+  local deadline = now() + (timeout or 5)
   repeat
     local log = d:log()
     if log:find(plain, 1, true) then return log end
     socket.sleep(0.02)
-  until socket.gettime() >= deadline
+  until now() >= deadline
   return d:log()
 end
 

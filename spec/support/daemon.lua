@@ -8,6 +8,7 @@ local stdlib = require "posix.stdlib"
 local dirent = require "posix.dirent"
 local pstat = require "posix.sys.stat"
 local mc = require "spec.support.milter_client"
+local now = require "spec.support.clock" -- monotonic, for waits
 
 local D = {}
 
@@ -84,12 +85,12 @@ local function reap(pid)
 end
 
 local function wait_pid(pid, timeout)
-  local deadline = socket.gettime() + (timeout or 5)
+  local deadline = now() + (timeout or 5)
   repeat
     local code, how = reap(pid)
     if code then return code, how end
     socket.sleep(0.02)
-  until socket.gettime() >= deadline
+  until now() >= deadline
   return nil
 end
 
@@ -134,14 +135,14 @@ function D.start(script_source, opts)
   if not pid then rmtree(dir); return nil, "fork failed: " .. tostring(err) end
   d.pid = pid
   live[pid] = d
-  local deadline = socket.gettime() + (opts.timeout or 5)
+  local deadline = now() + (opts.timeout or 5)
   while true do
     local why
     if not d:alive() then
       why = string.format("daemon exited (%s %s) before listening", d.how, d.status)
     elseif mc.wait_socket(d.listen, 0.05) then
       return d
-    elseif socket.gettime() >= deadline then
+    elseif now() >= deadline then
       why = "daemon not listening on " .. d.listen .. " after timeout"
     end
     if why then

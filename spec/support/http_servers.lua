@@ -6,6 +6,7 @@ local socket = require "socket"
 local stdlib = require "posix.stdlib"
 local D = require "spec.support.daemon"
 local S = require "spec.support.servers"
+local now = require "spec.support.clock" -- monotonic, for waits
 
 local H = {}
 
@@ -54,12 +55,12 @@ function H.start(tls)
     argv[#argv + 1] = dir .. "/srv.key"
   end
   srv.pid = assert(D.spawn(argv, dir .. "/log", dir .. "/log"))
-  local deadline = socket.gettime() + 5
+  local deadline = now() + 5
   repeat
     local p = D.read_file(dir .. "/port")
     if p ~= "" then srv.port = tonumber(p); break end
     socket.sleep(0.02)
-  until socket.gettime() > deadline
+  until now() > deadline
   if not srv.port then
     local log = D.read_file(dir .. "/log")
     srv:stop()

@@ -3,6 +3,7 @@
 -- able to cancel itself out here.  See /work/shared/milter-protocol.md.
 local socket = require "socket"
 local bit = require "bit"
+local now = require "spec.support.clock" -- monotonic, for waits
 
 local band = bit.band
 
@@ -178,9 +179,9 @@ function M.connect(spec, opts)
 end
 
 function Client:send_raw(bytes)
-  local deadline, i = socket.gettime() + self.timeout, 1
+  local deadline, i = now() + self.timeout, 1
   while i <= #bytes do
-    local rem = deadline - socket.gettime()
+    local rem = deadline - now()
     if rem <= 0 then return nil, "timeout" end
     self.sock:settimeout(rem, "t")
     local last, err, partial = self.sock:send(bytes, i)
@@ -201,7 +202,7 @@ end
 -- make self.buf hold at least n bytes, or fail ("closed", "timeout", ...)
 local function fill(self, n, deadline)
   while #self.buf < n do
-    local rem = deadline - socket.gettime()
+    local rem = deadline - now()
     if rem <= 0 then return nil, "timeout" end
     self.sock:settimeout(rem, "t")
     local data, err, partial = self.sock:receive(n - #self.buf)
@@ -214,7 +215,7 @@ end
 
 -- read one frame; timeout overrides the client's default for this call
 function Client:read_frame(timeout)
-  local deadline = socket.gettime() + (timeout or self.timeout)
+  local deadline = now() + (timeout or self.timeout)
   local ok, err = fill(self, 4, deadline)
   if not ok then return nil, err end
   local len = get_u32(self.buf, 1)
@@ -436,14 +437,14 @@ end
 ---------------------------------------------------------------------------
 
 function M.wait_socket(spec, timeout)
-  local deadline = socket.gettime() + (timeout or 5)
+  local deadline = now() + (timeout or 5)
   local last
   repeat
     local c, err = M.connect(spec, { timeout = 0.5 })
     if c then c:close(); return true end
     last = err
     socket.sleep(0.02)
-  until socket.gettime() >= deadline
+  until now() >= deadline
   return false, last or "timeout"
 end
 

@@ -11,6 +11,7 @@ local unistd = require "posix.unistd"
 local dirent = require "posix.dirent"
 local pwd = require "posix.pwd"
 local D = require "spec.support.daemon"
+local now = require "spec.support.clock" -- monotonic, for waits
 
 local S = {}
 
@@ -32,12 +33,12 @@ end
 
 -- waits (bounded) for a file the server writes once it listens
 local function wait_file(path, timeout)
-  local deadline = socket.gettime() + (timeout or 5)
+  local deadline = now() + (timeout or 5)
   repeat
     local s = D.read_file(path)
     if s ~= "" then return s end
     socket.sleep(0.02)
-  until socket.gettime() > deadline
+  until now() > deadline
   return nil
 end
 
@@ -113,9 +114,9 @@ function S.dnsmasq(extra)
     local c = assert(socket.udp())
     c:settimeout(0.1)
     c:setpeername("127.0.0.1", port)
-    local deadline = socket.gettime() + 5
+    local deadline = now() + 5
     local up = false
-    while socket.gettime() < deadline and D.wait_pid(pid, 0) == nil do
+    while now() < deadline and D.wait_pid(pid, 0) == nil do
       c:send(q)
       if c:receive() then up = true; break end
     end
@@ -203,9 +204,9 @@ function S.redis(opts)
       argv[#argv + 1] = opts.password
     end
     local pid = assert(D.spawn(argv, dir .. "/out", dir .. "/out"))
-    local deadline = socket.gettime() + 5
+    local deadline = now() + 5
     local up = false
-    while socket.gettime() < deadline and D.wait_pid(pid, 0) == nil do
+    while now() < deadline and D.wait_pid(pid, 0) == nil do
       local r, err = resp(port, nil, { "PING" })
       if r == "PONG" or (err and err:find("^NOAUTH")) then up = true; break end
       socket.sleep(0.02)
@@ -284,7 +285,7 @@ function S.rspamd()
     assert(unistd.chown(dir, u.pw_uid, u.pw_gid))
     for _, a in ipairs { "-u", "_rspamd", "-g", "_rspamd" } do argv[#argv + 1] = a end
   end
-  local t0 = socket.gettime()
+  local t0 = now()
   for _ = 1, 5 do -- another process may take the port we found free
     local s = assert(socket.bind("127.0.0.1", 0))
     local _, port = s:getsockname()
@@ -311,10 +312,10 @@ function S.rspamd()
     local srv = setmetatable({ pid = pid, dir = dir, port = tonumber(port),
       url = ("http://127.0.0.1:%d/checkv2"):format(port) }, Rspamd)
     -- ready once the worker answers (bounded: ~1 s here, more on a busy host)
-    local deadline = socket.gettime() + 30
-    while socket.gettime() < deadline and D.wait_pid(pid, 0) == nil do
+    local deadline = now() + 30
+    while now() < deadline and D.wait_pid(pid, 0) == nil do
       if http_get(srv.port, "/ping") == "pong\r\n" then
-        srv.startup = socket.gettime() - t0
+        srv.startup = now() - t0
         return srv
       end
       socket.sleep(0.05)
@@ -348,7 +349,7 @@ end
 -- rspamd's log line for the task with this Queue-Id, as a table of the
 -- TASK_LOG fields; waits (bounded) for it
 function Rspamd:task(qid, timeout)
-  local deadline = socket.gettime() + (timeout or 5)
+  local deadline = now() + (timeout or 5)
   repeat
     for line in D.read_file(self.dir .. "/rspamd.log"):gmatch("[^\n]+") do
       local rec = line:match("luamilter%-task(|.*)$")
@@ -359,7 +360,7 @@ function Rspamd:task(qid, timeout)
       end
     end
     socket.sleep(0.05)
-  until socket.gettime() > deadline
+  until now() > deadline
   return nil
 end
 
