@@ -573,12 +573,34 @@ static void drop_thread(struct lb_conn *lc)
     lc->co = NULL;
 }
 
+/* The connection ends: a coroutine whose last call returned (not one that
+ * failed, which is dead, nor one left waiting) is kept for the next
+ * connection, emptied and with the globals it started with (setfenv(0)
+ * in a handler changes its own), as lua_newthread would make it. */
+static void spare_thread(struct lb_conn *lc)
+{
+    struct lb_state *st = lc->st;
+    lua_State *co = lc->co;
+    if (!co || lc->suspended || st->running == lc || lua_status(co) != 0 ||
+        st->nspare_co == LB_SPARE_CO) {
+        drop_thread(lc);
+        return;
+    }
+    lua_settop(co, 0); /* the last call's values: nothing kept alive */
+    lua_pushvalue(st->L, LUA_GLOBALSINDEX);
+    lua_xmove(st->L, co, 1);
+    lua_replace(co, LUA_GLOBALSINDEX);
+    st->spare_co[st->nspare_co++] = lc->co_ref;
+    lc->co_ref = LUA_NOREF;
+    lc->co = NULL;
+}
+
 void lb_conn_free(struct lb_conn *lc)
 {
     if (!lc->st)
         return;
     drop_ctx(lc);
-    drop_thread(lc);
+    spare_thread(lc);
     lb_state_release(lc->st);
     lc->st = NULL;
 }
@@ -722,6 +744,12 @@ static int push_args(struct lb_state *st, lua_State *co, int ev,
 int lb_prepare(struct lb_conn *lc, struct sess *s)
 {
     lua_State *L = lc->st->L;
+    if (!lc->co && lc->st->nspare_co) {
+        lc->co_ref = lc->st->spare_co[--lc->st->nspare_co];
+        lua_rawgeti(L, LUA_REGISTRYINDEX, lc->co_ref);
+        lc->co = lua_tothread(L, -1);
+        lua_pop(L, 1);
+    }
     if (!lc->co) {
         lc->co = lua_newthread(L);
         lc->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);

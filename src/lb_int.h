@@ -15,6 +15,8 @@
 #define LB_VKEYS 24    /* lverdict's interned keys (lverdict.c) */
 #define LB_NAME_MAX 32 /* longest name kept */
 
+#define LB_SPARE_CO 64
+
 struct lb_state {
     lua_State *L;
     struct lb_conn *running; /* whose handler runs now, NULL otherwise */
@@ -55,6 +57,12 @@ struct lb_state {
         char p[LB_NAME_MAX];
     } names[LB_NAMES];
     int names_ref;
+    /* coroutines of connections that ended with their last call over
+     * (registry refs), for the next connections: a lua_newthread, its
+     * registry ref and its collection cost about 1,500 instructions a
+     * connection */
+    int spare_co[LB_SPARE_CO];
+    int nspare_co;
 };
 
 /* The C block of a ctx userdata; s is NULL once the session is over. */

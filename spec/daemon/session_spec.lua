@@ -567,6 +567,36 @@ return H
     assert.are.same({ { true, true } }, U.seen(d, "kept"))
   end)
 
+  -- a connection's coroutine is kept for the next connection once its last
+  -- call returned (not one that failed, which is dead): the next one must
+  -- find it as lua_newthread would make it
+  it("the next connection's handlers get the kept coroutine, with the globals it started with", function()
+    d = U.start(U.script [[
+function H.connect(ctx, host)
+  seen(ctx, "env", { host, getfenv(0) == _G })
+  seen(ctx, "co", { host, tostring(coroutine.running()) })
+  if host == "one" then setfenv(0, { marker = true }) end -- this coroutine's own
+  if host == "boom" then error("boom") end
+end
+function H.close(ctx) seen(ctx, "closed", true) end
+return H
+]])
+    for i, host in ipairs { "one", "two", "boom", "three" } do
+      local cl = U.client(d, U.REPLIES)
+      local r = assert(cl:connect_ev(host, "4", 25, "192.0.2.1"))
+      if host == "boom" then assert.are_not.equal("c", r.cmd) else assert.are.equal("c", r.cmd) end
+      cl:close()
+      -- the worker ends a connection (and keeps its coroutine) right after
+      -- its close handler, before it takes the next connection
+      assert.are.equal(i, #U.wait_seen(d, "closed", i, 5), host)
+    end
+    assert.are.same({ { "one", true }, { "two", true }, { "boom", true }, { "three", true } },
+      U.seen(d, "env"))
+    local co = U.seen(d, "co")
+    assert.are.equal(co[1][2], co[2][2], "the second connection got the first one's coroutine")
+    assert.is_true(d:alive())
+  end)
+
   -- every connection's ctx shares its functions; they find the connection
   -- through ctx's protected metatable, so nothing else passes for a ctx
   it("ctx methods called on anything but a ctx raise, and a ctx's own still work", function()
