@@ -394,8 +394,9 @@ struct lctx_field {
  * Field which of the ctx whose id is id, or NULL where the C __index is to
  * answer (a closed ctx, a field not set, a ctx other than the running
  * handler's). Called through the ffi, so that reading ctx.client or
- * ctx.sender stays in the JIT's trace, where a C __index ended it (5,000
- * instructions for a connection's first ctx.client): it uses no Lua API.
+ * ctx.sender stays in the JIT's trace, where a C __index ended it (about
+ * 4,300 instructions for a connection's first ctx.client): it uses no Lua
+ * API.
  * The ctx is found by its id, the running connection's: a script cannot
  * reach this __index with a table of its own (the metatable is
  * protected), and a closed ctx has no id.
@@ -438,9 +439,8 @@ static const struct lctx_field *ffi_field(const char *id, int which)
  * replaced any), only the functions every ctx shares, given here: a
  * connection allocates no closure. With the ffi, client, sender and helo
  * are read by a Lua __index through ffi_field; the rest, and whatever
- * ffi_field leaves, goes to the C __index. The
- * clear function empties a ctx's own fields: they then reach __index,
- * which raises.
+ * ffi_field leaves, goes to the C __index. The clear function empties a
+ * ctx's own fields: they then reach __index, which raises.
  */
 static const char make_src[] =
     "local macro, header, log, cindex, newindex, tostr, tag, ffi, field,\n"
