@@ -605,7 +605,7 @@ void lb_conn_free(struct lb_conn *lc)
     lc->st = NULL;
 }
 
-static const char *family_name(char f)
+const char *lb_family_name(char f)
 {
     switch (f) {
     case '4': return "inet";
@@ -706,7 +706,7 @@ static int push_args(struct lb_state *st, lua_State *co, int ev,
         if (want < 2)
             return 1;
         lua_createtable(co, 0, 3);
-        lua_pushstring(co, family_name(c->family));
+        lua_pushstring(co, lb_family_name(c->family));
         lua_setfield(co, -2, "family");
         if (c->family != 'U') {
             lua_pushlstring(co, c->s2.p, c->s2.n);

@@ -91,6 +91,9 @@ enum {
 #define LB_ALL_ARGS 255
 void lb_push_std(lua_State *L, int which);
 
+/* A CONNECT family ('4', '6', 'L', 'U') as the API names it: "inet"... */
+const char *lb_family_name(char f);
+
 /* lb.c, for lheld.c: the coroutine and ctx made ready for a call; a
  * call run until it returns, fails or waits (nargs values on co); a
  * header name pushed from the names' cache; --script-timeout. */

@@ -133,10 +133,7 @@ static void push_client(lua_State *L, const struct sess *s)
     lua_createtable(L, 0, 4);
     lua_pushlstring(L, sess_cstr(s, s->host, 0), s->host.len);
     lua_setfield(L, -2, "host");
-    lua_pushstring(L, s->family == '4'   ? "inet"
-                      : s->family == '6' ? "inet6"
-                      : s->family == 'L' ? "unix"
-                                         : "unknown");
+    lua_pushstring(L, lb_family_name(s->family));
     lua_setfield(L, -2, "family");
     if (s->family != 'U') {
         lua_pushlstring(L, sess_cstr(s, s->addr, 0), s->addr.len);
@@ -379,15 +376,16 @@ static int ctx_tostring(lua_State *L)
 /*
  * What the ffi getter gives the Lua __index below: borrowed pointers into
  * the session, valid until the next call into C (the caller makes its
- * strings at once). Fields: 0 client (host, address, family, port), 1
- * sender, 2 helo (p1, n1).
+ * strings at once). Fields: 0 client (host; address, NULL for family U;
+ * family's name; port), 1 sender, 2 helo (p1, n1).
  */
 struct lctx_field {
     const char *p1;
     size_t n1;
     const char *p2;
     size_t n2;
-    int family, port;
+    const char *family;
+    int port;
 };
 
 /*
@@ -414,9 +412,10 @@ static const struct lctx_field *ffi_field(const char *id, int which)
     if (n != s->id)
         return NULL;
     if (which == 0 && s->family) {
-        f = (struct lctx_field){sess_cstr(s, s->host, 0), s->host.len,
-                                sess_cstr(s, s->addr, 0), s->addr.len,
-                                s->family, s->port};
+        f = (struct lctx_field){
+            sess_cstr(s, s->host, 0), s->host.len,
+            s->family == 'U' ? NULL : sess_cstr(s, s->addr, 0), s->addr.len,
+            lb_family_name(s->family), s->port};
     } else if (which == 1 && s->has_sender) {
         f.p1 = sess_cstr(s, s->sender, 1);
         f.n1 = s->sender.len;
@@ -448,20 +447,19 @@ static const char make_src[] =
     "local index = cindex\n"
     "if ffi then\n"
     "  local fp = ffi.typeof('const struct { const char *p1; size_t n1;"
-    " const char *p2; size_t n2; int family, port; } *')\n"
+    " const char *p2; size_t n2; const char *family; int port; } *')\n"
     "  local get = ffi.cast(ffi.typeof('$ (*)(const char *, int)', fp), field)\n"
     "  local str = ffi.string\n"
-    "  local family = { [52] = 'inet', [54] = 'inet6', [76] = 'unix' }\n"
     "  index = function(ctx, k)\n"
     "    if k == 'client' then\n"
     "      local f = get(rawget(ctx, 'id'), 0)\n"
     "      if f == nil then return cindex(ctx, k) end\n"
-    "      local c\n"
-    "      if f.family == 85 then\n" /* 'U': no address */
-    "        c = { host = str(f.p1, f.n1), family = 'unknown' }\n"
+    "      local c\n" /* one constructor each: keys added later rehash */
+    "      if f.p2 == nil then\n" /* family U has no address */
+    "        c = { host = str(f.p1, f.n1), family = str(f.family) }\n"
     "      else\n"
-    "        c = { host = str(f.p1, f.n1), family = family[f.family] or\n"
-    "              'unknown', address = str(f.p2, f.n2), port = f.port }\n"
+    "        c = { host = str(f.p1, f.n1), family = str(f.family),\n"
+    "              address = str(f.p2, f.n2), port = f.port }\n"
     "      end\n"
     "      rawset(ctx, 'client', c)\n" /* fixed for the session */
     "      return c\n"
