@@ -240,7 +240,8 @@ static int l_guard_log(lua_State *L)
 
 static char std_tag; /* registry key of the table lb_push_std reads */
 
-/* Keeps the functions lb_push_std gives, from the pristine globals. */
+/* Keeps the functions lb_push_std gives, from the pristine globals (and
+ * the ffi module's fields as they were before the script ran). */
 static void keep_std(lua_State *L)
 {
     lua_pushlightuserdata(L, &std_tag);
@@ -258,6 +259,18 @@ static void keep_std(lua_State *L)
     if (lua_pcall(L, 1, 1, 0) != 0 || !lua_istable(L, -1)) {
         lua_pop(L, 1); /* a LuaJIT built without it */
         lua_pushnil(L);
+    } else {
+        /* a copy of its fields: the module table is the script's too
+         * (require "ffi" gives that very table), and the bridge's ffi
+         * code, made on first use, must not find ffi.cast removed */
+        lua_newtable(L);
+        lua_pushnil(L);
+        while (lua_next(L, -3)) {
+            lua_pushvalue(L, -2);
+            lua_insert(L, -2);
+            lua_rawset(L, -4);
+        }
+        lua_remove(L, -2);
     }
     lua_rawseti(L, -2, LB_FFI);
     lua_getglobal(L, "table");

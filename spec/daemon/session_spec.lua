@@ -553,6 +553,33 @@ return H
       U.seen(d, "own"))
   end)
 
+  -- the bridge's ffi code (ctx.client, the held headers' runner, store:incr)
+  -- uses the ffi's functions as they were before the script ran: a script
+  -- that removes them from the shared ffi module must still be served
+  it("a script that empties the ffi module still gets ctx.client, sender, its headers and store:incr", function()
+    d = U.start(U.script [[
+local ffi = require "ffi"
+for _, k in ipairs { "cast", "typeof", "string", "new", "cdef", "metatype", "istype" } do
+  ffi[k] = nil
+end
+function H.envfrom(ctx)
+  local cl = ctx.client
+  seen(ctx, "from", { cl.host, cl.family, cl.address, cl.port, ctx.helo, ctx.sender })
+  seen(ctx, "incr", { milter.store:incr("ffi-spec", 2) })
+end
+function H.header(ctx, name, value) seen(ctx, "hdr", { name, value }) end
+return H
+]])
+    local res = U.normal_session(d, { headers = { { "Subject", "hi" }, { "To", "<b@example.org>" } } })
+    assert.is_nil(res.stopped, tostring(res.stopped) .. ": " .. tostring(res.error))
+    assert.truthy(res.eom)
+    assert.are.same({ { "client.example.org", "inet", "192.0.2.1", 40000, "client.example.org", "<sender@example.org>" } },
+      U.seen(d, "from"))
+    assert.are.same({ { 2 } }, U.seen(d, "incr"))
+    assert.are.same({ { "Subject", "hi" }, { "To", "<b@example.org>" } }, U.seen(d, "hdr"))
+    assert.truthy(d:alive(), "the worker is still up")
+  end)
+
   it("ctx.helo and ctx.sender are nil before HELO and MAIL, and client is kept for the session", function()
     d = U.start(U.script [[
 function H.connect(ctx)
