@@ -573,8 +573,8 @@ return H
     local res = U.normal_session(d, { headers = { { "Subject", "hi" }, { "To", "<b@example.org>" } } })
     assert.is_nil(res.stopped, tostring(res.stopped) .. ": " .. tostring(res.error))
     assert.truthy(res.eom)
-    assert.are.same({ { "client.example.org", "inet", "192.0.2.1", 40000, "client.example.org", "<sender@example.org>" } },
-      U.seen(d, "from"))
+    assert.are.same({ { "client.example.org", "inet", "192.0.2.1", 40000, "client.example.org",
+      "<sender@example.org>" } }, U.seen(d, "from"))
     assert.are.same({ { 2 } }, U.seen(d, "incr"))
     assert.are.same({ { "Subject", "hi" }, { "To", "<b@example.org>" } }, U.seen(d, "hdr"))
     assert.truthy(d:alive(), "the worker is still up")
