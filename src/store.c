@@ -550,7 +550,8 @@ int store_number(const char *s, size_t len, double *out)
 
 /* One search: the cursor finds the key, and a number already stored is
  * rewritten where it lies (MDB_CURRENT, same size) rather than looked up
- * again by mdb_put. */
+ * again by mdb_put. The flags must be MDB_CURRENT alone: with any other
+ * flag beside it (MDB_RESERVE, say) LMDB searches for the key again. */
 static int do_incr(MDB_txn *txn, void *arg, const char **err)
 {
     struct op *o = arg;
@@ -595,14 +596,12 @@ static int do_incr(MDB_txn *txn, void *arg, const char **err)
         return put(txn, &o->k, STORE_NUMBER, exp, &o->result, 8);
     }
     /* the caller's key, not k: k points into the page the put copies */
-    MDB_val nv = {.mv_size = HDR + 8, .mv_data = NULL};
-    rc = mdb_cursor_put(cur, &o->k, &nv, MDB_CURRENT | MDB_RESERVE);
-    if (rc == 0) {
-        char *p = nv.mv_data;
-        p[0] = STORE_NUMBER;
-        memcpy(p + 1, &exp, 8);
-        memcpy(p + HDR, &o->result, 8);
-    }
+    char nb[HDR + 8];
+    nb[0] = STORE_NUMBER;
+    memcpy(nb + 1, &exp, 8);
+    memcpy(nb + HDR, &o->result, 8);
+    MDB_val nv = {.mv_size = sizeof nb, .mv_data = nb};
+    rc = mdb_cursor_put(cur, &o->k, &nv, MDB_CURRENT);
     mdb_cursor_close(cur);
     return rc;
 }
