@@ -7,7 +7,10 @@
 -- asks a DNSBL, which must say "not listed"; with LUAMILTER_BENCH_REDIS set
 -- to a URL (scripts/bench --redis) it counts the message in Redis; with
 -- LUAMILTER_BENCH_STORE=1 (scripts/bench --store lmdb|redis) it counts it
--- in milter.store, as a per-client rate limit would.
+-- in milter.store, as a per-client rate limit would, and with
+-- LUAMILTER_BENCH_STORE=worker the same rate limit counts in a table of
+-- its worker's Lua state instead, as such policies did before the store
+-- (the baseline that scripts/bench --store compares the store with).
 --
 -- With LUAMILTER_BENCH_EOM_ONLY=1 (scripts/bench --eom-only-policy) the
 -- policy is its eom handler alone, adding a fixed X-Bench header: luamilter
@@ -26,6 +29,22 @@ local DNSBL = os.getenv("LUAMILTER_BENCH_DNSBL") == "1"
 local REDIS = os.getenv("LUAMILTER_BENCH_REDIS")
 local redis = REDIS and milter.redis.new(REDIS)
 local STORE = os.getenv("LUAMILTER_BENCH_STORE") == "1"
+local WORKER = os.getenv("LUAMILTER_BENCH_STORE") == "worker"
+local RATE_LIMIT = 1e15 -- messages per client and minute: never reached
+
+-- The per-worker counter: like store:incr(key, 1, ttl), but each worker
+-- has its own.
+local counts = {}
+local function count_here(key, ttl)
+  local now = os.time()
+  local c = counts[key]
+  if not c or c.expires <= now then
+    c = { n = 0, expires = now + ttl }
+    counts[key] = c
+  end
+  c.n = c.n + 1
+  return c.n
+end
 
 function H.envfrom(ctx, sender)
   ctx.msg.from = sender
@@ -39,9 +58,12 @@ function H.envfrom(ctx, sender)
     local res, err = redis:pipeline{ { "INCR", "bench:count" }, { "EXPIRE", "bench:count", 60 } }
     if not res then return milter.tempfail{ reason = "redis: " .. tostring(err) } end
   end
-  if STORE then -- scripts/bench --store: one counter per client and minute
-    local n, err = milter.store:incr("rate:" .. tostring(ctx.client and ctx.client.address), 1, 60)
+  if STORE or WORKER then -- scripts/bench --store: one counter per client and minute
+    local key = "rate:" .. tostring(ctx.client and ctx.client.address)
+    local n, err
+    if STORE then n, err = milter.store:incr(key, 1, 60) else n = count_here(key, 60) end
     if not n then return milter.tempfail{ reason = "store: " .. tostring(err) } end
+    if n > RATE_LIMIT then return milter.tempfail{ reason = "rate limit" } end
   end
 end
 
