@@ -10,7 +10,7 @@
 -- in milter.store, as a per-client rate limit would, and with
 -- LUAMILTER_BENCH_STORE=worker the same rate limit counts in a table of
 -- its worker's Lua state instead, as such policies did before the store
--- (the baseline that scripts/bench --store compares the store with).
+-- (scripts/bench --store runs all three: the store, per worker, neither).
 --
 -- With LUAMILTER_BENCH_EOM_ONLY=1 (scripts/bench --eom-only-policy) the
 -- policy is its eom handler alone, adding a fixed X-Bench header: luamilter
