@@ -383,20 +383,25 @@ static int64_t expiry_for(double ttl, int64_t now)
     return ttl > 0 ? now + (int64_t)ceil(ttl) * 1000 : 0;
 }
 
+/* A value's bytes: type, expiry, payload (p has room for HDR + len). */
+static void encode(char *p, int type, int64_t exp, const void *data,
+                   size_t len)
+{
+    p[0] = (char)type;
+    memcpy(p + 1, &exp, 8);
+    if (len)
+        memcpy(p + HDR, data, len);
+}
+
 /* Writes type, expiry and payload into a value of the right size. */
 static int put(MDB_txn *txn, const MDB_val *k, int type, int64_t exp,
                const void *data, size_t len)
 {
     MDB_val v = {.mv_size = HDR + len, .mv_data = NULL};
     int rc = mdb_put(txn, dbi, (MDB_val *)k, &v, MDB_RESERVE);
-    if (rc)
-        return rc;
-    char *p = v.mv_data;
-    p[0] = (char)type;
-    memcpy(p + 1, &exp, 8);
-    if (len)
-        memcpy(p + HDR, data, len);
-    return 0;
+    if (rc == 0)
+        encode(v.mv_data, type, exp, data, len);
+    return rc;
 }
 
 /*
@@ -597,9 +602,7 @@ static int do_incr(MDB_txn *txn, void *arg, const char **err)
     }
     /* the caller's key, not k: k points into the page the put copies */
     char nb[HDR + 8];
-    nb[0] = STORE_NUMBER;
-    memcpy(nb + 1, &exp, 8);
-    memcpy(nb + HDR, &o->result, 8);
+    encode(nb, STORE_NUMBER, exp, &o->result, 8);
     MDB_val nv = {.mv_size = sizeof nb, .mv_data = nb};
     rc = mdb_cursor_put(cur, &o->k, &nv, MDB_CURRENT);
     mdb_cursor_close(cur);
